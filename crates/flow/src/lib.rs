@@ -59,6 +59,6 @@ pub use deadline::{timeout, Deadline, Expired, Timed};
 pub use gather::{Gather, Gathered, TaskOutcome, TaskReport};
 pub use generator::{stream, try_stream, FusedStream, Stream, StreamExt};
 pub use limits::{Event, Limit, LimitExceeded, Limited, StreamLimits};
-pub use queue::{Consumer, Departed, Producer, QueueError};
+pub use queue::{Consumer, Departed, Producer, QueueError, TrySendError};
 pub use shield::{ShieldError, Shielded};
 pub use tasks::{CleanupGuard, Drained, Tasks};

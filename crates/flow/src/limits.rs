@@ -15,8 +15,9 @@
 //! [`StreamLimits::apply`] wraps any stream with three hard limits, checked between items and
 //! never by dropping the inner stream's `next()` halfway:
 //! - `first_item`: time from the start to the first item;
-//! - `idle`: time since the last item (before the first item, if no `first_item` limit is set,
-//!   time since the start);
+//! - `idle`: time spent waiting for the next item, from the moment the consumer asks for it
+//!   (before the first item, if no `first_item` limit is set, time since the start). A consumer
+//!   that is slow to ask (backpressure) does not make the inner stream look idle;
 //! - `total`: time from the start to the end.
 //!
 //! When one trips, the wrapper yields exactly one [`LimitExceeded`] naming the limit, with how many
@@ -60,7 +61,7 @@ use tokio::time::{Instant, Sleep};
 pub enum Limit {
     /// Time from the start to the first item.
     FirstItem,
-    /// Time since the last item.
+    /// Time spent waiting for the next item.
     Idle,
     /// Time from the start to the end.
     Total,
@@ -88,11 +89,11 @@ impl fmt::Display for Limit {
 pub struct StreamLimits {
     /// Time from the start to the first item.
     pub first_item: Option<Duration>,
-    /// Time since the last item.
+    /// Time spent waiting for the next item (see the module docs).
     pub idle: Option<Duration>,
     /// Time from the start to the end.
     pub total: Option<Duration>,
-    /// Soft threshold: after this long without an item, yield [`Event::KeepAlive`] (again every
+    /// Soft threshold: after this long waiting without an item, yield [`Event::KeepAlive`] (again every
     /// `keep_alive` while the silence lasts). Cancels nothing; does not reset `idle`.
     pub keep_alive: Option<Duration>,
 }
@@ -139,8 +140,7 @@ impl StreamLimits {
             inner: Some(Box::pin(stream)),
             limits: self,
             started,
-            last_item: started,
-            last_keep_alive: started,
+            waiting_since: Some(started),
             items: 0,
             hard: None,
             soft: self
@@ -157,7 +157,7 @@ pub enum Event<T> {
     Item(T),
     /// The inner stream has been silent past the soft `keep_alive` threshold.
     KeepAlive {
-        /// How long since the last item (or the start).
+        /// How long the consumer has been waiting for the next item.
         silent_for: Duration,
     },
 }
@@ -184,8 +184,9 @@ pub struct Limited<S> {
     inner: Option<Pin<Box<S>>>,
     limits: StreamLimits,
     started: Instant,
-    last_item: Instant,
-    last_keep_alive: Instant,
+    /// When the consumer started waiting for the next item; `None` between handing out an item
+    /// and being asked for the next one (that time is the consumer's, not the inner stream's).
+    waiting_since: Option<Instant>,
     items: u64,
     /// The timer for the earliest hard limit, and the instant it is set for.
     hard: Option<(Instant, Pin<Box<Sleep>>)>,
@@ -213,7 +214,8 @@ impl<S> Limited<S> {
                 (None, None) => None,
             }
         } else {
-            l.idle.map(|d| (self.last_item + d, Limit::Idle, d))
+            let since = self.waiting_since.unwrap_or_else(Instant::now);
+            l.idle.map(|d| (since + d, Limit::Idle, d))
         };
         let total = l.total.map(|d| (self.started + d, Limit::Total, d));
         match (gap, total) {
@@ -246,8 +248,16 @@ impl<S: Stream> Stream for Limited<S> {
             return Poll::Ready(None);
         }
 
-        // 1. A limit that is already due trips before we ask for another item.
+        // 1. The consumer asks for the next item: the idle clock and the keep-alive start now.
         let now = Instant::now();
+        if this.waiting_since.is_none() {
+            this.waiting_since = Some(now);
+            if let (Some(every), Some(soft)) = (this.limits.keep_alive, this.soft.as_mut()) {
+                soft.as_mut().reset(now + every);
+            }
+        }
+
+        // 2. A limit that is already due trips before we ask for another item.
         let next = this.next_limit();
         if let Some((at, limit, after)) = next {
             if now >= at {
@@ -258,16 +268,12 @@ impl<S: Stream> Stream for Limited<S> {
             return Poll::Ready(None);
         };
 
-        // 2. Ask the inner stream. Its `poll_next` is never abandoned half-way: we only stop
+        // 3. Ask the inner stream. Its `poll_next` is never abandoned half-way: we only stop
         //    polling it between items, so nothing it has started producing is lost.
         match inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(item)) => {
                 this.items += 1;
-                this.last_item = now;
-                this.last_keep_alive = now;
-                if let (Some(every), Some(soft)) = (this.limits.keep_alive, this.soft.as_mut()) {
-                    soft.as_mut().reset(now + every);
-                }
+                this.waiting_since = None;
                 return Poll::Ready(Some(Ok(Event::Item(item))));
             }
             Poll::Ready(None) => {
@@ -279,7 +285,7 @@ impl<S: Stream> Stream for Limited<S> {
             Poll::Pending => {}
         }
 
-        // 3. Nothing yet: arm the hard timer for the earliest limit, so we are woken when it is
+        // 4. Nothing yet: arm the hard timer for the earliest limit, so we are woken when it is
         //    due, and check it (it may have become due while we polled).
         if let Some((at, limit, after)) = next {
             let timer = match &mut this.hard {
@@ -297,16 +303,15 @@ impl<S: Stream> Stream for Limited<S> {
             }
         }
 
-        // 4. The soft threshold: a keep-alive, then wait another `keep_alive`.
+        // 5. The soft threshold: a keep-alive, then wait another `keep_alive`.
         if let (Some(every), Some(soft)) = (this.limits.keep_alive, this.soft.as_mut()) {
             if soft.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
-                this.last_keep_alive = now;
                 soft.as_mut().reset(now + every);
                 // Poll the reset timer once so that it is registered to wake us.
                 let _ = soft.as_mut().poll(cx);
                 return Poll::Ready(Some(Ok(Event::KeepAlive {
-                    silent_for: now.saturating_duration_since(this.last_item),
+                    silent_for: now.saturating_duration_since(this.waiting_since.unwrap_or(now)),
                 })));
             }
         }
@@ -486,6 +491,23 @@ mod tests {
             .count();
         assert_eq!(keep_alives, 3);
         assert_eq!(terminal(&events), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_does_not_make_the_stream_idle() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let limits = StreamLimits::new().idle(ms(100)).keep_alive(ms(60));
+        let mut s = limits.apply(scheduled(vec![10, 50, 50], drops));
+        let mut got = Vec::new();
+        while let Some(e) = s.next().await {
+            got.push(e.map(|e| match e {
+                Event::Item(i) => i as i64,
+                Event::KeepAlive { .. } => -1,
+            }));
+            // The consumer takes 500 ms per item: five idle limits' worth, none of it upstream's.
+            tokio::time::sleep(ms(500)).await;
+        }
+        assert_eq!(got, vec![Ok(0), Ok(1), Ok(2)]);
     }
 
     #[tokio::test(start_paused = true)]

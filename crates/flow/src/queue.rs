@@ -70,6 +70,15 @@ impl<T, E> Producer<T, E> {
         self.tx.send(item).await.map_err(|e| Departed(e.0))
     }
 
+    /// Sends `item` only if there is room now; never waits. For items that are worth nothing
+    /// later (a keep-alive when the consumer already has items to read).
+    pub fn try_send(&self, item: T) -> Result<(), TrySendError<T>> {
+        self.tx.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(item) => TrySendError::Full(item),
+            mpsc::error::TrySendError::Closed(item) => TrySendError::Departed(item),
+        })
+    }
+
     /// Ends the queue successfully: the consumer gets every item sent, then the end.
     pub fn end(self) {
         self.finish(Ok(()));
@@ -192,6 +201,17 @@ impl<T, E> fmt::Debug for Consumer<T, E> {
 #[error("the consumer departed")]
 pub struct Departed<T>(pub T);
 
+/// Why [`Producer::try_send`] did not send; the item is handed back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError<T> {
+    /// The queue is full.
+    #[error("the queue is full")]
+    Full(T),
+    /// The consumer departed.
+    #[error("the consumer departed")]
+    Departed(T),
+}
+
 /// How a queue ended, when not successfully.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError<E> {
@@ -226,6 +246,16 @@ mod tests {
         assert_eq!(rx.recv().await, Some(Ok(3)));
         assert_eq!(rx.recv().await, None);
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn try_send_never_waits() {
+        let (tx, mut rx) = bounded::<u32, ()>(1);
+        assert_eq!(tx.try_send(1), Ok(()));
+        assert_eq!(tx.try_send(2), Err(TrySendError::Full(2)));
+        assert_eq!(rx.recv().await, Some(Ok(1)));
+        rx.close();
+        assert_eq!(tx.try_send(3), Err(TrySendError::Departed(3)));
     }
 
     #[tokio::test]
