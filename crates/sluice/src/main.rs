@@ -1,20 +1,207 @@
-//! `sluice`: the streaming chat gateway's command-line entry point.
-//!
-//! This is the edge of the program: it parses the command line and reports errors with `anyhow`.
-//! The gateway itself is built on the patterns in the `sluice-flow` crate.
+//! `sluice`: the command line. This is the binary's edge: errors become `anyhow` reports here.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice::mock_upstream::{MockOptions, MockUpstream};
+use sluice::upstream::sim::SimDefaults;
+use sluice::{Config, Overrides, Server};
 
 /// sluice: a streaming chat gateway for OpenAI-compatible clients.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    println!(
-        "sluice {}: the gateway is being built; see README.md for what runs today.",
-        env!("CARGO_PKG_VERSION")
-    );
-    Ok(())
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway. With no flags: 127.0.0.1:8750, data in ./sluice-data, model `sim`.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1:8750]
+        #[arg(long, env = "SLUICE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Directory for the SQLite database [default: ./sluice-data]
+        #[arg(long, env = "SLUICE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// TOML config file (models, timeouts, limits); see docs/config.md
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Serve the simulated model over HTTP as an OpenAI-compatible upstream (for tests and
+    /// benchmarks). GET /stats reports request counters.
+    MockUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Default tokens per answer.
+        #[arg(long, default_value_t = SimDefaults::default().tokens)]
+        tokens: u32,
+        /// Default delay before the first token, ms.
+        #[arg(long, default_value_t = SimDefaults::default().first_token_ms)]
+        first_token_ms: u64,
+        /// Default delay between tokens, ms.
+        #[arg(long, default_value_t = SimDefaults::default().token_interval_ms)]
+        token_interval_ms: u64,
+        /// Write each event in pieces of this many bytes (0: whole).
+        #[arg(long, default_value_t = 0)]
+        split_bytes: usize,
+    },
+    /// Stream an answer to the terminal. Ctrl-C cancels it.
+    Chat {
+        /// sluice's URL.
+        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
+        url: String,
+        /// The model to ask.
+        #[arg(long, default_value = "sim")]
+        model: String,
+        /// The prompt.
+        prompt: String,
+    },
+    /// List and show recorded streams.
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamsCommand {
+    /// The newest streams.
+    Ls {
+        /// sluice's URL.
+        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
+        url: String,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One stream's transcript.
+    Show {
+        /// sluice's URL.
+        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
+        url: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// The stream id.
+        id: String,
+    },
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            config,
+        } => {
+            init_tracing();
+            let overrides = Overrides { listen, data_dir };
+            let config = Config::load(config.as_deref(), &overrides)?;
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(listen = %config.listen, "listening on a non-loopback address without API keys");
+            }
+            let server = Server::bind(config).await?;
+            let report = server.serve_until(stop_signal()).await?;
+            if let sluice_flow::Drained::TimedOut { still_running } = report.drained {
+                anyhow::bail!("{still_running} tasks were still running at exit");
+            }
+            Ok(())
+        }
+        Command::MockUpstream {
+            listen,
+            tokens,
+            first_token_ms,
+            token_interval_ms,
+            split_bytes,
+        } => {
+            init_tracing();
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let defaults = SimDefaults {
+                tokens,
+                first_token_ms,
+                token_interval_ms,
+            };
+            let mock = MockUpstream::start(
+                listener,
+                MockOptions {
+                    defaults,
+                    split_bytes,
+                },
+            )?;
+            eprintln!("mock upstream at {}", mock.base_url());
+            tokio::select! {
+                () = mock.wait() => {},
+                () = stop_signal() => {},
+            }
+            Ok(())
+        }
+        Command::Chat { url, model, prompt } => {
+            let mut stdout = std::io::stdout();
+            let outcome = sluice::cli::chat(&url, &model, &prompt, &mut stdout, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
+            match &outcome {
+                sluice::cli::ChatOutcome::Completed => {}
+                sluice::cli::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
+                sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
+            }
+            std::process::exit(outcome.exit_code());
+        }
+        Command::Streams { command } => {
+            let out = match command {
+                StreamsCommand::Ls { url, limit } => sluice::cli::streams_ls(&url, limit).await,
+                StreamsCommand::Show { url, json, id } => {
+                    sluice::cli::streams_show(&url, &id, json).await
+                }
+            };
+            match out {
+                Ok(text) => {
+                    print!("{text}");
+                    Ok(())
+                }
+                Err(reason) => anyhow::bail!(reason),
+            }
+        }
+    }
 }

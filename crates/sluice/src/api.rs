@@ -1,0 +1,598 @@
+//! The HTTP API: OpenAI-compatible shapes in, relay outcomes out.
+//!
+//! This module parses and validates requests (OpenAI's chat shape, sluice's own `"sluice"`
+//! options), picks the model, and turns a relay's [`Frames`] into SSE or a JSON completion. It
+//! owns no timing logic. Errors use OpenAI's error JSON (`{"error": {"message", "type", "param",
+//! "code"}}`) with the right status.
+//!
+//! A streamed response commits to `200` only when its first frame arrives: a stream that fails
+//! before that (a first-token timeout, an upstream error status) gets a real HTTP error (`504`,
+//! `502`) instead of a `200` with an error inside. After that, failures are SSE error events,
+//! and `data: [DONE]` ends a stream only when it succeeded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_stream::stream;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sluice_flow::QueueError;
+use tokio::time::Instant;
+
+use crate::config::{Config, Timeouts};
+use crate::relay::{self, Frame, Frames, RelayContext, StreamRequest, Terminal};
+use crate::status::{Ending, Reason, Status};
+use crate::upstream::{sim, Upstream, UpstreamRequest};
+
+/// The response header that names the stream.
+pub const STREAM_ID_HEADER: &str = "x-sluice-stream-id";
+
+/// The tenant every stream belongs to until API keys exist.
+pub const LOCAL_TENANT: &str = "local";
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The relays' shared context.
+    pub relay: RelayContext,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/streams", get(list_streams))
+        .route("/v1/streams/{id}", get(show_stream))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .with_state(state)
+}
+
+/// An error in OpenAI's format.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+    stream_id: Option<Arc<str>>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            stream_id: None,
+        }
+    }
+
+    fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// The error a stream that ended abnormally before its first byte answers with.
+    fn for_ending(ending: &Ending, stream_id: Arc<str>) -> Self {
+        let status = match ending.status() {
+            Status::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            Status::Failed => StatusCode::BAD_GATEWAY,
+            Status::Interrupted => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self {
+            status,
+            kind: ending.status().as_str(),
+            message: ending.detail().unwrap_or("the stream failed").to_string(),
+            param: None,
+            code: ending.reason().map(|r| r.as_str()),
+            stream_id: Some(stream_id),
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(id) = &self.stream_id {
+            if let Ok(v) = HeaderValue::from_str(id) {
+                response.headers_mut().insert(STREAM_ID_HEADER, v);
+            }
+        }
+        response
+    }
+}
+
+/// Per-request gateway options: the body field `"sluice"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SluiceOptions {
+    first_token_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
+}
+
+/// A validated chat request.
+struct ChatRequest {
+    model: String,
+    stream: bool,
+    options: SluiceOptions,
+    body: Map<String, Value>,
+}
+
+fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::bad_request(
+            "body",
+            "the body must be a JSON object",
+        ));
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "model",
+                "`model` must be a non-empty string",
+            ))
+        }
+        None => return Err(ApiError::bad_request("model", "`model` is required")),
+    };
+    match body.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => {
+            if let Some(i) = m.iter().position(|msg| !msg.is_object()) {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}]"),
+                    "each message must be an object",
+                ));
+            }
+        }
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad_request(
+                "messages",
+                "`messages` must not be empty",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "messages",
+                "`messages` must be an array",
+            ))
+        }
+        None => return Err(ApiError::bad_request("messages", "`messages` is required")),
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "stream",
+                "`stream` must be true or false",
+            ))
+        }
+    };
+    let options = match body.remove("sluice") {
+        None | Some(Value::Null) => SluiceOptions::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let param = if path == "." {
+                "sluice".to_string()
+            } else {
+                format!("sluice.{path}")
+            };
+            ApiError::bad_request(param, format!("invalid gateway option: {}", e.inner()))
+        })?,
+    };
+    for (name, value) in [
+        ("first_token_timeout_ms", options.first_token_timeout_ms),
+        ("idle_timeout_ms", options.idle_timeout_ms),
+        ("total_timeout_ms", options.total_timeout_ms),
+    ] {
+        if value == Some(0) {
+            return Err(ApiError::bad_request(
+                format!("sluice.{name}"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    Ok(ChatRequest {
+        model,
+        stream,
+        options,
+        body,
+    })
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            too_large()
+        } else {
+            ApiError::bad_request("body", format!("the body could not be read: {e}"))
+        }
+    })
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
+    let chat = parse_chat(&bytes)?;
+    let Some(model) = state.config.model(&chat.model) else {
+        return Err(ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("the model `{}` does not exist", chat.model),
+            )
+        });
+    };
+    if matches!(model.upstream, Upstream::Sim(_)) {
+        sim::params(&chat.body)
+            .map_err(|e| ApiError::bad_request("sim", format!("invalid sim field: {e}")))?;
+    }
+    metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
+
+    let client_request = Value::Object(chat.body.clone());
+    let mut upstream_body = chat.body;
+    upstream_body.insert("stream".into(), Value::Bool(true));
+    if let Some(name) = &model.upstream_model {
+        upstream_body.insert("model".into(), Value::String(name.clone()));
+    }
+    let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+    let timeouts = Timeouts {
+        first_token: ms(
+            chat.options.first_token_timeout_ms,
+            model.timeouts.first_token,
+        ),
+        idle: ms(chat.options.idle_timeout_ms, model.timeouts.idle),
+        total: ms(chat.options.total_timeout_ms, model.timeouts.total),
+    };
+    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    let request = StreamRequest {
+        id: id.clone(),
+        tenant: LOCAL_TENANT.into(),
+        model: model.name.clone(),
+        client_request,
+        upstream: model.upstream.clone(),
+        upstream_request: UpstreamRequest {
+            body: upstream_body,
+        },
+        timeouts,
+        started,
+    };
+    let frames = relay::start(&state.relay, request)
+        .await
+        .map_err(|e| ApiError::internal(format!("the stream could not be recorded: {e}")))?;
+    if chat.stream {
+        stream_response(frames, id, &model.name).await
+    } else {
+        complete_response(frames, id, &model.name).await
+    }
+}
+
+/// The ending a client sees when the relay vanished without saying how the stream ended.
+fn abandoned() -> Ending {
+    Ending::abnormal(
+        Reason::Shutdown,
+        "the relay stopped before the stream ended",
+    )
+}
+
+async fn stream_response(
+    mut frames: Frames,
+    id: Arc<str>,
+    _model: &str,
+) -> Result<Response, ApiError> {
+    // Commit to 200 only once the first frame is here.
+    let first = match frames.recv().await {
+        Some(Ok(frame)) => Some(frame),
+        Some(Err(QueueError::Failed(t))) => return Err(ApiError::for_ending(&t.ending, id)),
+        Some(Err(QueueError::Abandoned)) => return Err(ApiError::for_ending(&abandoned(), id)),
+        None => None,
+    };
+    let body = stream! {
+        let mut last_seq = 0;
+        let mut next = first.map(Ok);
+        loop {
+            let item = match next.take() {
+                Some(item) => Some(item),
+                None => frames.recv().await,
+            };
+            match item {
+                Some(Ok(frame)) => {
+                    if let Frame::Chunk { seq, .. } = &frame {
+                        last_seq = *seq;
+                    }
+                    yield Ok::<_, std::convert::Infallible>(encode_frame(&frame));
+                }
+                Some(Err(QueueError::Failed(t))) => {
+                    yield Ok(encode_error(&t));
+                    return;
+                }
+                Some(Err(QueueError::Abandoned)) => {
+                    yield Ok(encode_error(&Terminal { seq: last_seq + 1, ending: abandoned() }));
+                    return;
+                }
+                None => {
+                    yield Ok(Bytes::from(format!("id: {}\ndata: [DONE]\n\n", last_seq + 1)));
+                    return;
+                }
+            }
+        }
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert(STREAM_ID_HEADER, v);
+    }
+    Ok(response)
+}
+
+/// One SSE event; multi-line data becomes several `data:` lines.
+fn sse_event(seq: u64, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 24);
+    out.push_str("id: ");
+    out.push_str(&seq.to_string());
+    out.push('\n');
+    for line in data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line.strip_suffix('\r').unwrap_or(line));
+        out.push('\n');
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+fn encode_frame(frame: &Frame) -> Bytes {
+    match frame {
+        Frame::Chunk { seq, data, .. } => sse_event(*seq, data),
+        Frame::KeepAlive => Bytes::from_static(b": keep-alive\n\n"),
+    }
+}
+
+/// The error event that ends a failed stream: OpenAI's error object, which the SDKs raise.
+fn encode_error(t: &Terminal) -> Bytes {
+    let body = json!({"error": {
+        "message": t.ending.detail().unwrap_or("the stream failed"),
+        "type": t.ending.status().as_str(),
+        "param": null,
+        "code": t.ending.reason().map(|r| r.as_str()),
+    }});
+    sse_event(t.seq, &body.to_string())
+}
+
+async fn complete_response(
+    mut frames: Frames,
+    id: Arc<str>,
+    model: &str,
+) -> Result<Response, ApiError> {
+    let mut content = String::new();
+    let mut finish_reason = None;
+    let mut usage = None;
+    while let Some(item) = frames.recv().await {
+        match item {
+            Ok(Frame::Chunk {
+                content: text,
+                finish_reason: f,
+                usage: u,
+                ..
+            }) => {
+                content.push_str(&text);
+                finish_reason = f.or(finish_reason);
+                usage = u.or(usage);
+            }
+            Ok(Frame::KeepAlive) => {}
+            Err(QueueError::Failed(t)) => return Err(ApiError::for_ending(&t.ending, id)),
+            Err(QueueError::Abandoned) => return Err(ApiError::for_ending(&abandoned(), id)),
+        }
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let body = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": finish_reason.unwrap_or_else(|| "stop".into()),
+        }],
+        "usage": usage,
+    });
+    let mut response = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(STREAM_ID_HEADER, v);
+    }
+    Ok(response)
+}
+
+async fn models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .config
+        .models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "sluice"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list_streams(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            "`limit` must be between 1 and 100",
+        ));
+    }
+    let (data, has_more) = state
+        .relay
+        .store
+        .list(LOCAL_TENANT, limit, q.after)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let last_id = data.last().map(|s| s.id.clone());
+    Ok(Json(
+        json!({"object": "list", "data": data, "has_more": has_more, "last_id": last_id}),
+    ))
+}
+
+async fn show_stream(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let transcript = state
+        .relay
+        .store
+        .get(LOCAL_TENANT, &id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    match transcript {
+        Some(t) => serde_json::to_value(t)
+            .map(Json)
+            .map_err(|e| ApiError::internal(e.to_string())),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no stream `{id}`"),
+        )),
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let err = |body: &str| {
+            parse_chat(body.as_bytes())
+                .err()
+                .map(|e| (e.status, e.param))
+        };
+        let p = |s: &str| Some((StatusCode::BAD_REQUEST, Some(s.to_string())));
+        assert_eq!(err("{"), p("body"));
+        assert_eq!(err("[]"), p("body"));
+        assert_eq!(err(r#"{"messages":[{}]}"#), p("model"));
+        assert_eq!(err(r#"{"model":"sim"}"#), p("messages"));
+        assert_eq!(err(r#"{"model":"sim","messages":[]}"#), p("messages"));
+        assert_eq!(err(r#"{"model":"sim","messages":[1]}"#), p("messages[0]"));
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"stream":"yes"}"#),
+            p("stream")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_ms":1}}"#),
+            p("sluice.idle_ms")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_timeout_ms":"x"}}"#),
+            p("sluice.idle_timeout_ms")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_timeout_ms":0}}"#),
+            p("sluice.idle_timeout_ms")
+        );
+        let ok = parse_chat(
+            br#"{"model":"sim","messages":[{}],"stream":true,"sluice":{"idle_timeout_ms":5}}"#,
+        )
+        .expect("valid");
+        assert!(ok.stream);
+        assert_eq!(ok.options.idle_timeout_ms, Some(5));
+        assert!(
+            !ok.body.contains_key("sluice"),
+            "gateway options are stripped before forwarding"
+        );
+    }
+
+    #[test]
+    fn events_carry_ids_and_split_multiline_data() {
+        assert_eq!(
+            &sse_event(3, "{\"a\":1}")[..],
+            b"id: 3\ndata: {\"a\":1}\n\n"
+        );
+        assert_eq!(&sse_event(1, "a\nb")[..], b"id: 1\ndata: a\ndata: b\n\n");
+        let e = encode_error(&Terminal {
+            seq: 4,
+            ending: Ending::abnormal(Reason::Idle, "idle"),
+        });
+        let text = String::from_utf8(e.to_vec()).expect("utf8");
+        assert!(text.starts_with("id: 4\ndata: {\"error\":"), "{text}");
+        assert!(text.contains("\"code\":\"idle\""), "{text}");
+        assert!(!text.contains("[DONE]"));
+    }
+}

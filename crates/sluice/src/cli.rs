@@ -1,0 +1,202 @@
+//! The command-line client: `sluice chat` and `sluice streams`.
+//!
+//! `chat` streams an answer to the terminal as it arrives (a spinner on stderr until the first
+//! token). Ctrl-C drops the connection, which the gateway records as `cancelled`. The exit code
+//! is 0 only when the stream ended with `[DONE]`; any failure prints its reason and exits 1
+//! (130 after Ctrl-C).
+
+use std::io::Write;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::upstream::sse::SseParser;
+use crate::upstream::{error_message, Payload};
+
+/// How a `chat` ended, for the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatOutcome {
+    /// `[DONE]` arrived.
+    Completed,
+    /// The server or the stream failed; the reason.
+    Failed(String),
+    /// The user pressed Ctrl-C.
+    Interrupted,
+}
+
+impl ChatOutcome {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ChatOutcome::Completed => 0,
+            ChatOutcome::Failed(_) => 1,
+            ChatOutcome::Interrupted => 130,
+        }
+    }
+}
+
+fn client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
+fn endpoint(url: &str, path: &str) -> String {
+    format!("{}{path}", url.trim_end_matches('/'))
+}
+
+/// Streams `prompt`'s answer from `model` at `url` to `out`, until done, failed or `interrupt`.
+pub async fn chat(
+    url: &str,
+    model: &str,
+    prompt: &str,
+    out: &mut (dyn Write + Send),
+    interrupt: impl std::future::Future<Output = ()>,
+) -> ChatOutcome {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    spinner.set_message(format!("waiting for {model}"));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let run = async {
+        let client = client()?;
+        let body = json!({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": true});
+        let response = client
+            .post(endpoint(url, "/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach sluice at {url}: {}", e.without_url()))?;
+        let id = response
+            .headers()
+            .get(crate::api::STREAM_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string();
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error").map(error_message))
+                .unwrap_or(text);
+            return Err(format!("HTTP {status}: {message} (stream {id})"));
+        }
+        let mut parser = SseParser::new();
+        let mut events = Vec::new();
+        let mut bytes = response.bytes_stream();
+        let mut first = true;
+        while let Some(next) = bytes.next().await {
+            let next = next
+                .map_err(|e| format!("the connection broke: {} (stream {id})", e.without_url()))?;
+            parser
+                .push(&next, &mut events)
+                .map_err(|e| format!("{e} (stream {id})"))?;
+            for event in events.drain(..) {
+                match Payload::parse(&event.data) {
+                    Ok(Payload::Done) => return Ok(()),
+                    Ok(Payload::Chunk(chunk)) => {
+                        if first && !chunk.content.is_empty() {
+                            spinner.finish_and_clear();
+                            first = false;
+                        }
+                        let _ = out.write_all(chunk.content.as_bytes());
+                        let _ = out.flush();
+                    }
+                    Err(e) => return Err(format!("{e} (stream {id})")),
+                }
+            }
+        }
+        Err(format!("the stream ended without [DONE] (stream {id})"))
+    };
+    let outcome = tokio::select! {
+        result = run => match result {
+            Ok(()) => ChatOutcome::Completed,
+            Err(reason) => ChatOutcome::Failed(reason),
+        },
+        () = interrupt => ChatOutcome::Interrupted,
+    };
+    spinner.finish_and_clear();
+    let _ = writeln!(out);
+    outcome
+}
+
+async fn get_json(url: &str) -> Result<Value, String> {
+    let response = client()?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach sluice: {}", e.without_url()))?;
+    let status = response.status();
+    let value: Value = response
+        .json()
+        .await
+        .map_err(|e| format!("invalid answer: {}", e.without_url()))?;
+    if !status.is_success() {
+        let message = value
+            .get("error")
+            .map(error_message)
+            .unwrap_or_else(|| value.to_string());
+        return Err(format!("HTTP {status}: {message}"));
+    }
+    Ok(value)
+}
+
+/// `sluice streams ls`: the newest streams, one a line.
+pub async fn streams_ls(url: &str, limit: usize) -> Result<String, String> {
+    let list = get_json(&endpoint(url, &format!("/v1/streams?limit={limit}"))).await?;
+    let mut out = format!(
+        "{:<36}  {:<10}  {:<12}  {:<20}  {:>6}\n",
+        "ID", "MODEL", "STATUS", "REASON", "CHUNKS"
+    );
+    for s in list
+        .get("data")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let field = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        out.push_str(&format!(
+            "{:<36}  {:<10}  {:<12}  {:<20}  {:>6}\n",
+            field("id"),
+            field("model"),
+            field("status"),
+            field("reason"),
+            s.get("chunk_count").and_then(Value::as_u64).unwrap_or(0)
+        ));
+    }
+    Ok(out)
+}
+
+/// `sluice streams show ID`: a transcript, readable (or as JSON).
+pub async fn streams_show(url: &str, id: &str, as_json: bool) -> Result<String, String> {
+    let t = get_json(&endpoint(url, &format!("/v1/streams/{id}"))).await?;
+    if as_json {
+        return serde_json::to_string_pretty(&t).map_err(|e| e.to_string());
+    }
+    let field = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let timing = |k: &str| {
+        t.pointer(&format!("/timings/{k}"))
+            .and_then(Value::as_f64)
+            .map(|v| format!("{v:.1} ms"))
+            .unwrap_or("-".into())
+    };
+    let chunks = t
+        .get("chunks")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    Ok(format!(
+        "stream   {}\nmodel    {}\nstatus   {} {}\ndetail   {}\nfirst    {}\ntotal    {}\nchunks   {}\n\n{}\n",
+        field("id"),
+        field("model"),
+        field("status"),
+        field("reason"),
+        field("detail"),
+        timing("time_to_first_token_ms"),
+        timing("total_ms"),
+        chunks,
+        field("content"),
+    ))
+}

@@ -1,0 +1,473 @@
+//! Configuration: defaults, then the TOML file, then flags and `SLUICE_*` variables.
+//!
+//! With no file at all sluice listens on 127.0.0.1:8750, keeps its data under `./sluice-data/`
+//! and serves the built-in simulated model `sim`. A file adds `[[models]]` and tunes the relay.
+//! Unknown keys are errors, and every error names the file, the key and the reason, so a typo
+//! never silently falls back to a default.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::upstream::openai::OpenAi;
+use crate::upstream::sim::SimDefaults;
+use crate::upstream::Upstream;
+
+/// Where sluice listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8750";
+/// Where sluice keeps its data by default.
+pub const DEFAULT_DATA_DIR: &str = "sluice-data";
+
+/// The gateway's whole configuration, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The address to listen on.
+    pub listen: SocketAddr,
+    /// Where the SQLite database lives.
+    pub data_dir: PathBuf,
+    /// The largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// How many chunks a stream may buffer between the upstream and a slow client.
+    pub buffer_chunks: usize,
+    /// How long a client may leave a full buffer unread before it is cut (`slow_client`).
+    pub slow_client_timeout: Duration,
+    /// How long the upstream may be silent before an SSE keep-alive comment is sent.
+    pub keep_alive: Duration,
+    /// How long in-flight streams get to finish at shutdown.
+    pub shutdown_grace: Duration,
+    /// The models clients can ask for.
+    pub models: Vec<ModelConfig>,
+}
+
+/// One model clients can ask for.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// What clients send as `model`.
+    pub name: String,
+    /// Where its answers come from.
+    pub upstream: Upstream,
+    /// The model name sent upstream (default: `name`).
+    pub upstream_model: Option<String>,
+    /// The default timers; per-request `"sluice"` options override them.
+    pub timeouts: Timeouts,
+}
+
+/// The three stream timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Request start to first token.
+    pub first_token: Duration,
+    /// Longest silence between tokens.
+    pub idle: Duration,
+    /// Request start to the end.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            first_token: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Settings given on the command line or in `SLUICE_*` variables; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` / `SLUICE_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir` / `SLUICE_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Why the configuration cannot be used. Names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {file}: cannot read it: {reason}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A key is unknown, missing, or has a bad value.
+    #[error("config file {file}: key `{key}`: {reason}")]
+    Invalid {
+        /// The file (or `<defaults>` for flags).
+        file: PathBuf,
+        /// The key, as a path (`models[0].base_url`).
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    buffer_chunks: Option<usize>,
+    slow_client_timeout_ms: Option<u64>,
+    keep_alive_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+    #[serde(default)]
+    models: Vec<FileModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    name: String,
+    kind: Kind,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    upstream_model: Option<String>,
+    first_token_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
+    sim: Option<SimDefaults>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Openai,
+    Sim,
+}
+
+impl Config {
+    /// The configuration with no file: defaults plus `overrides`.
+    pub fn defaults(overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::build(FileConfig::default(), Path::new("<defaults>"), overrides)
+    }
+
+    /// Loads `file` (if given) and applies `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let Some(path) = file else {
+            return Self::defaults(overrides);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses TOML `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key,
+            reason,
+        };
+        let deserializer = toml::de::Deserializer::parse(text)
+            .map_err(|e| invalid("(syntax)".into(), describe(text, &e)))?;
+        let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(key, describe(text, e.inner()))
+        })?;
+        Self::build(file, path, overrides)
+    }
+
+    fn build(file: FileConfig, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            reason,
+        };
+        let listen = match (overrides.listen, &file.listen) {
+            (Some(addr), _) => addr,
+            (None, Some(text)) => text.parse().map_err(|_| {
+                invalid(
+                    "listen",
+                    format!("{text:?} is not an address like {DEFAULT_LISTEN}"),
+                )
+            })?,
+            (None, None) => DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| invalid("listen", "the built-in default is invalid".into()))?,
+        };
+        let positive = |key: &str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(invalid(key, "must be greater than 0".into())),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let mut models = Vec::new();
+        let mut names = HashSet::new();
+        for (i, m) in file.models.into_iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            if m.name.trim().is_empty() {
+                return Err(invalid(&key("name"), "must not be empty".into()));
+            }
+            if !names.insert(m.name.clone()) {
+                return Err(invalid(
+                    &key("name"),
+                    format!("{:?} is defined twice", m.name),
+                ));
+            }
+            let defaults = Timeouts::default();
+            let ms = |d: Duration| d.as_millis() as u64;
+            let timeouts = Timeouts {
+                first_token: Duration::from_millis(positive(
+                    &key("first_token_timeout_ms"),
+                    m.first_token_timeout_ms,
+                    ms(defaults.first_token),
+                )?),
+                idle: Duration::from_millis(positive(
+                    &key("idle_timeout_ms"),
+                    m.idle_timeout_ms,
+                    ms(defaults.idle),
+                )?),
+                total: Duration::from_millis(positive(
+                    &key("total_timeout_ms"),
+                    m.total_timeout_ms,
+                    ms(defaults.total),
+                )?),
+            };
+            let upstream = match m.kind {
+                Kind::Sim => {
+                    for (k, set) in [
+                        ("base_url", m.base_url.is_some()),
+                        ("api_key_env", m.api_key_env.is_some()),
+                        ("headers", !m.headers.is_empty()),
+                    ] {
+                        if set {
+                            return Err(invalid(
+                                &key(k),
+                                "only applies to kind = \"openai\"".into(),
+                            ));
+                        }
+                    }
+                    Upstream::Sim(m.sim.unwrap_or_default())
+                }
+                Kind::Openai => {
+                    if m.sim.is_some() {
+                        return Err(invalid(
+                            &key("sim"),
+                            "only applies to kind = \"sim\"".into(),
+                        ));
+                    }
+                    let base_url = m.base_url.ok_or_else(|| {
+                        invalid(&key("base_url"), "is required for kind = \"openai\"".into())
+                    })?;
+                    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                        return Err(invalid(
+                            &key("base_url"),
+                            format!("{base_url:?} is not an http(s) URL"),
+                        ));
+                    }
+                    let api_key = match &m.api_key_env {
+                        None => None,
+                        Some(var) => Some(std::env::var(var).map_err(|_| {
+                            invalid(
+                                &key("api_key_env"),
+                                format!("the environment variable {var} is not set"),
+                            )
+                        })?),
+                    };
+                    let headers: Vec<(String, String)> = m.headers.into_iter().collect();
+                    Upstream::OpenAi(
+                        OpenAi::new(&base_url, api_key, &headers)
+                            .map_err(|e| invalid(&key("headers"), e.to_string()))?,
+                    )
+                }
+            };
+            models.push(ModelConfig {
+                name: m.name,
+                upstream,
+                upstream_model: m.upstream_model,
+                timeouts,
+            });
+        }
+        if !names.contains("sim") {
+            models.push(ModelConfig {
+                name: "sim".into(),
+                upstream: Upstream::Sim(SimDefaults::default()),
+                upstream_model: None,
+                timeouts: Timeouts::default(),
+            });
+        }
+        Ok(Config {
+            listen,
+            data_dir: overrides
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            max_body_bytes: file.max_body_bytes.unwrap_or(1 << 20).max(1),
+            buffer_chunks: file.buffer_chunks.unwrap_or(64).max(1),
+            slow_client_timeout: Duration::from_millis(positive(
+                "slow_client_timeout_ms",
+                file.slow_client_timeout_ms,
+                30_000,
+            )?),
+            keep_alive: Duration::from_millis(positive(
+                "keep_alive_ms",
+                file.keep_alive_ms,
+                15_000,
+            )?),
+            shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000)),
+            models,
+        })
+    }
+
+    /// The model called `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+/// A TOML error's message with its line number.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("sluice.toml"), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_serve_sim_on_loopback() {
+        let c = Config::defaults(&Overrides::default()).expect("defaults");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.data_dir, PathBuf::from("sluice-data"));
+        assert_eq!(c.models.len(), 1);
+        assert!(c.model("sim").is_some());
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        std::env::set_var("SLUICE_TEST_KEY_1", "sk-test");
+        let c = parse(
+            r#"
+listen = "127.0.0.1:9999"
+[[models]]
+name = "local"
+kind = "openai"
+base_url = "http://127.0.0.1:9000/v1"
+api_key_env = "SLUICE_TEST_KEY_1"
+first_token_timeout_ms = 30000
+idle_timeout_ms = 30000
+total_timeout_ms = 600000
+
+[[models]]
+name = "slow-sim"
+kind = "sim"
+sim = { first_token_ms = 2000, token_interval_ms = 20, tokens = 40 }
+"#,
+        )
+        .expect("valid");
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.models.len(), 3, "local, slow-sim and the built-in sim");
+        let slow = c.model("slow-sim").expect("slow-sim");
+        assert!(matches!(
+            slow.upstream,
+            Upstream::Sim(SimDefaults {
+                first_token_ms: 2000,
+                tokens: 40,
+                ..
+            })
+        ));
+        let local = c.model("local").expect("local");
+        assert_eq!(local.timeouts.total, Duration::from_secs(600));
+        assert!(
+            !format!("{:?}", local.upstream).contains("sk-test"),
+            "the key never shows in Debug"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_reason() {
+        let e = parse("lisen = \"x\"").expect_err("unknown key").to_string();
+        assert!(e.starts_with("config file sluice.toml: key `lisen`"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"openai\"\nidle_timeout_ms = \"soon\"\n")
+            .expect_err("bad type")
+            .to_string();
+        assert!(e.contains("key `models[0].idle_timeout_ms`"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"openai\"\n")
+            .expect_err("no url")
+            .to_string();
+        assert!(e.contains("key `models[0].base_url`: is required"), "{e}");
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"grpc\"\n")
+            .expect_err("bad kind")
+            .to_string();
+        assert!(e.contains("models[0].kind"), "{e}");
+
+        let e = parse("[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key_env = \"SLUICE_TEST_SURELY_UNSET\"\n").expect_err("unset").to_string();
+        assert!(e.contains("SLUICE_TEST_SURELY_UNSET is not set"), "{e}");
+
+        let e = parse("idle = [").expect_err("syntax").to_string();
+        assert!(e.contains("sluice.toml"), "{e}");
+
+        let e = parse(
+            "[[models]]\nname = \"a\"\nkind = \"sim\"\n[[models]]\nname = \"a\"\nkind = \"sim\"\n",
+        )
+        .expect_err("dup")
+        .to_string();
+        assert!(e.contains("models[1].name"), "{e}");
+
+        let e = parse("slow_client_timeout_ms = 0")
+            .expect_err("zero")
+            .to_string();
+        assert!(
+            e.contains("slow_client_timeout_ms`: must be greater than 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:1".parse().expect("addr")),
+            data_dir: Some("elsewhere".into()),
+        };
+        let c = Config::parse(
+            "listen = \"127.0.0.1:2\"\ndata_dir = \"here\"",
+            Path::new("f"),
+            &o,
+        )
+        .expect("valid");
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.data_dir, PathBuf::from("elsewhere"));
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = Config::load(
+            Some(Path::new("/nonexistent/sluice.toml")),
+            &Overrides::default(),
+        )
+        .expect_err("missing")
+        .to_string();
+        assert!(
+            e.starts_with("config file /nonexistent/sluice.toml: cannot read it"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! # sluice: a streaming chat gateway
+//!
+//! Users point any OpenAI-compatible client at sluice instead of at their model server. sluice
+//! relays each chunk the moment it arrives and gets the hard parts of streaming right: deadlines
+//! around the whole stream, prompt upstream cancellation when a client leaves, backpressure for
+//! slow clients, and a transcript of every stream that is written even when the request is
+//! cancelled or the server stops.
+//!
+//! One request, end to end:
+//! ```text
+//! client ──HTTP──▶ api ──▶ relay ──▶ upstream (openai | sim) ──▶ model server
+//!                           │
+//!                           ▼
+//!                         store (SQLite) ◀── shielded final write
+//! ```
+//! - [`api`] parses and validates, and turns relay outcomes into HTTP and SSE;
+//! - [`relay`] composes the `sluice-flow` patterns for one stream;
+//! - [`upstream`] turns a provider into a stream of chunks;
+//! - [`store`] persists streams and chunks;
+//! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
+//! - [`config`], [`metrics`], [`status`], [`mock_upstream`], [`cli`] do what they say.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mock_upstream;
+pub mod relay;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod upstream;
+
+pub use config::{Config, Overrides};
+pub use server::{Server, ShutdownReport};

@@ -1,0 +1,355 @@
+//! The relay: the one place that composes the `flow` patterns for one stream.
+//!
+//! ```text
+//! upstream ──▶ StreamLimits (first_token, idle, total, keep-alive)
+//!                 │  each chunk: appended to the transcript, then
+//!                 ▼
+//!          bounded queue (backpressure; slow_client_timeout) ──▶ api (SSE to the client)
+//! ```
+//! A relay runs as its own tracked task, apart from the HTTP request, so that it sees the client
+//! leave (the queue's consumer departs) instead of being silently dropped with the request. On
+//! any ending (the upstream's `[DONE]`, a limit, a disconnect, a slow client, shutdown, an
+//! upstream failure) it drops the upstream stream at once (closing its connection), writes the
+//! final status under a shield, and only then tells the client how the stream ended: when a
+//! client sees `[DONE]` or an error event, the transcript already says so. If the relay task
+//! itself is dropped before its final write, a cleanup guard writes `interrupted(shutdown)`.
+//! The ending travels as an [`Ending`] value from where it happens to the store and the client.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use sluice_flow::{queue, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed};
+use tokio::time::Instant;
+
+use crate::config::Timeouts;
+use crate::status::{Ending, Reason};
+use crate::store::{Finish, NewStream, Store, StoreError};
+use crate::upstream::{Upstream, UpstreamRequest};
+
+/// What the relay hands the client side, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A chunk: its event id, its JSON, and the text it adds.
+    Chunk {
+        /// The event id (1, 2, ...).
+        seq: u64,
+        /// The chunk JSON.
+        data: Arc<str>,
+        /// The text it adds.
+        content: String,
+        /// The finish reason, on the last chunk.
+        finish_reason: Option<String>,
+        /// Usage, if reported.
+        usage: Option<Value>,
+    },
+    /// The upstream has been silent past the keep-alive threshold.
+    KeepAlive,
+}
+
+/// How a stream ended, as the client learns it: after every frame, the queue ends (success,
+/// with `seq` the id of the `[DONE]` event) or fails with this.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terminal {
+    /// The id of the terminal event.
+    pub seq: u64,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// The frames of one stream, for the client side.
+pub type Frames = Consumer<Frame, Terminal>;
+
+/// What the relays of one server share.
+#[derive(Debug, Clone)]
+pub struct RelayContext {
+    /// The transcript store.
+    pub store: Store,
+    /// Tracked tasks: relays, shielded writes.
+    pub tasks: Tasks,
+    /// Cancelled (cause: shutdown) when in-flight streams must end.
+    pub shutdown: CancelToken,
+    /// Buffer between upstream and client, in chunks.
+    pub buffer_chunks: usize,
+    /// How long a full buffer may stay unread.
+    pub slow_client_timeout: Duration,
+    /// Upstream silence before a keep-alive.
+    pub keep_alive: Duration,
+}
+
+/// One stream to relay.
+#[derive(Debug, Clone)]
+pub struct StreamRequest {
+    /// The stream's id.
+    pub id: Arc<str>,
+    /// Its tenant.
+    pub tenant: String,
+    /// The model the client asked for.
+    pub model: String,
+    /// The client's request body, for the transcript.
+    pub client_request: Value,
+    /// Where the answer comes from.
+    pub upstream: Upstream,
+    /// What is sent there.
+    pub upstream_request: UpstreamRequest,
+    /// The three timers.
+    pub timeouts: Timeouts,
+    /// When the request arrived: the timers' start.
+    pub started: Instant,
+}
+
+/// What the relay knows so far; read by the cleanup guard if the relay is dropped.
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    chunks: u64,
+    first_token: Option<Duration>,
+    usage: Option<Value>,
+}
+
+/// Records the stream, starts its relay task, and returns its frames. The request is in the
+/// store before the upstream is called.
+pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, StoreError> {
+    ctx.store
+        .begin(NewStream {
+            id: req.id.to_string(),
+            tenant: req.tenant.clone(),
+            model: req.model.clone(),
+            request: req.client_request.clone(),
+        })
+        .await?;
+    let (tx, rx) = queue::bounded(ctx.buffer_chunks);
+    let ctx2 = ctx.clone();
+    ctx.tasks.spawn(run(ctx2, req, tx));
+    Ok(rx)
+}
+
+async fn run(ctx: RelayContext, req: StreamRequest, tx: Producer<Frame, Terminal>) {
+    metrics::gauge!("sluice_active_streams").increment(1.0);
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    // If this task is dropped before it writes the final status (the runtime is going away),
+    // the guard writes interrupted(shutdown) from a tracked task.
+    let guard = {
+        let (store, id, progress, started) = (
+            ctx.store.clone(),
+            req.id.clone(),
+            progress.clone(),
+            req.started,
+        );
+        ctx.tasks.on_drop(async move {
+            let p = progress
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let _ = store
+                .finish(finish(
+                    &id,
+                    Ending::abnormal(Reason::Shutdown, "the relay was stopped"),
+                    &p,
+                    started.elapsed(),
+                ))
+                .await;
+        })
+    };
+
+    let (ending, tx) = relay(&ctx, &req, tx, &progress).await;
+
+    let total = req.started.elapsed();
+    let p = progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    record_metrics(&ending, &p);
+    guard.disarm();
+    let job = ctx.tasks.shield({
+        let store = ctx.store.clone();
+        let fin = finish(&req.id, ending.clone(), &p, total);
+        async move { store.finish(fin).await }
+    });
+    if let Ok(Err(e)) = job.await {
+        tracing::error!(stream = %req.id, error = %e, "final status not written");
+    }
+    // Now that the transcript says how it ended, tell the client.
+    if let Some(tx) = tx {
+        match ending {
+            Ending::Completed => tx.end(),
+            ending => tx.fail(Terminal {
+                seq: p.chunks + 1,
+                ending,
+            }),
+        }
+    }
+    metrics::gauge!("sluice_active_streams").decrement(1.0);
+}
+
+fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
+    Finish {
+        id: id.to_string(),
+        ending,
+        first_token: p.first_token,
+        total,
+        usage: p.usage.clone(),
+        chunks: p.chunks,
+    }
+}
+
+/// Moves chunks until the stream ends; returns how, and the producer if the client may still
+/// be listening.
+async fn relay(
+    ctx: &RelayContext,
+    req: &StreamRequest,
+    tx: Producer<Frame, Terminal>,
+    progress: &Mutex<Progress>,
+) -> (Ending, Option<Producer<Frame, Terminal>>) {
+    let limits = StreamLimits {
+        first_item: Some(req.timeouts.first_token),
+        idle: Some(req.timeouts.idle),
+        total: Some(req.timeouts.total),
+        keep_alive: Some(ctx.keep_alive),
+    };
+    let upstream = req.upstream.open(req.upstream_request.clone());
+    let mut limited = limits.apply_from(upstream, req.started);
+    let mut upstream_wait = Duration::ZERO;
+    let mut client_wait = Duration::ZERO;
+    let mut last_chunk: Option<Instant> = None;
+    let mut seq = 0u64;
+
+    let ending = loop {
+        let waiting = Instant::now();
+        let next = tokio::select! {
+            biased;
+            () = tx.consumer_departed() => break Ending::abnormal(Reason::ClientDisconnected, "the client closed the connection"),
+            _ = ctx.shutdown.cancelled() => break Ending::abnormal(Reason::Shutdown, "the gateway shut down while the stream was running"),
+            next = limited.next() => next,
+        };
+        upstream_wait += waiting.elapsed();
+        let chunk = match next {
+            None => break Ending::Completed,
+            Some(Err(limit)) => {
+                let reason = Reason::for_limit(limit.limit);
+                break Ending::abnormal(
+                    reason,
+                    format!(
+                        "{} timeout of {:?} exceeded after {} chunks",
+                        reason.as_str(),
+                        limit.limit_after,
+                        limit.items
+                    ),
+                );
+            }
+            Some(Ok(Event::KeepAlive { .. })) => {
+                // Worth nothing if the client already has frames to read: never wait for room.
+                let _ = tx.try_send(Frame::KeepAlive);
+                continue;
+            }
+            Some(Ok(Event::Item(Err(e)))) => break Ending::abnormal(e.reason(), e.to_string()),
+            Some(Ok(Event::Item(Ok(chunk)))) => chunk,
+        };
+
+        seq += 1;
+        let now = Instant::now();
+        let offset = now.saturating_duration_since(req.started);
+        {
+            let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
+            p.chunks = seq;
+            p.first_token.get_or_insert(offset);
+            if chunk.usage.is_some() {
+                p.usage = chunk.usage.clone();
+            }
+        }
+        match last_chunk.replace(now) {
+            None => metrics::histogram!("sluice_time_to_first_token_seconds")
+                .record(offset.as_secs_f64()),
+            Some(prev) => {
+                metrics::histogram!("sluice_inter_chunk_seconds").record((now - prev).as_secs_f64())
+            }
+        }
+        let data: Arc<str> = Arc::from(chunk.data);
+        // Into the transcript before the client can have it: invariant 1.
+        if let Err(e) = ctx
+            .store
+            .append(
+                &req.id,
+                seq,
+                offset,
+                data.to_string(),
+                chunk.content.clone(),
+            )
+            .await
+        {
+            tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
+        }
+        metrics::counter!("sluice_chunks_relayed_total").increment(1);
+        metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
+
+        let frame = Frame::Chunk {
+            seq,
+            data,
+            content: chunk.content,
+            finish_reason: chunk.finish_reason,
+            usage: chunk.usage,
+        };
+        let sending = Instant::now();
+        let sent = tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break Ending::abnormal(Reason::Shutdown, "the gateway shut down while the stream was running"),
+            sent = sluice_flow::timeout(ctx.slow_client_timeout, tx.send(frame)) => sent,
+        };
+        client_wait += sending.elapsed();
+        match sent {
+            Timed::Completed(Ok(())) => {}
+            Timed::Completed(Err(_)) => {
+                break Ending::abnormal(
+                    Reason::ClientDisconnected,
+                    "the client closed the connection",
+                )
+            }
+            Timed::Expired(_) => {
+                break Ending::abnormal(
+                    Reason::SlowClient,
+                    format!(
+                        "the client left {} chunks unread for {:?}",
+                        tx.depth(),
+                        ctx.slow_client_timeout
+                    ),
+                )
+            }
+        }
+    };
+    // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
+    drop(limited);
+
+    let total = req.started.elapsed();
+    metrics::histogram!("sluice_gateway_overhead_seconds").record(
+        total
+            .saturating_sub(upstream_wait + client_wait)
+            .as_secs_f64(),
+    );
+    let tx = match ending.reason() {
+        Some(Reason::ClientDisconnected) => None,
+        _ => Some(tx),
+    };
+    (ending, tx)
+}
+
+fn record_metrics(ending: &Ending, _p: &Progress) {
+    let status = ending.status().as_str();
+    let reason = ending.reason().map(|r| r.as_str()).unwrap_or("");
+    metrics::counter!("sluice_streams_finished_total", "status" => status, "reason" => reason)
+        .increment(1);
+    match ending.reason() {
+        Some(r @ (Reason::FirstToken | Reason::Idle | Reason::Total)) => {
+            metrics::counter!("sluice_timeouts_total", "kind" => r.as_str()).increment(1)
+        }
+        Some(
+            r @ (Reason::ClientDisconnected
+            | Reason::SlowClient
+            | Reason::Requested
+            | Reason::Shutdown),
+        ) => metrics::counter!("sluice_cancellations_total", "cause" => r.as_str()).increment(1),
+        Some(r @ (Reason::UpstreamError | Reason::UpstreamProtocolError)) => {
+            metrics::counter!("sluice_upstream_errors_total", "reason" => r.as_str()).increment(1)
+        }
+        Some(Reason::Crash) | None => {}
+    }
+}

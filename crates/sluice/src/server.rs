@@ -1,0 +1,213 @@
+//! The server's lifecycle: start, serve, shut down without losing a transcript.
+//!
+//! Shutdown, in order (the shape of mini-redis' `shutdown.rs`, with the patterns of `flow`):
+//! 1. stop accepting connections; idle keep-alive connections are closed;
+//! 2. give in-flight streams `shutdown_grace` to finish on their own;
+//! 3. cancel the rest with cause `shutdown`: each ends with `interrupted(shutdown)` and an SSE
+//!    error event (never `[DONE]`);
+//! 4. wait, with a bound, for every tracked task, so every shielded final write has landed;
+//! 5. flush the store.
+//!
+//! Connections that still have not finished a short while after step 3 (a client that stopped
+//! reading) are dropped, so a stuck client cannot hold the process up.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use sluice_flow::{CancelCause, CancelToken, Drained, Tasks};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::relay::RelayContext;
+use crate::store::{Store, StoreError};
+
+/// How long, after in-flight streams are cancelled, connections get to deliver their last event.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+/// How long shutdown waits for shielded writes.
+const WRITES_BOUND: Duration = Duration::from_secs(10);
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// Serving failed.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every tracked task (relays, shielded writes) finished within the bound.
+    pub drained: Drained,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    store: Store,
+    recovered: u64,
+    trigger: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<ShutdownReport, ServeError>>,
+}
+
+impl Server {
+    /// Binds `config.listen` and starts serving.
+    pub async fn bind(config: Config) -> Result<Self, ServeError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| ServeError::Bind {
+                addr: config.listen,
+                reason: e.to_string(),
+            })?;
+        Self::start(config, listener).await
+    }
+
+    /// Starts serving on `listener`.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, ServeError> {
+        let addr = listener.local_addr()?;
+        let (store, recovered) = Store::open(&config.data_dir)?;
+        if recovered > 0 {
+            tracing::warn!(
+                streams = recovered,
+                "marked streams left open by a crash as interrupted(crash)"
+            );
+        }
+        crate::metrics::handle();
+        let tasks = Tasks::new();
+        let cancel = CancelToken::new();
+        let relay = RelayContext {
+            store: store.clone(),
+            tasks: tasks.clone(),
+            shutdown: cancel.clone(),
+            buffer_chunks: config.buffer_chunks,
+            slow_client_timeout: config.slow_client_timeout,
+            keep_alive: config.keep_alive,
+        };
+        let grace = config.shutdown_grace;
+        let app = api::router(AppState {
+            config: Arc::new(config),
+            relay,
+        });
+        let (trigger, triggered) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            listener,
+            app,
+            triggered,
+            grace,
+            cancel,
+            tasks,
+            store.clone(),
+        ));
+        tracing::info!(%addr, "sluice is listening");
+        Ok(Self {
+            addr,
+            store,
+            recovered,
+            trigger: Some(trigger),
+            task,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How many streams a previous crash had left open (now `interrupted(crash)`).
+    pub fn recovered(&self) -> u64 {
+        self.recovered
+    }
+
+    /// Shuts down (see the module docs) and waits until it is done.
+    pub async fn shutdown(mut self) -> Result<ShutdownReport, ServeError> {
+        if let Some(t) = self.trigger.take() {
+            let _ = t.send(());
+        }
+        self.wait().await
+    }
+
+    /// Serves until `signal` completes, then shuts down.
+    pub async fn serve_until(
+        self,
+        signal: impl Future<Output = ()>,
+    ) -> Result<ShutdownReport, ServeError> {
+        signal.await;
+        self.shutdown().await
+    }
+
+    async fn wait(&mut self) -> Result<ShutdownReport, ServeError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+async fn run(
+    listener: TcpListener,
+    app: axum::Router,
+    triggered: oneshot::Receiver<()>,
+    grace: Duration,
+    cancel: CancelToken,
+    tasks: Tasks,
+    store: Store,
+) -> Result<ShutdownReport, ServeError> {
+    let stopping = CancelToken::new();
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            // A dropped trigger (the Server handle is gone) also means: stop.
+            let _ = triggered.await;
+            tracing::info!(
+                ?grace,
+                "shutting down: no new connections; in-flight streams get the grace period"
+            );
+            stopping.cancel(CancelCause::Shutdown);
+        }
+    };
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let ending = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(grace).await;
+        tracing::info!("grace period over: ending in-flight streams as interrupted(shutdown)");
+        cancel.cancel(CancelCause::Shutdown);
+        tokio::time::sleep(LAST_WORDS).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = ending => tracing::warn!("connections still open after shutdown; dropping them"),
+    }
+    cancel.cancel(CancelCause::Shutdown);
+    let drained = tasks.shutdown(WRITES_BOUND).await;
+    if let Drained::TimedOut { still_running } = drained {
+        tracing::error!(still_running, "tasks still running at exit");
+    }
+    store.flush().await?;
+    tracing::info!("shutdown complete");
+    Ok(ShutdownReport { drained })
+}

@@ -1,0 +1,204 @@
+//! How a stream ended: the status and reason table of the API.
+//!
+//! | status | reasons |
+//! |---|---|
+//! | `streaming` | (still running) |
+//! | `completed` | — |
+//! | `cancelled` | `client_disconnected`, `slow_client`, `requested` |
+//! | `timed_out` | `first_token`, `idle`, `total` |
+//! | `failed` | `upstream_error`, `upstream_protocol_error` |
+//! | `interrupted` | `shutdown`, `crash` |
+//!
+//! The cause of an ending travels through the relay as a [`Ending`] value and is stored as these
+//! snake_case strings; it is never parsed back out of a message.
+
+use serde::{Deserialize, Serialize};
+use sluice_flow::Limit;
+
+/// A stream's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Still running.
+    Streaming,
+    /// Ended with `[DONE]`.
+    Completed,
+    /// Stopped because nobody needed the answer any more.
+    Cancelled,
+    /// A deadline fired.
+    TimedOut,
+    /// The upstream failed.
+    Failed,
+    /// The gateway stopped (shutdown or crash) while it ran.
+    Interrupted,
+}
+
+/// Why a stream ended the way it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The client closed its connection.
+    ClientDisconnected,
+    /// The client did not read for longer than `slow_client_timeout`.
+    SlowClient,
+    /// Someone asked for it to stop.
+    Requested,
+    /// No first token within `first_token_timeout`.
+    FirstToken,
+    /// No token for `idle_timeout`.
+    Idle,
+    /// The whole stream took longer than `total_timeout`.
+    Total,
+    /// The upstream answered with an error, sent an error event, or cut the stream.
+    UpstreamError,
+    /// The upstream sent something that is not a valid stream.
+    UpstreamProtocolError,
+    /// The gateway shut down.
+    Shutdown,
+    /// The gateway's process died; found at the next start.
+    Crash,
+}
+
+impl Status {
+    /// The snake_case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Streaming => "streaming",
+            Status::Completed => "completed",
+            Status::Cancelled => "cancelled",
+            Status::TimedOut => "timed_out",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+    }
+}
+
+impl Reason {
+    /// The snake_case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::ClientDisconnected => "client_disconnected",
+            Reason::SlowClient => "slow_client",
+            Reason::Requested => "requested",
+            Reason::FirstToken => "first_token",
+            Reason::Idle => "idle",
+            Reason::Total => "total",
+            Reason::UpstreamError => "upstream_error",
+            Reason::UpstreamProtocolError => "upstream_protocol_error",
+            Reason::Shutdown => "shutdown",
+            Reason::Crash => "crash",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+    }
+
+    /// The reason for a tripped stream limit.
+    pub fn for_limit(limit: Limit) -> Self {
+        match limit {
+            Limit::FirstItem => Reason::FirstToken,
+            Limit::Idle => Reason::Idle,
+            Limit::Total => Reason::Total,
+        }
+    }
+
+    /// The status this reason belongs to.
+    pub fn status(&self) -> Status {
+        match self {
+            Reason::ClientDisconnected | Reason::SlowClient | Reason::Requested => {
+                Status::Cancelled
+            }
+            Reason::FirstToken | Reason::Idle | Reason::Total => Status::TimedOut,
+            Reason::UpstreamError | Reason::UpstreamProtocolError => Status::Failed,
+            Reason::Shutdown | Reason::Crash => Status::Interrupted,
+        }
+    }
+}
+
+/// A stream's final outcome: completed, or a reason (which implies the status) with a detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Ended with `[DONE]`.
+    Completed,
+    /// Ended abnormally.
+    Abnormal {
+        /// Why.
+        reason: Reason,
+        /// A human-readable detail (the upstream's status and message, which limit, ...).
+        /// Never holds a secret.
+        detail: String,
+    },
+}
+
+impl Ending {
+    /// An abnormal ending.
+    pub fn abnormal(reason: Reason, detail: impl Into<String>) -> Self {
+        Ending::Abnormal {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The status.
+    pub fn status(&self) -> Status {
+        match self {
+            Ending::Completed => Status::Completed,
+            Ending::Abnormal { reason, .. } => reason.status(),
+        }
+    }
+
+    /// The reason, if abnormal.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            Ending::Completed => None,
+            Ending::Abnormal { reason, .. } => Some(*reason),
+        }
+    }
+
+    /// The detail, if abnormal.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Ending::Completed => None,
+            Ending::Abnormal { detail, .. } => Some(detail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_reasons_imply_the_table_status() {
+        let table = [
+            (Reason::ClientDisconnected, "cancelled"),
+            (Reason::SlowClient, "cancelled"),
+            (Reason::Requested, "cancelled"),
+            (Reason::FirstToken, "timed_out"),
+            (Reason::Idle, "timed_out"),
+            (Reason::Total, "timed_out"),
+            (Reason::UpstreamError, "failed"),
+            (Reason::UpstreamProtocolError, "failed"),
+            (Reason::Shutdown, "interrupted"),
+            (Reason::Crash, "interrupted"),
+        ];
+        for (reason, status) in table {
+            assert_eq!(reason.status().as_str(), status);
+            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
+            assert_eq!(
+                serde_json::to_value(reason).ok(),
+                Some(serde_json::Value::String(reason.as_str().into()))
+            );
+        }
+        assert_eq!(Status::parse("timed_out"), Some(Status::TimedOut));
+        assert_eq!(Status::parse("nope"), None);
+        assert_eq!(Reason::for_limit(Limit::FirstItem), Reason::FirstToken);
+    }
+}

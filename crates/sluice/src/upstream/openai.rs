@@ -1,0 +1,142 @@
+//! OpenAI-compatible upstreams over HTTP (OpenAI, vLLM, Ollama, llama.cpp, LM Studio, ...).
+//!
+//! Posts the request to `{base_url}/chat/completions` with `stream: true` and reads the answer as
+//! server-sent events with [`SseParser`](super::sse::SseParser). The API key is sent as a bearer
+//! token and is never printed: this type's `Debug` leaves it out and error messages never carry
+//! request headers.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_stream::stream;
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::sse::SseParser;
+use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamRequest};
+
+/// The most of an upstream's error body that is read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A configured OpenAI-compatible upstream.
+#[derive(Clone)]
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+    headers: HeaderMap,
+}
+
+impl fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAi")
+            .field("url", &self.url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// A bad upstream setting.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenAiConfigError {
+    /// A header name or value is not valid HTTP.
+    #[error("header {0:?} is not a valid HTTP header")]
+    Header(String),
+    /// The HTTP client could not be built.
+    #[error("the HTTP client could not be built: {0}")]
+    Client(String),
+}
+
+impl OpenAi {
+    /// An upstream at `base_url` (e.g. `http://127.0.0.1:9000/v1`), with an optional key and
+    /// extra headers.
+    pub fn new(
+        base_url: &str,
+        api_key: Option<String>,
+        extra_headers: &[(String, String)],
+    ) -> Result<Self, OpenAiConfigError> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in extra_headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| OpenAiConfigError::Header(name.clone()))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| OpenAiConfigError::Header(name.to_string()))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| OpenAiConfigError::Client(e.to_string()))?;
+        Ok(Self {
+            client,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+            headers,
+        })
+    }
+
+    /// Opens the stream; see [`Upstream::open`](super::Upstream::open).
+    pub fn open(&self, request: UpstreamRequest) -> ChunkStream {
+        let this = self.clone();
+        Box::pin(stream! {
+            let mut post = this.client.post(&this.url).headers(this.headers.clone()).json(&request.body);
+            if let Some(key) = &this.api_key {
+                post = post.bearer_auth(key);
+            }
+            let mut response = match post.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    yield Err(UpstreamError::Transport(e.without_url().to_string()));
+                    return;
+                }
+            };
+            let status = response.status();
+            if !status.is_success() {
+                let mut body = Vec::new();
+                while let Ok(Some(bytes)) = response.chunk().await {
+                    body.extend_from_slice(&bytes);
+                    if body.len() >= MAX_ERROR_BODY {
+                        body.truncate(MAX_ERROR_BODY);
+                        break;
+                    }
+                }
+                let text = String::from_utf8_lossy(&body).to_string();
+                let message = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").map(error_message))
+                    .unwrap_or(text);
+                yield Err(UpstreamError::Status { status: status.as_u16(), message });
+                return;
+            }
+            let mut parser = SseParser::new();
+            let mut events = Vec::new();
+            let mut body = response.bytes_stream();
+            loop {
+                match body.next().await {
+                    Some(Ok(bytes)) => {
+                        if let Err(e) = parser.push(&bytes, &mut events) {
+                            yield Err(UpstreamError::Protocol(e.to_string()));
+                            return;
+                        }
+                        for event in events.drain(..) {
+                            match Payload::parse(&event.data) {
+                                Ok(Payload::Chunk(chunk)) => yield Ok(chunk),
+                                Ok(Payload::Done) => return,
+                                Err(e) => { yield Err(e); return; }
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        yield Err(UpstreamError::Transport(e.without_url().to_string()));
+                        return;
+                    }
+                    None => {
+                        yield Err(UpstreamError::Truncated);
+                        return;
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! The built-in simulated model: deterministic answers, timings and faults on demand.
+//!
+//! Used for first runs, demos and tests, in-process (`kind = "sim"`) or over real HTTP
+//! (`sluice mock-upstream`). A request controls it with the body field `"sim"`:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `tokens` | how many tokens the answer has |
+//! | `first_token_ms` | delay before the first token |
+//! | `token_interval_ms` | delay between tokens |
+//! | `stall_after` | after N tokens, go silent (never end) |
+//! | `fail_after` | after N tokens, send an error event |
+//! | `drop_after` | after N tokens, cut the connection with no `[DONE]` |
+//! | `garbage_after` | after N tokens, send malformed SSE |
+//! | `http_status` | answer with this HTTP error status before streaming |
+//!
+//! Fields left out take the model's defaults (`[[models]] sim = {...}` or mock-upstream's flags).
+
+use std::time::Duration;
+
+use async_stream::stream;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{ChunkStream, Payload, UpstreamError, UpstreamRequest};
+
+/// The per-request `"sim"` field. Every field is optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimParams {
+    /// How many tokens the answer has.
+    pub tokens: Option<u32>,
+    /// Delay before the first token, in ms.
+    pub first_token_ms: Option<u64>,
+    /// Delay between tokens, in ms.
+    pub token_interval_ms: Option<u64>,
+    /// After this many tokens, go silent.
+    pub stall_after: Option<u32>,
+    /// After this many tokens, send an error event.
+    pub fail_after: Option<u32>,
+    /// After this many tokens, cut the connection.
+    pub drop_after: Option<u32>,
+    /// After this many tokens, send malformed SSE.
+    pub garbage_after: Option<u32>,
+    /// Answer with this HTTP error status.
+    pub http_status: Option<u16>,
+}
+
+/// A simulated model's defaults for `tokens`, `first_token_ms` and `token_interval_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimDefaults {
+    /// How many tokens an answer has.
+    pub tokens: u32,
+    /// Delay before the first token, in ms.
+    pub first_token_ms: u64,
+    /// Delay between tokens, in ms.
+    pub token_interval_ms: u64,
+}
+
+impl Default for SimDefaults {
+    fn default() -> Self {
+        Self {
+            tokens: 16,
+            first_token_ms: 50,
+            token_interval_ms: 20,
+        }
+    }
+}
+
+/// One step of a simulated answer, after its delay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimStep {
+    /// A token of text.
+    Token(String),
+    /// Send an error event and end.
+    Fail,
+    /// Cut the connection.
+    Drop,
+    /// Send malformed SSE and end.
+    Garbage,
+    /// The answer is complete: final chunk, then `[DONE]`.
+    Finish,
+}
+
+/// Reads the `"sim"` field of a request body (absent: all defaults).
+pub fn params(body: &serde_json::Map<String, Value>) -> Result<SimParams, String> {
+    match body.get("sim") {
+        None | Some(Value::Null) => Ok(SimParams::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| e.to_string()),
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "Hello",
+    " from",
+    " sluice",
+    "'s",
+    " simulated",
+    " model",
+    ":",
+    " every",
+    " token",
+    " arrives",
+    " on",
+    " time",
+    ",",
+    " naïve",
+    " 世界",
+    " 🙂",
+];
+
+/// The text of token `i`: deterministic, with multi-byte characters among them.
+pub fn token_text(i: u32) -> &'static str {
+    WORDS[i as usize % WORDS.len()]
+}
+
+/// The steps of an answer, each after its delay. Stalls never end.
+pub fn steps(defaults: SimDefaults, p: SimParams) -> impl Stream<Item = SimStep> + Send {
+    let tokens = p.tokens.unwrap_or(defaults.tokens);
+    let first = Duration::from_millis(p.first_token_ms.unwrap_or(defaults.first_token_ms));
+    let interval = Duration::from_millis(p.token_interval_ms.unwrap_or(defaults.token_interval_ms));
+    stream! {
+        for i in 0..=tokens {
+            // Faults trigger after `i` tokens; the earliest-numbered wins.
+            if p.stall_after == Some(i) {
+                std::future::pending::<()>().await;
+            }
+            if p.fail_after == Some(i) {
+                yield SimStep::Fail;
+                return;
+            }
+            if p.drop_after == Some(i) {
+                yield SimStep::Drop;
+                return;
+            }
+            if p.garbage_after == Some(i) {
+                yield SimStep::Garbage;
+                return;
+            }
+            if i == tokens {
+                break;
+            }
+            tokio::time::sleep(if i == 0 { first } else { interval }).await;
+            yield SimStep::Token(token_text(i).to_string());
+        }
+        yield SimStep::Finish;
+    }
+}
+
+/// A `chat.completion.chunk` JSON with `content` (or, for the last chunk, a finish reason and
+/// usage).
+pub fn chunk_json(id: &str, model: &str, content: Option<&str>, usage: Option<Value>) -> String {
+    let (delta, finish) = match content {
+        Some(text) => (json!({ "content": text }), Value::Null),
+        None => (json!({}), json!("stop")),
+    };
+    let mut chunk = json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
+    });
+    if let (Some(usage), Some(obj)) = (usage, chunk.as_object_mut()) {
+        obj.insert("usage".into(), usage);
+    }
+    chunk.to_string()
+}
+
+/// The usage object for an answer of `completion` tokens to `body`'s messages.
+pub fn usage(body: &serde_json::Map<String, Value>, completion: u32) -> Value {
+    let prompt = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(|m| m.get("content").and_then(Value::as_str))
+                .map(|c| c.split_whitespace().count() as u64)
+                .sum::<u64>()
+        })
+        .unwrap_or(0);
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + u64::from(completion),
+    })
+}
+
+/// The error message the simulated model sends for `fail_after`.
+pub const FAIL_MESSAGE: &str = "simulated upstream failure (fail_after)";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The in-process simulated model as a [`ChunkStream`].
+pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
+    Box::pin(stream! {
+        let p = match params(&request.body) {
+            Ok(p) => p,
+            Err(e) => {
+                yield Err(UpstreamError::Status { status: 400, message: format!("invalid sim field: {e}") });
+                return;
+            }
+        };
+        if let Some(status) = p.http_status {
+            yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}") });
+            return;
+        }
+        let model = request.body.get("model").and_then(Value::as_str).unwrap_or("sim").to_string();
+        let id = format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple());
+        let mut count = 0u32;
+        let steps = steps(defaults, p);
+        futures_util::pin_mut!(steps);
+        while let Some(step) = futures_util::StreamExt::next(&mut steps).await {
+            match step {
+                SimStep::Token(text) => {
+                    count += 1;
+                    match Payload::parse(&chunk_json(&id, &model, Some(&text), None)) {
+                        Ok(Payload::Chunk(c)) => yield Ok(c),
+                        Ok(Payload::Done) => {}
+                        Err(e) => { yield Err(e); return; }
+                    }
+                }
+                SimStep::Fail => { yield Err(UpstreamError::ErrorEvent { message: FAIL_MESSAGE.into() }); return; }
+                SimStep::Drop => { yield Err(UpstreamError::Truncated); return; }
+                SimStep::Garbage => { yield Err(UpstreamError::Protocol("a chunk is not JSON (garbage_after)".into())); return; }
+                SimStep::Finish => {
+                    let last = chunk_json(&id, &model, None, Some(usage(&request.body, count)));
+                    if let Ok(Payload::Chunk(c)) = Payload::parse(&last) {
+                        yield Ok(c);
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Chunk;
+    use futures_util::StreamExt;
+    use tokio::time::Instant;
+
+    fn body(sim: Value) -> UpstreamRequest {
+        let mut b = serde_json::Map::new();
+        b.insert("model".into(), json!("sim"));
+        b.insert(
+            "messages".into(),
+            json!([{"role": "user", "content": "two words"}]),
+        );
+        b.insert("sim".into(), sim);
+        UpstreamRequest { body: b }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_on_schedule_and_finishes_with_usage() {
+        let start = Instant::now();
+        let s = open(
+            SimDefaults::default(),
+            body(json!({"tokens": 3, "first_token_ms": 100, "token_interval_ms": 10})),
+        );
+        let got: Vec<_> = s.collect().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(120));
+        let chunks: Vec<Chunk> = got.into_iter().map(|c| c.expect("ok")).collect();
+        let text: String = chunks.iter().map(|c| c.content.as_str()).collect();
+        assert_eq!(text, "Hello from sluice");
+        let last = chunks.last().expect("a last chunk");
+        assert_eq!(last.finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            last.usage
+                .as_ref()
+                .and_then(|u| u.get("total_tokens"))
+                .and_then(Value::as_u64),
+            Some(5)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults() {
+        for (sim, expect) in [
+            (
+                json!({"fail_after": 2}),
+                UpstreamError::ErrorEvent {
+                    message: FAIL_MESSAGE.into(),
+                },
+            ),
+            (json!({"drop_after": 1}), UpstreamError::Truncated),
+            (
+                json!({"http_status": 429}),
+                UpstreamError::Status {
+                    status: 429,
+                    message: "simulated HTTP 429".into(),
+                },
+            ),
+        ] {
+            let got: Vec<_> = open(SimDefaults::default(), body(sim)).collect().await;
+            assert_eq!(got.last(), Some(&Err(expect)));
+            assert!(got[..got.len() - 1].iter().all(Result::is_ok));
+        }
+        let got: Vec<_> = open(SimDefaults::default(), body(json!({"garbage_after": 0})))
+            .collect()
+            .await;
+        assert!(matches!(got.as_slice(), [Err(UpstreamError::Protocol(_))]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_never_ends() {
+        let mut s = open(SimDefaults::default(), body(json!({"stall_after": 1})));
+        assert!(matches!(s.next().await, Some(Ok(_))));
+        let next = tokio::time::timeout(Duration::from_secs(3600), s.next()).await;
+        assert!(next.is_err(), "silent for an hour and counting");
+    }
+
+    #[test]
+    fn unknown_sim_fields_are_errors() {
+        let b = body(json!({"tokenz": 3})).body;
+        assert!(params(&b).is_err());
+    }
+}

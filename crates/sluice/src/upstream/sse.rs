@@ -1,0 +1,243 @@
+//! A server-sent events parser that is robust to how bytes arrive.
+//!
+//! Upstreams send SSE over a byte stream that may be split anywhere: inside a line, inside a
+//! CRLF, inside a multi-byte UTF-8 character. The parser buffers bytes until a line is complete
+//! and only then decodes it, so none of those splits matter. It follows the WHATWG rules: lines
+//! end in LF, CRLF or CR; lines starting with `:` are comments (keep-alives); `data` lines of one
+//! event are joined with `\n`; an empty line dispatches the event. A line longer than
+//! [`MAX_LINE`] is an error, so a misbehaving upstream cannot make the gateway buffer without
+//! bound.
+
+/// The longest line accepted, in bytes.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field, if any.
+    pub event: Option<String>,
+    /// The `data:` lines, joined with `\n`.
+    pub data: String,
+    /// The `id:` field, if any.
+    pub id: Option<String>,
+}
+
+/// Why the bytes are not a valid event stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    /// A line is not UTF-8.
+    #[error("a line of the event stream is not valid UTF-8")]
+    InvalidUtf8,
+    /// A line is longer than [`MAX_LINE`].
+    #[error("a line of the event stream is longer than {MAX_LINE} bytes")]
+    LineTooLong,
+}
+
+/// Incremental SSE parser: feed it bytes as they arrive, take events as they complete.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    line: Vec<u8>,
+    /// The previous push ended in CR: a LF at the start of the next one belongs to it.
+    after_cr: bool,
+    started: bool,
+    event: Option<String>,
+    data: String,
+    has_data: bool,
+    id: Option<String>,
+    /// Whether anything of an undispatched event (or line) has been seen.
+    partial: bool,
+}
+
+impl SseParser {
+    /// A new parser.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds `bytes`; appends every event they complete to `out`.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
+        if self.after_cr {
+            self.after_cr = false;
+            if let Some(rest) = bytes.strip_prefix(b"\n") {
+                bytes = rest;
+            }
+        }
+        while let Some(end) = bytes.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            self.extend_line(&bytes[..end])?;
+            let terminator = bytes[end];
+            bytes = &bytes[end + 1..];
+            if terminator == b'\r' {
+                match bytes.first() {
+                    Some(b'\n') => bytes = &bytes[1..],
+                    None => self.after_cr = true,
+                    Some(_) => {}
+                }
+            }
+            let line = std::mem::take(&mut self.line);
+            self.process_line(&line, out)?;
+        }
+        self.extend_line(bytes)?;
+        if !self.line.is_empty() {
+            self.partial = true;
+        }
+        Ok(())
+    }
+
+    /// Whether the bytes so far end inside an event (a stream cut here was truncated).
+    pub fn in_event(&self) -> bool {
+        self.partial || !self.line.is_empty()
+    }
+
+    fn extend_line(&mut self, bytes: &[u8]) -> Result<(), SseError> {
+        if self.line.len() + bytes.len() > MAX_LINE {
+            return Err(SseError::LineTooLong);
+        }
+        self.line.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn process_line(&mut self, line: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
+        let mut line = std::str::from_utf8(line).map_err(|_| SseError::InvalidUtf8)?;
+        if !self.started {
+            self.started = true;
+            line = line.strip_prefix('\u{feff}').unwrap_or(line);
+        }
+        if line.is_empty() {
+            if self.has_data {
+                out.push(SseEvent {
+                    event: self.event.take(),
+                    data: std::mem::take(&mut self.data),
+                    id: self.id.clone(),
+                });
+            }
+            self.event = None;
+            self.data.clear();
+            self.has_data = false;
+            self.partial = false;
+            return Ok(());
+        }
+        if line.starts_with(':') {
+            return Ok(()); // a comment: keep-alive
+        }
+        self.partial = true;
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.event = Some(value.to_string()),
+            "id" if !value.contains('\0') => self.id = Some(value.to_string()),
+            _ => {} // "retry" and unknown fields are ignored, as the spec says
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> Result<Vec<SseEvent>, SseError> {
+        let mut parser = SseParser::new();
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &cut in cuts {
+            let cut = cut.clamp(start, input.len());
+            parser.push(&input[start..cut], &mut out)?;
+            start = cut;
+        }
+        parser.push(&input[start..], &mut out)?;
+        Ok(out)
+    }
+
+    fn data(events: &[SseEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.data.as_str()).collect()
+    }
+
+    #[test]
+    fn basic_events_comments_and_fields() {
+        let input = b": keep-alive\n\nid: 1\ndata: {\"a\":1}\n\nevent: error\ndata: x\ndata: y\n\n";
+        let events = parse_in_pieces(input, &[]).expect("valid");
+        assert_eq!(data(&events), vec!["{\"a\":1}", "x\ny"]);
+        assert_eq!(events[0].id.as_deref(), Some("1"));
+        assert_eq!(events[1].event.as_deref(), Some("error"));
+    }
+
+    #[test]
+    fn crlf_and_cr_line_endings() {
+        let input = b"data: a\r\n\r\ndata: b\r\rdata: c\n\n";
+        assert_eq!(
+            data(&parse_in_pieces(input, &[]).expect("valid")),
+            vec!["a", "b", "c"]
+        );
+        // A CRLF split across two reads is still one line ending.
+        let events = parse_in_pieces(b"data: a\r\n\r\n", &[8]).expect("valid");
+        assert_eq!(data(&events), vec!["a"]);
+    }
+
+    #[test]
+    fn utf8_split_inside_a_character() {
+        let input = "data: 세계 🙂\n\n".as_bytes();
+        for cut in 0..input.len() {
+            let events = parse_in_pieces(input, &[cut]).expect("valid");
+            assert_eq!(data(&events), vec!["세계 🙂"]);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_overlong_lines_are_errors() {
+        assert_eq!(
+            parse_in_pieces(b"data: \xff\xfe\n\n", &[]),
+            Err(SseError::InvalidUtf8)
+        );
+        let mut parser = SseParser::new();
+        let big = vec![b'a'; MAX_LINE + 1];
+        assert_eq!(
+            parser.push(&big, &mut Vec::new()),
+            Err(SseError::LineTooLong)
+        );
+    }
+
+    #[test]
+    fn knows_when_it_is_inside_an_event() {
+        let mut parser = SseParser::new();
+        let mut out = Vec::new();
+        parser.push(b"data: a\n", &mut out).expect("valid");
+        assert!(parser.in_event());
+        parser.push(b"\n", &mut out).expect("valid");
+        assert!(!parser.in_event());
+        parser.push(b": ping\n\n", &mut out).expect("valid");
+        assert!(!parser.in_event());
+        assert_eq!(out.len(), 1);
+    }
+
+    proptest! {
+        /// However the bytes are cut, the events are the same as parsing them whole.
+        #[test]
+        fn splits_never_change_the_events(
+            payloads in proptest::collection::vec("[a-z0-9 {}\":,세🙂]{0,12}", 1..8),
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..400, 0..12),
+        ) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut text = String::new();
+            for (i, p) in payloads.iter().enumerate() {
+                text.push_str(&format!(": ka{nl}id: {i}{nl}data: {p}{nl}{nl}"));
+            }
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let whole = parse_in_pieces(text.as_bytes(), &[]).expect("valid");
+            let pieces = parse_in_pieces(text.as_bytes(), &cuts).expect("valid");
+            prop_assert_eq!(&whole, &pieces);
+            prop_assert_eq!(data(&whole), payloads.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        }
+    }
+}
