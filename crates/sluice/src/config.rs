@@ -38,6 +38,10 @@ pub struct Config {
     pub keep_alive: Duration,
     /// How long in-flight streams get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// The kernel send buffer of each client connection, in bytes (`None`: the OS tunes it; on
+    /// Linux up to 4 MiB per connection). Bounds what a client that stops reading can pin in
+    /// kernel memory.
+    pub send_buffer_bytes: Option<usize>,
     /// The models clients can ask for.
     pub models: Vec<ModelConfig>,
 }
@@ -118,6 +122,7 @@ struct FileConfig {
     slow_client_timeout_ms: Option<u64>,
     keep_alive_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    send_buffer_bytes: Option<usize>,
     #[serde(default)]
     models: Vec<FileModel>,
 }
@@ -317,6 +322,7 @@ impl Config {
                 15_000,
             )?),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000)),
+            send_buffer_bytes: file.send_buffer_bytes,
             models,
         })
     }

@@ -102,6 +102,7 @@ impl Server {
             keep_alive: config.keep_alive,
         };
         let grace = config.shutdown_grace;
+        let send_buffer = config.send_buffer_bytes;
         let app = api::router(AppState {
             config: Arc::new(config),
             relay,
@@ -112,6 +113,7 @@ impl Server {
             app,
             triggered,
             grace,
+            send_buffer,
             cancel,
             tasks,
             store.clone(),
@@ -165,11 +167,13 @@ impl Server {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     listener: TcpListener,
     app: axum::Router,
     triggered: oneshot::Receiver<()>,
     grace: Duration,
+    send_buffer: Option<usize>,
     cancel: CancelToken,
     tasks: Tasks,
     store: Store,
@@ -187,8 +191,11 @@ async fn run(
             stopping.cancel(CancelCause::Shutdown);
         }
     };
-    let listener = listener.tap_io(|tcp| {
+    let listener = listener.tap_io(move |tcp| {
         let _ = tcp.set_nodelay(true);
+        if let Some(bytes) = send_buffer {
+            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes);
+        }
     });
     let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
     let ending = async {

@@ -1,0 +1,293 @@
+//! The integration tests' harness: a real gateway on a real socket with a real SQLite file in a
+//! temporary directory, a real mock upstream, and a client that reads SSE as it arrives.
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)] // each test file uses a part
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use sluice::mock_upstream::{MockOptions, MockUpstream};
+use sluice::upstream::sse::{SseEvent, SseParser};
+use sluice::{Config, Overrides, Server};
+
+/// A gateway in this process, on 127.0.0.1 with an ephemeral port.
+pub struct Gateway {
+    pub server: Server,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a gateway with `toml` as its config file.
+pub async fn gateway(toml: &str) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: Some(dir.path().join("data")),
+    };
+    let config = Config::parse(toml, Path::new("test.toml"), &overrides).expect("config");
+    let server = Server::bind(config).await.expect("server");
+    let url = format!("http://{}", server.addr());
+    Gateway { server, url, dir }
+}
+
+/// Starts a mock upstream on an ephemeral port.
+pub async fn mock(options: MockOptions) -> MockUpstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    MockUpstream::start(listener, options).expect("mock")
+}
+
+/// A config with one `openai` model called `up` pointing at `mock`.
+pub fn openai_model(mock: &MockUpstream, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{}\"\n{extra}\n",
+        mock.base_url()
+    )
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// A chat request body for `model` with the given `sim` and `sluice` fields.
+pub fn chat_body(model: &str, stream: bool, sim: Value, sluice: Value) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "say something"}],
+        "stream": stream,
+        "sim": sim,
+        "sluice": sluice,
+    })
+}
+
+/// A streamed response, read as it arrives.
+pub struct Reader {
+    pub status: u16,
+    pub stream_id: Option<String>,
+    response: Option<reqwest::Response>,
+    parser: SseParser,
+    pending: std::collections::VecDeque<SseEvent>,
+    pub raw: String,
+    pub events: Vec<SseEvent>,
+}
+
+impl Reader {
+    /// Opens a streaming chat.
+    pub async fn open(url: &str, body: &Value) -> Reader {
+        let response = client()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let stream_id = response
+            .headers()
+            .get("x-sluice-stream-id")
+            .map(|v| v.to_str().unwrap().to_string());
+        Reader {
+            status,
+            stream_id,
+            response: Some(response),
+            parser: SseParser::new(),
+            pending: Default::default(),
+            raw: String::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// The next event, or `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                self.events.push(e.clone());
+                return Some(e);
+            }
+            let response = self.response.as_mut()?;
+            match response.chunk().await {
+                Ok(Some(bytes)) => {
+                    self.raw.push_str(&String::from_utf8_lossy(&bytes));
+                    let mut out = Vec::new();
+                    self.parser
+                        .push(&bytes, &mut out)
+                        .expect("valid SSE from sluice");
+                    self.pending.extend(out);
+                }
+                _ => {
+                    self.response = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Reads to the end.
+    pub async fn finish(&mut self) -> &[SseEvent] {
+        while self.next().await.is_some() {}
+        &self.events
+    }
+
+    /// Closes the connection: the client goes away.
+    pub fn disconnect(&mut self) {
+        self.response = None;
+    }
+
+    /// The JSON body of an error response (non-200).
+    pub async fn error_body(&mut self) -> Value {
+        let text = self
+            .response
+            .take()
+            .expect("a response")
+            .text()
+            .await
+            .expect("body");
+        serde_json::from_str(&text).expect("JSON error")
+    }
+
+    /// The content of the chunks received.
+    pub fn content(&self) -> String {
+        chunk_events(&self.events)
+            .iter()
+            .filter_map(|(_, v)| {
+                v.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+/// The chunk events (not `[DONE]`, not an error) as (id, JSON).
+pub fn chunk_events(events: &[SseEvent]) -> Vec<(u64, Value)> {
+    events
+        .iter()
+        .filter(|e| e.data != "[DONE]")
+        .map(|e| {
+            (
+                e.id.as_deref().unwrap().parse().unwrap(),
+                serde_json::from_str::<Value>(&e.data).unwrap(),
+            )
+        })
+        .filter(|(_, v)| v.get("error").is_none())
+        .collect()
+}
+
+/// The error object of the last event, if it is an error event.
+pub fn error_event(events: &[SseEvent]) -> Option<Value> {
+    let last = events.last()?;
+    serde_json::from_str::<Value>(&last.data)
+        .ok()?
+        .get("error")
+        .cloned()
+}
+
+/// The transcript of stream `id`, once its status is final.
+pub async fn final_transcript(url: &str, id: &str) -> Value {
+    for _ in 0..500 {
+        let t: Value = client()
+            .get(format!("{url}/v1/streams/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if t["status"] != "streaming" {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("stream {id} never reached a final status");
+}
+
+/// The invariants checked after every scenario: every chunk the client received is in the
+/// transcript, in order (a prefix of it), the status/reason pair is one of the table's, and
+/// `[DONE]` was seen exactly when the stream completed.
+pub fn assert_invariants(events: &[SseEvent], transcript: &Value) {
+    let received = chunk_events(events);
+    let stored: Vec<(u64, Value)> = transcript["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| (c["seq"].as_u64().unwrap(), c["data"].clone()))
+        .collect();
+    assert!(
+        stored.len() >= received.len() && stored[..received.len()] == received[..],
+        "the client's chunks are not a prefix of the transcript:\nreceived {received:?}\nstored {stored:?}"
+    );
+    let ids: Vec<u64> = events
+        .iter()
+        .map(|e| e.id.as_deref().unwrap().parse::<u64>().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "event ids are 1, 2, ..."
+    );
+    let status = transcript["status"].as_str().unwrap();
+    let reason = transcript["reason"].as_str();
+    let allowed: &[&str] = match status {
+        "completed" => &[],
+        "cancelled" => &["client_disconnected", "slow_client", "requested"],
+        "timed_out" => &["first_token", "idle", "total"],
+        "failed" => &["upstream_error", "upstream_protocol_error"],
+        "interrupted" => &["shutdown", "crash"],
+        other => panic!("status {other} is not in the table"),
+    };
+    match reason {
+        None => assert_eq!(status, "completed"),
+        Some(r) => assert!(allowed.contains(&r), "{status}({r}) is not in the table"),
+    }
+    let done = events.iter().any(|e| e.data == "[DONE]");
+    if done {
+        assert_eq!(
+            status, "completed",
+            "[DONE] was sent for a stream that did not complete"
+        );
+        assert_eq!(events.last().unwrap().data, "[DONE]");
+    }
+}
+
+/// Reads a whole stream from the start and returns it with its final transcript, checked.
+pub async fn run_stream(url: &str, body: &Value) -> (Reader, Value) {
+    let mut r = Reader::open(url, body).await;
+    let id = r.stream_id.clone().expect("x-sluice-stream-id");
+    if r.status == 200 {
+        r.finish().await;
+    }
+    let t = final_transcript(url, &id).await;
+    assert_invariants(&r.events, &t);
+    (r, t)
+}
+
+/// `(status, reason)` of a transcript.
+pub fn ending(t: &Value) -> (String, Option<String>) {
+    (
+        t["status"].as_str().unwrap().to_string(),
+        t["reason"].as_str().map(str::to_string),
+    )
+}
+
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Installs a log subscriber for debugging a test (`SLUICE_TEST_LOG=debug`).
+pub fn logs() {
+    if let Ok(filter) = std::env::var("SLUICE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
