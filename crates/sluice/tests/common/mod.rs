@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sse::{SseEvent, SseParser};
