@@ -207,6 +207,8 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
                 SimStep::Garbage => (b"data: {\"choices\": [\xff\xfe not json\n\n".to_vec(), true),
                 SimStep::Drop => {
                     watch.done = true;
+                    // Let hyper flush what was sent so far; then cut the connection mid-body.
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                     yield Err(std::io::Error::other("simulated connection drop (drop_after)"));
                     return;
                 }

@@ -265,7 +265,8 @@ async fn relay(
             }
         }
         let data: Arc<str> = Arc::from(chunk.data);
-        // Into the transcript before the client can have it: invariant 1.
+        // Committed to the transcript before the client can have it (invariant 1, even across
+        // a crash of the process).
         if let Err(e) = ctx
             .store
             .append(

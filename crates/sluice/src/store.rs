@@ -1,11 +1,13 @@
 //! The transcript store: streams and their chunks, in an embedded SQLite database.
 //!
-//! One writer thread owns the write connection. Writes arrive over a bounded channel, so a slow
+//! One writer task owns the write connection. Writes arrive over a bounded channel, so a slow
 //! disk slows the relays down instead of growing memory, and the writer commits everything that
 //! is waiting in one transaction (a batch), so chunk appends cost one fsync per batch, not per
 //! chunk. The database runs in WAL mode, so reads (on their own connection) never wait for the
 //! writer. Writes on the channel are applied in order: a stream's final status is always written
-//! after every chunk appended before it.
+//! after every chunk appended before it. Every write returns once it is committed. With WAL and
+//! `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily a
+//! power cut: the WAL is synced at checkpoints).
 //!
 //! At open, streams still marked `streaming` belong to a process that died: they are marked
 //! `interrupted(crash)`.
@@ -81,6 +83,7 @@ enum Op {
         offset: Duration,
         data: String,
         content: String,
+        ack: oneshot::Sender<Result<(), StoreError>>,
     },
     Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
@@ -228,10 +231,9 @@ impl Store {
         let read = Connection::open(&path)?;
         read.busy_timeout(Duration::from_secs(5))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        std::thread::Builder::new()
-            .name("sluice-store-writer".into())
-            .spawn(move || writer(write, rx))
-            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
+        runtime.spawn(writer(write, rx));
         Ok((
             Self {
                 writer: tx,
@@ -264,7 +266,9 @@ impl Store {
         self.call(|ack| Op::Begin(stream, ack)).await
     }
 
-    /// Appends a chunk (committed with the writer's next batch, before any later finish).
+    /// Appends a chunk; returns once it is committed (with whatever else the writer batched
+    /// alongside it). The relay hands a chunk to the client only after this returns, so a
+    /// chunk a client has seen survives a crash of the process.
     pub async fn append(
         &self,
         id: &Arc<str>,
@@ -273,16 +277,15 @@ impl Store {
         data: String,
         content: String,
     ) -> Result<(), StoreError> {
-        self.writer
-            .send(Op::Append {
-                id: id.clone(),
-                seq,
-                offset,
-                data,
-                content,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)
+        self.call(|ack| Op::Append {
+            id: id.clone(),
+            seq,
+            offset,
+            data,
+            content,
+            ack,
+        })
+        .await
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before
@@ -423,10 +426,15 @@ impl Store {
     }
 }
 
-/// The writer thread: takes every waiting write, commits them in one transaction, then acks.
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+/// The writer: takes every waiting write, commits them in one transaction, then acks.
+///
+/// The SQLite work of each batch runs under `spawn_blocking`, so it never blocks the runtime's
+/// threads, and tokio knows work is in flight (its paused test clock does not jump ahead while
+/// a batch is being written).
+async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
+    let mut conn = Some(conn);
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -434,18 +442,30 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let result = apply(&mut conn, &batch).map_err(StoreError::from);
-        metrics::histogram!("sluice_store_write_seconds").record(started.elapsed().as_secs_f64());
+        let Some(mut c) = conn.take() else { break };
+        let written = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = apply(&mut c, &batch).map_err(StoreError::from);
+            (c, batch, result, started.elapsed())
+        })
+        .await;
+        let Ok((c, batch, result, took)) = written else {
+            tracing::error!("the store writer panicked; writes will fail from now on");
+            break;
+        };
+        conn = Some(c);
+        metrics::histogram!("sluice_store_write_seconds").record(took.as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "store batch failed");
         }
-        for op in batch.drain(..) {
+        for op in batch {
             match op {
-                Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
+                Op::Begin(_, ack)
+                | Op::Finish(_, ack)
+                | Op::Flush(ack)
+                | Op::Append { ack, .. } => {
                     let _ = ack.send(result.clone());
                 }
-                Op::Append { .. } => {}
             }
         }
     }
@@ -467,6 +487,7 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
                 offset,
                 data,
                 content,
+                ..
             } => {
                 tx.prepare_cached("INSERT OR IGNORE INTO chunks (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
                     .execute(params![&**id, *seq as i64, offset.as_micros() as i64, data, content])?;

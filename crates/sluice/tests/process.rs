@@ -1,0 +1,299 @@
+//! The `sluice` binary as a user runs it: crash recovery after `kill -9`, SIGTERM mid-stream,
+//! a bad config, and the CLI client (`chat`, Ctrl-C, `streams ls/show`). Real processes on the
+//! real clock; waiting is only for readiness, bounded, and nothing asserts on elapsed time.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// A `sluice serve` process.
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Serve {
+    async fn start(data_dir: &Path, config: Option<&Path>) -> Serve {
+        let port = free_port();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluice");
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if let Ok(r) = client().get(format!("{url}/healthz")).send().await {
+                if r.status() == 200 {
+                    return Serve { child, url };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sluice serve did not become ready");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+}
+
+fn long_stream() -> serde_json::Value {
+    chat_body(
+        "sim",
+        true,
+        json!({"tokens": 10_000, "first_token_ms": 1, "token_interval_ms": 50}),
+        json!(null),
+    )
+}
+
+#[tokio::test]
+async fn a_crash_leaves_no_stream_streaming() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Serve::start(dir.path(), None).await;
+    let mut r = Reader::open(&serve.url, &long_stream()).await;
+    r.next().await.expect("a chunk");
+    r.next().await.expect("a chunk");
+    serve.child.kill().await.unwrap(); // SIGKILL: no shutdown code runs
+    r.finish().await;
+    assert!(!r.raw.contains("[DONE]"));
+
+    let serve = Serve::start(dir.path(), None).await;
+    let t = final_transcript(&serve.url, r.stream_id.as_deref().unwrap()).await;
+    assert_eq!(ending(&t), ("interrupted".into(), Some("crash".into())));
+    assert_invariants(&r.events, &t);
+}
+
+#[tokio::test]
+async fn sigterm_interrupts_running_streams_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "shutdown_grace_ms = 200\n").unwrap();
+    let mut serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
+    let mut r = Reader::open(&serve.url, &long_stream()).await;
+    r.next().await.expect("a chunk");
+    serve.signal("TERM");
+    r.finish().await;
+    let e = error_event(&r.events).expect("an error event, not a silent end");
+    assert_eq!(e["code"], "shutdown");
+    assert!(!r.raw.contains("[DONE]"));
+    let status = tokio::time::timeout(Duration::from_secs(30), serve.child.wait())
+        .await
+        .expect("exited")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // Reopening the database finds the stream already final (nothing for crash recovery).
+    let (store, recovered) = sluice::store::Store::open(&dir.path().join("data")).unwrap();
+    assert_eq!(recovered, 0);
+    let t = serde_json::to_value(
+        store
+            .get("local", r.stream_id.as_deref().unwrap())
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ending(&t), ("interrupted".into(), Some("shutdown".into())));
+    assert_invariants(&r.events, &t);
+}
+
+#[tokio::test]
+async fn a_bad_config_names_the_file_and_key_and_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[models]]\nname = \"x\"\nkind = \"openai\"\nbase_uri = \"http://127.0.0.1:1/v1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml")
+            && stderr.contains("models[0].base_uri")
+            && stderr.contains("unknown field"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn help_documents_the_commands_and_flags() {
+    let out = Command::new(BIN).arg("--help").output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "mock-upstream", "chat", "streams"] {
+        assert!(text.contains(word), "--help lacks {word}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--listen",
+        "--data-dir",
+        "--config",
+        "SLUICE_LISTEN",
+        "SLUICE_DATA_DIR",
+        "SLUICE_CONFIG",
+    ] {
+        assert!(text.contains(word), "serve --help lacks {word}");
+    }
+}
+
+#[tokio::test]
+async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = { tokens = 10000, first_token_ms = 10, token_interval_ms = 100 }\n",
+    )
+    .unwrap();
+    let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
+
+    // A whole answer, exit 0.
+    let out = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "hello"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: String = (0..16).map(sluice::upstream::sim::token_text).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), expected);
+
+    // An unknown model: non-zero, with the reason.
+    let out = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "--model", "nope", "hello"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the model `nope` does not exist"));
+
+    // Ctrl-C once the answer is flowing: exit 130, and the server records the cancellation.
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "--model", "slow", "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = chat.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("Hello from") {
+        let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
+            .await
+            .expect("output")
+            .unwrap();
+        assert!(n > 0, "chat ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let pid = chat.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(30), chat.wait())
+        .await
+        .expect("exited")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+
+    // `streams ls` and `streams show` report it.
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let out = Command::new(BIN)
+            .args(["streams", "ls", "--url", &serve.url, "--limit", "1"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        listed = String::from_utf8_lossy(&out.stdout).to_string();
+        if !listed.contains("streaming") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        listed.contains("slow")
+            && listed.contains("cancelled")
+            && listed.contains("client_disconnected"),
+        "{listed}"
+    );
+    let id = listed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let out = Command::new(BIN)
+        .args(["streams", "show", "--url", &serve.url, &id])
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&id)
+            && shown.contains("cancelled client_disconnected")
+            && shown.contains("Hello from"),
+        "{shown}"
+    );
+    let out = Command::new(BIN)
+        .args(["streams", "show", "--url", &serve.url, "no-such-id"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+}
