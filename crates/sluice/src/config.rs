@@ -464,6 +464,19 @@ sim = { first_token_ms = 2000, token_interval_ms = 20, tokens = 40 }
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        std::env::set_var("LOCAL_API_KEY", "sk-example");
+        let text = include_str!("../../../docs/sluice.example.toml");
+        let c = Config::parse(
+            text,
+            Path::new("docs/sluice.example.toml"),
+            &Overrides::default(),
+        )
+        .expect("docs/sluice.example.toml must parse");
+        assert!(c.model("local").is_some() && c.model("slow-sim").is_some());
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let e = Config::load(
             Some(Path::new("/nonexistent/sluice.toml")),

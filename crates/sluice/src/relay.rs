@@ -159,7 +159,7 @@ async fn run(ctx: RelayContext, req: StreamRequest, tx: Producer<Frame, Terminal
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    record_metrics(&ending, &p);
+    record_metrics(&ending);
     guard.disarm();
     let job = ctx.tasks.shield({
         let store = ctx.store.clone();
@@ -333,7 +333,7 @@ async fn relay(
     (ending, tx)
 }
 
-fn record_metrics(ending: &Ending, _p: &Progress) {
+fn record_metrics(ending: &Ending) {
     let status = ending.status().as_str();
     let reason = ending.reason().map(|r| r.as_str()).unwrap_or("");
     metrics::counter!("sluice_streams_finished_total", "status" => status, "reason" => reason)

@@ -1,7 +1,7 @@
 //! OpenAI-compatible upstreams over HTTP (OpenAI, vLLM, Ollama, llama.cpp, LM Studio, ...).
 //!
 //! Posts the request to `{base_url}/chat/completions` with `stream: true` and reads the answer as
-//! server-sent events with [`SseParser`](super::sse::SseParser). The API key is sent as a bearer
+//! server-sent events with [`SseParser`]. The API key is sent as a bearer
 //! token and is never printed: this type's `Debug` leaves it out and error messages never carry
 //! request headers.
 
