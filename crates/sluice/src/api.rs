@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use async_stream::stream;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -25,6 +26,7 @@ use serde_json::{json, Map, Value};
 use sluice_flow::QueueError;
 use tokio::time::Instant;
 
+use crate::auth::{Caller, Keys, Refused, Unauthenticated};
 use crate::config::{Config, Timeouts};
 use crate::relay::{self, Frame, Frames, RelayContext, StreamRequest, Terminal};
 use crate::status::{Ending, Reason, Status};
@@ -33,9 +35,6 @@ use crate::upstream::{sim, Upstream, UpstreamRequest};
 /// The response header that names the stream.
 pub const STREAM_ID_HEADER: &str = "x-sluice-stream-id";
 
-/// The tenant every stream belongs to until API keys exist.
-pub const LOCAL_TENANT: &str = "local";
-
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -43,15 +42,23 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The relays' shared context.
     pub relay: RelayContext,
+    /// API keys and their limits.
+    pub keys: Arc<Keys>,
 }
 
 /// The API's routes.
+///
+/// Everything under `/v1` needs a key when keys are configured; `/healthz` and `/metrics` do not
+/// (they carry no tenant data).
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/streams", get(list_streams))
         .route("/v1/streams/{id}", get(show_stream))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(v1)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -127,6 +134,61 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Finds the caller's tenant from `Authorization: Bearer KEY`; 401 without a valid key.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.keys.authenticate(header) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(why) => {
+            let message = match why {
+                Unauthenticated::Missing => {
+                    "an API key is required: send Authorization: Bearer KEY"
+                }
+                Unauthenticated::Unknown => "the API key is not valid",
+            };
+            ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            }
+            .into_response()
+        }
+    }
+}
+
+/// A 429 in OpenAI's format, with `Retry-After`.
+fn refused(why: Refused) -> Response {
+    let (message, code, retry_after) = match why {
+        Refused::Concurrency { limit } => (
+            format!("this key already has {limit} streams running, its limit"),
+            "concurrency_limit_exceeded",
+            1,
+        ),
+        Refused::Rate {
+            per_minute,
+            retry_after,
+        } => (
+            format!("this key is limited to {per_minute} requests per minute"),
+            "rate_limit_exceeded",
+            retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        ),
+    };
+    let mut response = ApiError {
+        code: Some(code),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
 }
 
 /// Per-request gateway options: the body field `"sluice"`.
@@ -258,6 +320,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 
 async fn chat_completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -280,6 +343,10 @@ async fn chat_completions(
             .map_err(|e| ApiError::bad_request("sim", format!("invalid sim field: {e}")))?;
     }
     metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
+    let permit = match caller.admit() {
+        Ok(permit) => permit,
+        Err(why) => return Ok(refused(why)),
+    };
 
     let client_request = Value::Object(chat.body.clone());
     let mut upstream_body = chat.body;
@@ -299,7 +366,7 @@ async fn chat_completions(
     let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
     let request = StreamRequest {
         id: id.clone(),
-        tenant: LOCAL_TENANT.into(),
+        tenant: caller.tenant.to_string(),
         model: model.name.clone(),
         client_request,
         upstream: model.upstream.clone(),
@@ -309,7 +376,7 @@ async fn chat_completions(
         timeouts,
         started,
     };
-    let frames = relay::start(&state.relay, request)
+    let frames = relay::start(&state.relay, request, permit)
         .await
         .map_err(|e| ApiError::internal(format!("the stream could not be recorded: {e}")))?;
     if chat.stream {
@@ -482,6 +549,7 @@ struct ListQuery {
 
 async fn list_streams(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
@@ -495,7 +563,7 @@ async fn list_streams(
     let (data, has_more) = state
         .relay
         .store
-        .list(LOCAL_TENANT, limit, q.after)
+        .list(&caller.tenant, limit, q.after)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let last_id = data.last().map(|s| s.id.clone());
@@ -506,12 +574,13 @@ async fn list_streams(
 
 async fn show_stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let transcript = state
         .relay
         .store
-        .get(LOCAL_TENANT, &id)
+        .get(&caller.tenant, &id)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     match transcript {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::KeyConfig;
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
 use crate::upstream::Upstream;
@@ -44,6 +45,8 @@ pub struct Config {
     pub send_buffer_bytes: Option<usize>,
     /// The models clients can ask for.
     pub models: Vec<ModelConfig>,
+    /// API keys; none means one local tenant, loopback only.
+    pub keys: Vec<KeyConfig>,
 }
 
 /// One model clients can ask for.
@@ -125,6 +128,17 @@ struct FileConfig {
     send_buffer_bytes: Option<usize>,
     #[serde(default)]
     models: Vec<FileModel>,
+    #[serde(default)]
+    keys: Vec<FileKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    tenant: String,
+    key_sha256: String,
+    max_concurrent_streams: Option<u32>,
+    requests_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,7 +316,43 @@ impl Config {
                 timeouts: Timeouts::default(),
             });
         }
+        let mut keys = Vec::new();
+        for (i, k) in file.keys.into_iter().enumerate() {
+            let key = |k: &str| format!("keys[{i}].{k}");
+            if k.tenant.trim().is_empty() {
+                return Err(invalid(&key("tenant"), "must not be empty".into()));
+            }
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(k.key_sha256.trim(), &mut hash).map_err(|_| {
+                invalid(
+                    &key("key_sha256"),
+                    "must be the 64 hex digits of the key's SHA-256 (sluice keys new prints it)"
+                        .into(),
+                )
+            })?;
+            if keys.iter().any(|c: &KeyConfig| c.key_sha256 == hash) {
+                return Err(invalid(
+                    &key("key_sha256"),
+                    "this key is configured twice".into(),
+                ));
+            }
+            for (name, value) in [
+                ("max_concurrent_streams", k.max_concurrent_streams),
+                ("requests_per_minute", k.requests_per_minute),
+            ] {
+                if value == Some(0) {
+                    return Err(invalid(&key(name), "must be greater than 0".into()));
+                }
+            }
+            keys.push(KeyConfig {
+                tenant: k.tenant,
+                key_sha256: hash,
+                max_concurrent_streams: k.max_concurrent_streams,
+                requests_per_minute: k.requests_per_minute,
+            });
+        }
         Ok(Config {
+            keys,
             listen,
             data_dir: overrides
                 .data_dir
@@ -474,6 +524,23 @@ sim = { first_token_ms = 2000, token_interval_ms = 20, tokens = 40 }
         )
         .expect("docs/sluice.example.toml must parse");
         assert!(c.model("local").is_some() && c.model("slow-sim").is_some());
+    }
+
+    #[test]
+    fn keys_hold_hashes_with_optional_limits() {
+        let key = crate::auth::new_key().expect("random");
+        let text = format!(
+            "{}max_concurrent_streams = 2\n",
+            crate::auth::config_lines("acme", &key).replace("# max_concurrent_streams = 16\n", "")
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.keys[0].key_sha256, crate::auth::hash_key(&key));
+        assert_eq!(c.keys[0].max_concurrent_streams, Some(2));
+        let e = parse("[[keys]]\ntenant = \"a\"\nkey_sha256 = \"sk-plain-key\"\n")
+            .expect_err("not a hash")
+            .to_string();
+        assert!(e.contains("keys[0].key_sha256"), "{e}");
     }
 
     #[test]

@@ -18,9 +18,11 @@
 //! - [`upstream`] turns a provider into a stream of chunks;
 //! - [`store`] persists streams and chunks;
 //! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
+//! - [`auth`] maps API keys to tenants and enforces per-key limits;
 //! - [`config`], [`metrics`], [`status`], [`mock_upstream`], [`cli`] do what they say.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod metrics;

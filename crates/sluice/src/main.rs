@@ -61,10 +61,26 @@ enum Command {
         /// The prompt.
         prompt: String,
     },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// List and show recorded streams.
     Streams {
         #[command(subcommand)]
         command: StreamsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Print a fresh API key and the config lines that accept it (the config holds only its
+    /// SHA-256).
+    New {
+        /// The tenant the key's streams belong to.
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -135,9 +151,6 @@ async fn main() -> anyhow::Result<()> {
             init_tracing();
             let overrides = Overrides { listen, data_dir };
             let config = Config::load(config.as_deref(), &overrides)?;
-            if !config.listen.ip().is_loopback() {
-                tracing::warn!(listen = %config.listen, "listening on a non-loopback address without API keys");
-            }
             let server = Server::bind(config).await?;
             let report = server.serve_until(stop_signal()).await?;
             if let sluice_flow::Drained::TimedOut { still_running } = report.drained {
@@ -187,6 +200,16 @@ async fn main() -> anyhow::Result<()> {
                 sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
             }
             std::process::exit(outcome.exit_code());
+        }
+        Command::Keys {
+            command: KeysCommand::New { tenant },
+        } => {
+            let key = sluice::auth::new_key().map_err(anyhow::Error::msg)?;
+            println!(
+                "key: {key}\n\nAdd to the config file:\n\n{}",
+                sluice::auth::config_lines(&tenant, &key)
+            );
+            Ok(())
         }
         Command::Streams { command } => {
             let out = match command {

@@ -23,6 +23,7 @@ use serde_json::Value;
 use sluice_flow::{queue, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed};
 use tokio::time::Instant;
 
+use crate::auth::StreamPermit;
 use crate::config::Timeouts;
 use crate::status::{Ending, Reason};
 use crate::store::{Finish, NewStream, Store, StoreError};
@@ -108,8 +109,13 @@ struct Progress {
 }
 
 /// Records the stream, starts its relay task, and returns its frames. The request is in the
-/// store before the upstream is called.
-pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, StoreError> {
+/// store before the upstream is called. `permit` (the caller's place among its key's concurrent
+/// streams) is held until the stream ends.
+pub async fn start(
+    ctx: &RelayContext,
+    req: StreamRequest,
+    permit: StreamPermit,
+) -> Result<Frames, StoreError> {
     ctx.store
         .begin(NewStream {
             id: req.id.to_string(),
@@ -120,7 +126,10 @@ pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, Sto
         .await?;
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
     let ctx2 = ctx.clone();
-    ctx.tasks.spawn(run(ctx2, req, tx));
+    ctx.tasks.spawn(async move {
+        run(ctx2, req, tx).await;
+        drop(permit);
+    });
     Ok(rx)
 }
 

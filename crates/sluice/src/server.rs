@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
+use crate::auth::Keys;
 use crate::config::Config;
 use crate::relay::RelayContext;
 use crate::store::{Store, StoreError};
@@ -45,6 +46,12 @@ pub enum ServeError {
         addr: SocketAddr,
         /// Why.
         reason: String,
+    },
+    /// No API keys are configured and the address is not loopback.
+    #[error("refusing to listen on {addr} without API keys: anyone who can reach it could use and read every stream. Add [[keys]] to the config (sluice keys new --tenant NAME) or listen on 127.0.0.1")]
+    Insecure {
+        /// The address.
+        addr: SocketAddr,
     },
     /// Serving failed.
     #[error("server error: {0}")]
@@ -83,6 +90,10 @@ impl Server {
     /// Starts serving on `listener`.
     pub async fn start(config: Config, listener: TcpListener) -> Result<Self, ServeError> {
         let addr = listener.local_addr()?;
+        let keys = Arc::new(Keys::new(&config.keys));
+        if !keys.enabled() && !addr.ip().is_loopback() {
+            return Err(ServeError::Insecure { addr });
+        }
         let (store, recovered) = Store::open(&config.data_dir)?;
         if recovered > 0 {
             tracing::warn!(
@@ -106,6 +117,7 @@ impl Server {
         let app = api::router(AppState {
             config: Arc::new(config),
             relay,
+            keys,
         });
         let (trigger, triggered) = oneshot::channel::<()>();
         let task = tokio::spawn(run(

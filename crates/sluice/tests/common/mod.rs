@@ -203,7 +203,8 @@ pub async fn final_transcript(url: &str, id: &str) -> Value {
 }
 
 /// The invariants checked after every scenario: every chunk the client received is in the
-/// transcript, in order (a prefix of it), the status/reason pair is one of the table's, and
+/// transcript, in order (a prefix of it, ids included), the terminal event's id follows the last
+/// stored chunk, the status/reason pair is one of the table's, and
 /// `[DONE]` was seen exactly when the stream completed.
 pub fn assert_invariants(events: &[SseEvent], transcript: &Value) {
     let received = chunk_events(events);
@@ -217,15 +218,20 @@ pub fn assert_invariants(events: &[SseEvent], transcript: &Value) {
         stored.len() >= received.len() && stored[..received.len()] == received[..],
         "the client's chunks are not a prefix of the transcript:\nreceived {received:?}\nstored {stored:?}"
     );
+    // Ids only grow; the terminal event (error or [DONE]) comes right after the last stored
+    // chunk, even if the client never got every stored chunk (a cut slow client, a shutdown).
     let ids: Vec<u64> = events
         .iter()
         .map(|e| e.id.as_deref().unwrap().parse::<u64>().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        (1..=ids.len() as u64).collect::<Vec<_>>(),
-        "event ids are 1, 2, ..."
-    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "event ids must increase: {ids:?}");
+    let terminal = events.last().filter(|e| {
+        e.data == "[DONE]"
+            || serde_json::from_str::<Value>(&e.data).is_ok_and(|v| v.get("error").is_some())
+    });
+    if let Some(t) = terminal {
+        assert_eq!(t.id.as_deref().unwrap().parse::<u64>().unwrap(), stored.len() as u64 + 1, "terminal event id");
+    }
     let status = transcript["status"].as_str().unwrap();
     let reason = transcript["reason"].as_str();
     let allowed: &[&str] = match status {
