@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use crate::auth::{Caller, Keys, Refused, Unauthenticated};
 use crate::config::{Config, Timeouts};
-use crate::relay::{self, Frame, Frames, RelayContext, StreamRequest, Terminal};
+use crate::hub::{CancelResult, Live};
+use crate::relay::{self, Frame, Frames, OnDisconnect, RelayContext, StreamRequest, Terminal};
 use crate::status::{Ending, Reason, Status};
 use crate::upstream::{sim, Upstream, UpstreamRequest};
 
@@ -56,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/streams", get(list_streams))
         .route("/v1/streams/{id}", get(show_stream))
+        .route("/v1/streams/{id}/events", get(stream_events))
+        .route("/v1/streams/{id}/cancel", post(cancel_stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
@@ -198,6 +201,7 @@ struct SluiceOptions {
     first_token_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     total_timeout_ms: Option<u64>,
+    on_disconnect: Option<OnDisconnect>,
 }
 
 /// A validated chat request.
@@ -375,6 +379,7 @@ async fn chat_completions(
         },
         timeouts,
         started,
+        on_disconnect: chat.options.on_disconnect.unwrap_or(model.on_disconnect),
     };
     let frames = relay::start(&state.relay, request, permit)
         .await
@@ -430,24 +435,13 @@ async fn stream_response(
                     return;
                 }
                 None => {
-                    yield Ok(Bytes::from(format!("id: {}\ndata: [DONE]\n\n", last_seq + 1)));
+                    yield Ok(encode_terminal(&Terminal { seq: last_seq + 1, ending: Ending::Completed }));
                     return;
                 }
             }
         }
     };
-    let mut response = Response::new(Body::from_stream(body));
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        h.insert(STREAM_ID_HEADER, v);
-    }
-    Ok(response)
+    Ok(sse_response(Body::from_stream(body), &id))
 }
 
 /// One SSE event; multi-line data becomes several `data:` lines.
@@ -469,6 +463,14 @@ fn encode_frame(frame: &Frame) -> Bytes {
     match frame {
         Frame::Chunk { seq, data, .. } => sse_event(*seq, data),
         Frame::KeepAlive => Bytes::from_static(b": keep-alive\n\n"),
+    }
+}
+
+/// The event that ends a stream: `[DONE]` if it completed, else the error event.
+fn encode_terminal(t: &Terminal) -> Bytes {
+    match t.ending {
+        Ending::Completed => Bytes::from(format!("id: {}\ndata: [DONE]\n\n", t.seq)),
+        _ => encode_error(t),
     }
 }
 
@@ -593,6 +595,187 @@ async fn show_stream(
             format!("no stream `{id}`"),
         )),
     }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no stream `{id}`"),
+    )
+}
+
+fn sse_response(body: Body, id: &str) -> Response {
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert(STREAM_ID_HEADER, v);
+    }
+    response
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+}
+
+/// How many stored chunks a replay reads at a time.
+const REPLAY_PAGE: usize = 256;
+
+/// `GET /v1/streams/{id}/events`: replays the stored chunks after `Last-Event-ID` (or
+/// `?after=N`), then follows the live stream to its end, finishing with the same terminal event
+/// as the original. No gap and no duplicate at the seam: the live feed is subscribed *before*
+/// the replay, live chunks already replayed are skipped, and anything the live feed skipped
+/// (a slow reader) is refilled from the store, which has every chunk before it is published.
+async fn stream_events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("after", e.body_text()))?;
+    let after = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("Last-Event-ID", "must be an event id (a whole number)")
+            })?,
+        None => q.after.unwrap_or(0),
+    };
+    let store = state.relay.store.clone();
+    // Subscribe first, then look in the store: a chunk published after this point is either
+    // in the replay or in the live feed (or both: skipped by id).
+    let live = state.relay.hub.subscribe(&caller.tenant, &id);
+    let found = store
+        .state(&caller.tenant, &id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if found.is_none() {
+        return Err(not_found(&id));
+    }
+    let tenant = caller.tenant.clone();
+    let stream_id = id.clone();
+    let body = stream! {
+        let mut last = after;
+        macro_rules! replay {
+            () => {
+                loop {
+                    let page = match store.chunks_after(&stream_id, last, REPLAY_PAGE).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::error!(stream = %stream_id, error = %e, "replay failed");
+                            return;
+                        }
+                    };
+                    if page.is_empty() {
+                        break;
+                    }
+                    for (seq, data) in page {
+                        last = seq;
+                        yield Ok::<_, std::convert::Infallible>(sse_event(seq, &data));
+                    }
+                }
+            };
+        }
+        replay!();
+        let Some(mut live) = live else {
+            // Not running here: finished. Its terminal event, from the store.
+            if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
+                if let Some(ending) = st.ending() {
+                    if st.last_seq + 1 > after {
+                        yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
+                    }
+                }
+            }
+            return;
+        };
+        loop {
+            match live.recv().await {
+                Ok(Live::Chunk { seq, data }) => {
+                    if seq <= last {
+                        continue; // already replayed
+                    }
+                    if seq > last + 1 {
+                        replay!(); // the feed skipped some: the store has them
+                        if seq <= last {
+                            continue;
+                        }
+                    }
+                    last = seq;
+                    yield Ok(sse_event(seq, &data));
+                }
+                Ok(Live::End(terminal)) => {
+                    replay!();
+                    if terminal.seq > after {
+                        yield Ok(encode_terminal(&terminal));
+                    }
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => replay!(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    // The relay went away without its terminal event: report what the store says.
+                    replay!();
+                    if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
+                        if let Some(ending) = st.ending() {
+                            yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    Ok(sse_response(Body::from_stream(body), &id))
+}
+
+/// `POST /v1/streams/{id}/cancel`: stops a running stream (`cancelled(requested)`; the original
+/// client and every resumer get the terminal error event) and answers with its final status.
+/// Idempotent: on a finished stream it changes nothing and answers with the final status.
+async fn cancel_stream(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let hub = &state.relay.hub;
+    let live = hub.subscribe(&caller.tenant, &id);
+    if hub.cancel(&caller.tenant, &id) == CancelResult::Cancelling {
+        if let Some(mut live) = live {
+            // Wait for the final status to be written: the relay publishes its end after that.
+            let ended = async {
+                loop {
+                    match live.recv().await {
+                        Ok(Live::End(_))
+                        | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), ended).await;
+        }
+    }
+    let st = state
+        .relay
+        .store
+        .state(&caller.tenant, &id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "sluice.stream",
+        "status": st.status,
+        "reason": st.reason,
+        "detail": st.detail,
+    })))
 }
 
 async fn metrics() -> impl IntoResponse {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::KeyConfig;
+use crate::relay::OnDisconnect;
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
 use crate::upstream::Upstream;
@@ -60,6 +61,8 @@ pub struct ModelConfig {
     pub upstream_model: Option<String>,
     /// The default timers; per-request `"sluice"` options override them.
     pub timeouts: Timeouts,
+    /// What happens when a client leaves (per-request `"sluice"` options override it).
+    pub on_disconnect: OnDisconnect,
 }
 
 /// The three stream timers.
@@ -154,6 +157,7 @@ struct FileModel {
     first_token_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     total_timeout_ms: Option<u64>,
+    on_disconnect: Option<OnDisconnect>,
     sim: Option<SimDefaults>,
 }
 
@@ -306,6 +310,7 @@ impl Config {
                 upstream,
                 upstream_model: m.upstream_model,
                 timeouts,
+                on_disconnect: m.on_disconnect.unwrap_or_default(),
             });
         }
         if !names.contains("sim") {
@@ -314,6 +319,7 @@ impl Config {
                 upstream: Upstream::Sim(SimDefaults::default()),
                 upstream_model: None,
                 timeouts: Timeouts::default(),
+                on_disconnect: OnDisconnect::default(),
             });
         }
         let mut keys = Vec::new();
@@ -431,9 +437,18 @@ total_timeout_ms = 600000
 name = "slow-sim"
 kind = "sim"
 sim = { first_token_ms = 2000, token_interval_ms = 20, tokens = 40 }
+on_disconnect = { grace_ms = 5000 }
 "#,
         )
         .expect("valid");
+        assert_eq!(
+            c.model("slow-sim").map(|m| m.on_disconnect),
+            Some(OnDisconnect::GraceMs(5000))
+        );
+        assert_eq!(
+            c.model("local").map(|m| m.on_disconnect),
+            Some(OnDisconnect::Cancel)
+        );
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.models.len(), 3, "local, slow-sim and the built-in sim");
         let slow = c.model("slow-sim").expect("slow-sim");

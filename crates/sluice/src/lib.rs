@@ -18,6 +18,7 @@
 //! - [`upstream`] turns a provider into a stream of chunks;
 //! - [`store`] persists streams and chunks;
 //! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
+//! - [`hub`] lets resumers follow, and the cancel API stop, a running stream;
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
 //! - [`config`], [`metrics`], [`status`], [`mock_upstream`], [`cli`] do what they say.
 
@@ -25,6 +26,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod hub;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod relay;

@@ -20,11 +20,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use sluice_flow::{queue, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed};
+use sluice_flow::{
+    queue, CancelCause, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed,
+};
 use tokio::time::Instant;
 
 use crate::auth::StreamPermit;
 use crate::config::Timeouts;
+use crate::hub::{Hub, Live, Publisher};
 use crate::status::{Ending, Reason};
 use crate::store::{Finish, NewStream, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamRequest};
@@ -69,14 +72,31 @@ pub struct RelayContext {
     pub store: Store,
     /// Tracked tasks: relays, shielded writes.
     pub tasks: Tasks,
-    /// Cancelled (cause: shutdown) when in-flight streams must end.
+    /// Cancelled (cause: shutdown) when in-flight streams must end; each stream's own token
+    /// (which the cancel API cancels) is a child of it.
     pub shutdown: CancelToken,
+    /// Running streams, for resumers and the cancel API.
+    pub hub: Arc<Hub>,
     /// Buffer between upstream and client, in chunks.
     pub buffer_chunks: usize,
     /// How long a full buffer may stay unread.
     pub slow_client_timeout: Duration,
     /// Upstream silence before a keep-alive.
     pub keep_alive: Duration,
+}
+
+/// What happens to a stream when its client disconnects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OnDisconnect {
+    /// Stop the upstream at once: `cancelled(client_disconnected)`.
+    #[default]
+    Cancel,
+    /// Keep generating and recording, so the client can resume (still bounded by the total
+    /// deadline).
+    Continue,
+    /// Keep going for this long waiting for a resumer; with none, cancel.
+    GraceMs(u64),
 }
 
 /// One stream to relay.
@@ -98,6 +118,8 @@ pub struct StreamRequest {
     pub timeouts: Timeouts,
     /// When the request arrived: the timers' start.
     pub started: Instant,
+    /// What to do when the client leaves.
+    pub on_disconnect: OnDisconnect,
 }
 
 /// What the relay knows so far; read by the cleanup guard if the relay is dropped.
@@ -124,16 +146,28 @@ pub async fn start(
             request: req.client_request.clone(),
         })
         .await?;
+    let cancel = ctx.shutdown.child();
+    let publisher = ctx.hub.register(
+        req.id.clone(),
+        Arc::from(req.tenant.as_str()),
+        cancel.clone(),
+    );
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
     let ctx2 = ctx.clone();
     ctx.tasks.spawn(async move {
-        run(ctx2, req, tx).await;
+        run(ctx2, req, tx, cancel, publisher).await;
         drop(permit);
     });
     Ok(rx)
 }
 
-async fn run(ctx: RelayContext, req: StreamRequest, tx: Producer<Frame, Terminal>) {
+async fn run(
+    ctx: RelayContext,
+    req: StreamRequest,
+    tx: Producer<Frame, Terminal>,
+    cancel: CancelToken,
+    publisher: Publisher,
+) {
     metrics::gauge!("sluice_active_streams").increment(1.0);
     let progress = Arc::new(Mutex::new(Progress::default()));
     // If this task is dropped before it writes the final status (the runtime is going away),
@@ -161,7 +195,7 @@ async fn run(ctx: RelayContext, req: StreamRequest, tx: Producer<Frame, Terminal
         })
     };
 
-    let (ending, tx) = relay(&ctx, &req, tx, &progress).await;
+    let (ending, tx) = relay(&ctx, &req, tx, &cancel, &publisher, &progress).await;
 
     let total = req.started.elapsed();
     let p = progress
@@ -178,7 +212,12 @@ async fn run(ctx: RelayContext, req: StreamRequest, tx: Producer<Frame, Terminal
     if let Ok(Err(e)) = job.await {
         tracing::error!(stream = %req.id, error = %e, "final status not written");
     }
-    // Now that the transcript says how it ended, tell the client.
+    // Now that the transcript says how it ended, tell the client and every other reader.
+    publisher.publish(Live::End(Terminal {
+        seq: p.chunks + 1,
+        ending: ending.clone(),
+    }));
+    drop(publisher);
     if let Some(tx) = tx {
         match ending {
             Ending::Completed => tx.end(),
@@ -208,6 +247,8 @@ async fn relay(
     ctx: &RelayContext,
     req: &StreamRequest,
     tx: Producer<Frame, Terminal>,
+    cancel: &CancelToken,
+    publisher: &Publisher,
     progress: &Mutex<Progress>,
 ) -> (Ending, Option<Producer<Frame, Terminal>>) {
     let limits = StreamLimits {
@@ -222,13 +263,46 @@ async fn relay(
     let mut client_wait = Duration::ZERO;
     let mut last_chunk: Option<Instant> = None;
     let mut seq = 0u64;
+    // The original client; `None` once it has gone and the policy keeps the stream running.
+    let mut client = Some(tx);
+    // Under `grace_ms`: when the stream ends unless someone follows it through the hub.
+    let mut grace: Option<Instant> = None;
+    let left = || {
+        Ending::abnormal(
+            Reason::ClientDisconnected,
+            "the client closed the connection",
+        )
+    };
 
-    let ending = loop {
+    let ending = 'relay: loop {
         let waiting = Instant::now();
         let next = tokio::select! {
             biased;
-            () = tx.consumer_departed() => break Ending::abnormal(Reason::ClientDisconnected, "the client closed the connection"),
-            _ = ctx.shutdown.cancelled() => break Ending::abnormal(Reason::Shutdown, "the gateway shut down while the stream was running"),
+            () = departed(&client) => {
+                client = None;
+                match req.on_disconnect {
+                    OnDisconnect::Cancel => break left(),
+                    OnDisconnect::Continue => continue,
+                    OnDisconnect::GraceMs(ms) => {
+                        grace = Some(Instant::now() + Duration::from_millis(ms));
+                        continue;
+                    }
+                }
+            }
+            cause = cancel.cancelled() => break cancelled(cause),
+            () = until(grace) => {
+                if publisher.readers() == 0 {
+                    break Ending::abnormal(
+                        Reason::ClientDisconnected,
+                        "the client closed the connection and nobody resumed the stream within grace_ms",
+                    );
+                }
+                // Someone follows it: look again one grace period later.
+                if let OnDisconnect::GraceMs(ms) = req.on_disconnect {
+                    grace = Some(Instant::now() + Duration::from_millis(ms));
+                }
+                continue;
+            }
             next = limited.next() => next,
         };
         upstream_wait += waiting.elapsed();
@@ -248,7 +322,9 @@ async fn relay(
             }
             Some(Ok(Event::KeepAlive { .. })) => {
                 // Worth nothing if the client already has frames to read: never wait for room.
-                let _ = tx.try_send(Frame::KeepAlive);
+                if let Some(tx) = &client {
+                    let _ = tx.try_send(Frame::KeepAlive);
+                }
                 continue;
             }
             Some(Ok(Event::Item(Err(e)))) => break Ending::abnormal(e.reason(), e.to_string()),
@@ -274,8 +350,8 @@ async fn relay(
             }
         }
         let data: Arc<str> = Arc::from(chunk.data);
-        // Committed to the transcript before the client can have it (invariant 1, even across
-        // a crash of the process).
+        // Committed to the transcript before anyone can have it (invariant 1, even across a
+        // crash of the process).
         if let Err(e) = ctx
             .store
             .append(
@@ -289,9 +365,16 @@ async fn relay(
         {
             tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
         }
+        publisher.publish(Live::Chunk {
+            seq,
+            data: data.clone(),
+        });
         metrics::counter!("sluice_chunks_relayed_total").increment(1);
-        metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
 
+        let Some(tx) = &client else {
+            continue; // nobody on the original connection: recorded and published is all
+        };
+        metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
         let frame = Frame::Chunk {
             seq,
             data,
@@ -302,17 +385,21 @@ async fn relay(
         let sending = Instant::now();
         let sent = tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => break Ending::abnormal(Reason::Shutdown, "the gateway shut down while the stream was running"),
+            cause = cancel.cancelled() => break cancelled(cause),
             sent = sluice_flow::timeout(ctx.slow_client_timeout, tx.send(frame)) => sent,
         };
         client_wait += sending.elapsed();
         match sent {
             Timed::Completed(Ok(())) => {}
             Timed::Completed(Err(_)) => {
-                break Ending::abnormal(
-                    Reason::ClientDisconnected,
-                    "the client closed the connection",
-                )
+                client = None;
+                match req.on_disconnect {
+                    OnDisconnect::Cancel => break 'relay left(),
+                    OnDisconnect::Continue => {}
+                    OnDisconnect::GraceMs(ms) => {
+                        grace = Some(Instant::now() + Duration::from_millis(ms))
+                    }
+                }
             }
             Timed::Expired(_) => {
                 break Ending::abnormal(
@@ -335,11 +422,34 @@ async fn relay(
             .saturating_sub(upstream_wait + client_wait)
             .as_secs_f64(),
     );
-    let tx = match ending.reason() {
-        Some(Reason::ClientDisconnected) => None,
-        _ => Some(tx),
-    };
-    (ending, tx)
+    (ending, client)
+}
+
+/// Resolves when the original client has gone; never if it already has (`None`).
+async fn departed(client: &Option<Producer<Frame, Terminal>>) {
+    match client {
+        Some(tx) => tx.consumer_departed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never if `None`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The ending for a stream cancelled from outside: by shutdown, or by the cancel API.
+fn cancelled(cause: CancelCause) -> Ending {
+    match cause {
+        CancelCause::Shutdown => Ending::abnormal(
+            Reason::Shutdown,
+            "the gateway shut down while the stream was running",
+        ),
+        _ => Ending::abnormal(Reason::Requested, "the stream was cancelled by request"),
+    }
 }
 
 fn record_metrics(ending: &Ending) {

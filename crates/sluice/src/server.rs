@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::api::{self, AppState};
 use crate::auth::Keys;
 use crate::config::Config;
+use crate::hub::Hub;
 use crate::relay::RelayContext;
 use crate::store::{Store, StoreError};
 
@@ -108,6 +109,7 @@ impl Server {
             store: store.clone(),
             tasks: tasks.clone(),
             shutdown: cancel.clone(),
+            hub: Arc::new(Hub::default()),
             buffer_chunks: config.buffer_chunks,
             slow_client_timeout: config.slow_client_timeout,
             keep_alive: config.keep_alive,

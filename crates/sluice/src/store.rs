@@ -151,6 +151,41 @@ pub struct Transcript {
     pub usage: Option<Value>,
 }
 
+/// Where a stream stands, for replaying it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamState {
+    /// Its status.
+    pub status: Status,
+    /// Why it ended, if it ended abnormally.
+    pub reason: Option<Reason>,
+    /// Details of an abnormal ending.
+    pub detail: Option<String>,
+    /// The id of its last stored chunk (0 if none).
+    pub last_seq: u64,
+}
+
+impl StreamState {
+    /// How it ended, if it has: the ending its terminal event reports.
+    pub fn ending(&self) -> Option<Ending> {
+        match (self.status, self.reason) {
+            (Status::Streaming, _) => None,
+            (Status::Completed, _) => Some(Ending::Completed),
+            (_, Some(reason)) => Some(Ending::abnormal(
+                reason,
+                self.detail.clone().unwrap_or_default(),
+            )),
+            (status, None) => Some(Ending::abnormal(
+                if status == Status::Interrupted {
+                    Reason::Crash
+                } else {
+                    Reason::UpstreamError
+                },
+                self.detail.clone().unwrap_or_default(),
+            )),
+        }
+    }
+}
+
 /// One stored chunk.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredChunk {
@@ -356,6 +391,59 @@ impl Store {
             let more = rows.len() > limit;
             rows.truncate(limit);
             Ok((rows, more))
+        })
+        .await
+    }
+
+    /// Where `tenant`'s stream `id` stands.
+    pub async fn state(&self, tenant: &str, id: &str) -> Result<Option<StreamState>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        self.read(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT status, reason, detail,
+                        (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
+                     FROM streams WHERE id = ?1 AND tenant = ?2",
+                    params![id, tenant],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            Ok(row.map(|(status, reason, detail, last)| StreamState {
+                status: Status::parse(&status).unwrap_or(Status::Failed),
+                reason: reason.as_deref().and_then(Reason::parse),
+                detail,
+                last_seq: last as u64,
+            }))
+        })
+        .await
+    }
+
+    /// Up to `limit` of stream `id`'s chunks after event id `after`, in order, as (id, JSON
+    /// exactly as relayed). The caller has checked the tenant.
+    pub async fn chunks_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, data FROM chunks WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![id, after as i64, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
         .await
     }

@@ -224,13 +224,20 @@ pub fn assert_invariants(events: &[SseEvent], transcript: &Value) {
         .iter()
         .map(|e| e.id.as_deref().unwrap().parse::<u64>().unwrap())
         .collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "event ids must increase: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "event ids must increase: {ids:?}"
+    );
     let terminal = events.last().filter(|e| {
         e.data == "[DONE]"
             || serde_json::from_str::<Value>(&e.data).is_ok_and(|v| v.get("error").is_some())
     });
     if let Some(t) = terminal {
-        assert_eq!(t.id.as_deref().unwrap().parse::<u64>().unwrap(), stored.len() as u64 + 1, "terminal event id");
+        assert_eq!(
+            t.id.as_deref().unwrap().parse::<u64>().unwrap(),
+            stored.len() as u64 + 1,
+            "terminal event id"
+        );
     }
     let status = transcript["status"].as_str().unwrap();
     let reason = transcript["reason"].as_str();

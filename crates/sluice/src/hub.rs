@@ -1,0 +1,181 @@
+//! The hub: who else is following a running stream, and how to stop it from elsewhere.
+//!
+//! Each running stream has an entry: a broadcast of its live events (chunks as they are
+//! committed, then its terminal event) and its cancellation token. Readers other than the original
+//! client (resumers, a second tab) subscribe here; the cancel API cancels through here. An entry
+//! exists from just after the stream is recorded until just after its final status is written,
+//! so a stream that is not in the hub is finished (or was running in a process that died).
+//!
+//! Lookups take the tenant: another tenant's stream is simply not found.
+//!
+//! The broadcast is bounded. A reader that falls behind loses live events (tokio's `Lagged`) and
+//! refills them from the store, which always has them: a chunk is committed before it is
+//! published. So a slow reader costs the relay nothing and never sees a gap.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use sluice_flow::{CancelCause, CancelToken};
+use tokio::sync::broadcast;
+
+use crate::relay::Terminal;
+
+/// How many live events a reader may fall behind before it refills from the store.
+const LIVE_BUFFER: usize = 256;
+
+/// A live event of a running stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Live {
+    /// A committed chunk.
+    Chunk {
+        /// Its event id.
+        seq: u64,
+        /// Its JSON, exactly as the original client got it.
+        data: Arc<str>,
+    },
+    /// The stream ended (its final status is written); `None` seq/ending means `[DONE]` at `seq`.
+    End(Terminal),
+}
+
+#[derive(Debug)]
+struct Entry {
+    tenant: Arc<str>,
+    live: broadcast::Sender<Live>,
+    cancel: CancelToken,
+}
+
+/// The running streams of this process.
+#[derive(Debug, Default)]
+pub struct Hub {
+    streams: Mutex<HashMap<Arc<str>, Entry>>,
+}
+
+/// A running stream's hold on its hub entry: publishes its events, and removes the entry when
+/// dropped.
+#[derive(Debug)]
+pub struct Publisher {
+    hub: Arc<Hub>,
+    id: Arc<str>,
+    live: broadcast::Sender<Live>,
+}
+
+impl Publisher {
+    /// Sends `event` to every current reader (none is fine).
+    pub fn publish(&self, event: Live) {
+        let _ = self.live.send(event);
+    }
+
+    /// How many readers follow the stream through the hub (not counting the original client).
+    pub fn readers(&self) -> usize {
+        self.live.receiver_count()
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.hub.lock().remove(&self.id);
+    }
+}
+
+/// What the cancel API found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelResult {
+    /// The stream was running here and has been told to stop.
+    Cancelling,
+    /// No running stream of this tenant has that id (it may be finished, or not exist).
+    NotRunning,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a running stream.
+    pub fn register(
+        self: &Arc<Self>,
+        id: Arc<str>,
+        tenant: Arc<str>,
+        cancel: CancelToken,
+    ) -> Publisher {
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        self.lock().insert(
+            id.clone(),
+            Entry {
+                tenant,
+                live: live.clone(),
+                cancel,
+            },
+        );
+        Publisher {
+            hub: self.clone(),
+            id,
+            live,
+        }
+    }
+
+    /// Follows `tenant`'s running stream `id`, if there is one.
+    pub fn subscribe(&self, tenant: &str, id: &str) -> Option<broadcast::Receiver<Live>> {
+        self.lock()
+            .get(id)
+            .filter(|e| &*e.tenant == tenant)
+            .map(|e| e.live.subscribe())
+    }
+
+    /// Asks `tenant`'s running stream `id` to stop (cause: `requested`).
+    pub fn cancel(&self, tenant: &str, id: &str) -> CancelResult {
+        match self.lock().get(id).filter(|e| &*e.tenant == tenant) {
+            Some(e) => {
+                e.cancel.cancel(CancelCause::Requested);
+                CancelResult::Cancelling
+            }
+            None => CancelResult::NotRunning,
+        }
+    }
+
+    /// How many streams are running.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no stream is running.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Ending;
+
+    #[test]
+    fn entries_live_as_long_as_their_publisher_and_only_for_their_tenant() {
+        let hub = Arc::new(Hub::default());
+        let token = CancelToken::new();
+        let publisher = hub.register("s1".into(), "acme".into(), token.clone());
+        assert!(hub.subscribe("other", "s1").is_none());
+        let mut rx = hub.subscribe("acme", "s1").expect("running");
+        assert_eq!(publisher.readers(), 1);
+        publisher.publish(Live::Chunk {
+            seq: 1,
+            data: "{}".into(),
+        });
+        publisher.publish(Live::End(Terminal {
+            seq: 2,
+            ending: Ending::Completed,
+        }));
+        assert!(matches!(rx.try_recv(), Ok(Live::Chunk { seq: 1, .. })));
+        assert!(matches!(rx.try_recv(), Ok(Live::End(_))));
+
+        assert_eq!(hub.cancel("other", "s1"), CancelResult::NotRunning);
+        assert!(!token.is_cancelled());
+        assert_eq!(hub.cancel("acme", "s1"), CancelResult::Cancelling);
+        assert_eq!(token.cause(), Some(CancelCause::Requested));
+
+        drop(publisher);
+        assert!(hub.is_empty());
+        assert!(hub.subscribe("acme", "s1").is_none());
+        assert_eq!(hub.cancel("acme", "s1"), CancelResult::NotRunning);
+    }
+}
