@@ -720,7 +720,10 @@ async fn stream_events(
                     }
                     return;
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => replay!(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    metrics::counter!("sluice_resume_refills_total").increment(1);
+                    replay!();
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                     // The relay went away without its terminal event: report what the store says.
                     replay!();

@@ -383,10 +383,12 @@ async fn relay(
             usage: chunk.usage,
         };
         let sending = Instant::now();
+        // The send goes first: a chunk already committed and published reaches the client if
+        // there is room for it; a cancel only interrupts a send that is waiting for room.
         let sent = tokio::select! {
             biased;
-            cause = cancel.cancelled() => break cancelled(cause),
             sent = sluice_flow::timeout(ctx.slow_client_timeout, tx.send(frame)) => sent,
+            cause = cancel.cancelled() => break cancelled(cause),
         };
         client_wait += sending.elapsed();
         match sent {

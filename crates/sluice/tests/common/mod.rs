@@ -76,12 +76,37 @@ pub struct Reader {
 impl Reader {
     /// Opens a streaming chat.
     pub async fn open(url: &str, body: &Value) -> Reader {
-        let response = client()
+        Reader::open_as(url, body, None).await
+    }
+
+    /// Opens a streaming chat with an API key.
+    pub async fn open_as(url: &str, body: &Value, key: Option<&str>) -> Reader {
+        let mut request = client()
             .post(format!("{url}/v1/chat/completions"))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
+            .json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        Reader::from_response(request.send().await.expect("request"))
+    }
+
+    /// Opens an SSE `GET` (the resume endpoint), with `Last-Event-ID` and one more header.
+    pub async fn get(
+        url: &str,
+        last_event_id: Option<u64>,
+        header: Option<(&str, &str)>,
+    ) -> Reader {
+        let mut request = client().get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        Reader::from_response(request.send().await.expect("request"))
+    }
+
+    fn from_response(response: reqwest::Response) -> Reader {
         let status = response.status().as_u16();
         let stream_id = response
             .headers()
