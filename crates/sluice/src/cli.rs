@@ -1,9 +1,10 @@
 //! The command-line client: `sluice chat` and `sluice streams`.
 //!
 //! `chat` streams an answer to the terminal as it arrives (a spinner on stderr until the first
-//! token). Ctrl-C drops the connection, which the gateway records as `cancelled`. The exit code
-//! is 0 only when the stream ended with `[DONE]`; any failure prints its reason and exits 1
-//! (130 after Ctrl-C).
+//! token). Ctrl-C drops the connection, which the gateway records as `cancelled`. `streams tail`
+//! follows (or replays) a stream and, when the connection drops, resumes after the last event it
+//! printed, by itself. The exit code is 0 only when the stream ended with `[DONE]`; any failure
+//! prints its reason and exits 1 (130 after Ctrl-C).
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,6 +37,19 @@ impl ChatOutcome {
     }
 }
 
+/// The reason an error event from sluice gives: `status(reason): message`.
+fn ended_with(data: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(data).ok()?;
+    let e = v.get("error")?;
+    let text = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    Some(format!(
+        "the stream ended {}({}): {}",
+        text("type"),
+        text("code"),
+        text("message")
+    ))
+}
+
 fn client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -47,14 +61,39 @@ fn endpoint(url: &str, path: &str) -> String {
     format!("{}{path}", url.trim_end_matches('/'))
 }
 
-/// Streams `prompt`'s answer from `model` at `url` to `out`, until done, failed or `interrupt`.
+/// Where the gateway is, and the API key to use.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The gateway's URL.
+    pub url: String,
+    /// The API key, if the gateway has keys.
+    pub key: Option<String>,
+}
+
+impl Target {
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let request = client.request(method, endpoint(&self.url, path));
+        match &self.key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+}
+
+/// Streams `prompt`'s answer from `model` to `out`, until done, failed or `interrupt`.
 pub async fn chat(
-    url: &str,
+    target: &Target,
     model: &str,
     prompt: &str,
     out: &mut (dyn Write + Send),
     interrupt: impl std::future::Future<Output = ()>,
 ) -> ChatOutcome {
+    let url = target.url.as_str();
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     spinner.set_message(format!("waiting for {model}"));
@@ -62,8 +101,8 @@ pub async fn chat(
     let run = async {
         let client = client()?;
         let body = json!({"model": model, "messages": [{"role": "user", "content": prompt}], "stream": true});
-        let response = client
-            .post(endpoint(url, "/v1/chat/completions"))
+        let response = target
+            .request(&client, reqwest::Method::POST, "/v1/chat/completions")
             .json(&body)
             .send()
             .await
@@ -94,6 +133,9 @@ pub async fn chat(
                 .push(&next, &mut events)
                 .map_err(|e| format!("{e} (stream {id})"))?;
             for event in events.drain(..) {
+                if let Some(reason) = ended_with(&event.data) {
+                    return Err(format!("{reason} (stream {id})"));
+                }
                 match Payload::parse(&event.data) {
                     Ok(Payload::Done) => return Ok(()),
                     Ok(Payload::Chunk(chunk)) => {
@@ -122,9 +164,9 @@ pub async fn chat(
     outcome
 }
 
-async fn get_json(url: &str) -> Result<Value, String> {
-    let response = client()?
-        .get(url)
+async fn call_json(target: &Target, method: reqwest::Method, path: &str) -> Result<Value, String> {
+    let response = target
+        .request(&client()?, method, path)
         .send()
         .await
         .map_err(|e| format!("cannot reach sluice: {}", e.without_url()))?;
@@ -144,8 +186,13 @@ async fn get_json(url: &str) -> Result<Value, String> {
 }
 
 /// `sluice streams ls`: the newest streams, one a line.
-pub async fn streams_ls(url: &str, limit: usize) -> Result<String, String> {
-    let list = get_json(&endpoint(url, &format!("/v1/streams?limit={limit}"))).await?;
+pub async fn streams_ls(target: &Target, limit: usize) -> Result<String, String> {
+    let list = call_json(
+        target,
+        reqwest::Method::GET,
+        &format!("/v1/streams?limit={limit}"),
+    )
+    .await?;
     let mut out = format!(
         "{:<36}  {:<10}  {:<12}  {:<20}  {:>6}\n",
         "ID", "MODEL", "STATUS", "REASON", "CHUNKS"
@@ -170,8 +217,8 @@ pub async fn streams_ls(url: &str, limit: usize) -> Result<String, String> {
 }
 
 /// `sluice streams show ID`: a transcript, readable (or as JSON).
-pub async fn streams_show(url: &str, id: &str, as_json: bool) -> Result<String, String> {
-    let t = get_json(&endpoint(url, &format!("/v1/streams/{id}"))).await?;
+pub async fn streams_show(target: &Target, id: &str, as_json: bool) -> Result<String, String> {
+    let t = call_json(target, reqwest::Method::GET, &format!("/v1/streams/{id}")).await?;
     if as_json {
         return serde_json::to_string_pretty(&t).map_err(|e| e.to_string());
     }
@@ -199,4 +246,103 @@ pub async fn streams_show(url: &str, id: &str, as_json: bool) -> Result<String, 
         chunks,
         field("content"),
     ))
+}
+
+/// `sluice streams cancel ID`: stops a running stream; prints its final status.
+pub async fn streams_cancel(target: &Target, id: &str) -> Result<String, String> {
+    let v = call_json(
+        target,
+        reqwest::Method::POST,
+        &format!("/v1/streams/{id}/cancel"),
+    )
+    .await?;
+    let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    Ok(format!(
+        "{} {} {}\n",
+        field("id"),
+        field("status"),
+        field("reason")
+    ))
+}
+
+/// How many times in a row `tail` reconnects before it gives up.
+const TAIL_RETRIES: u32 = 10;
+
+/// `sluice streams tail ID`: prints a stream's content from the start (replay, then live), and
+/// when the connection drops, reconnects with `Last-Event-ID` and carries on where it was.
+pub async fn streams_tail(target: &Target, id: &str, out: &mut (dyn Write + Send)) -> ChatOutcome {
+    let client = match client() {
+        Ok(c) => c,
+        Err(e) => return ChatOutcome::Failed(e),
+    };
+    let mut last: u64 = 0;
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let response = target
+                .request(
+                    &client,
+                    reqwest::Method::GET,
+                    &format!("/v1/streams/{id}/events"),
+                )
+                .header("last-event-id", last.to_string())
+                .send()
+                .await
+                .map_err(|e| (true, format!("cannot reach sluice: {}", e.without_url())))?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let v: Value = response.json().await.unwrap_or(Value::Null);
+                let message = v.get("error").map(error_message).unwrap_or_default();
+                return Err((
+                    status.is_server_error(),
+                    format!("HTTP {status}: {message}"),
+                ));
+            }
+            let mut parser = SseParser::new();
+            let mut events = Vec::new();
+            let mut bytes = response.bytes_stream();
+            while let Some(next) = bytes.next().await {
+                let next =
+                    next.map_err(|e| (true, format!("the connection broke: {}", e.without_url())))?;
+                parser
+                    .push(&next, &mut events)
+                    .map_err(|e| (false, e.to_string()))?;
+                for event in events.drain(..) {
+                    if let Some(seq) = event.id.as_deref().and_then(|i| i.parse::<u64>().ok()) {
+                        last = last.max(seq);
+                    }
+                    if let Some(reason) = ended_with(&event.data) {
+                        return Err((false, reason));
+                    }
+                    match Payload::parse(&event.data) {
+                        Ok(Payload::Done) => return Ok(()),
+                        Ok(Payload::Chunk(chunk)) => {
+                            let _ = out.write_all(chunk.content.as_bytes());
+                            let _ = out.flush();
+                        }
+                        Err(e) => return Err((false, e.to_string())),
+                    }
+                }
+            }
+            Err((
+                true,
+                "the connection ended before the stream did".to_string(),
+            ))
+        };
+        match attempt.await {
+            Ok(()) => {
+                let _ = writeln!(out);
+                return ChatOutcome::Completed;
+            }
+            Err((retry, reason)) if retry && failures < TAIL_RETRIES => {
+                failures += 1;
+                eprintln!("({reason}; resuming after event {last})");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+            }
+            Err((_, reason)) => {
+                let _ = writeln!(out);
+                return ChatOutcome::Failed(format!("{reason} (stream {id})"));
+            }
+        }
+    }
 }

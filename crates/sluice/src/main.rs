@@ -52,9 +52,8 @@ enum Command {
     },
     /// Stream an answer to the terminal. Ctrl-C cancels it.
     Chat {
-        /// sluice's URL.
-        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
-        url: String,
+        #[command(flatten)]
+        target: TargetArgs,
         /// The model to ask.
         #[arg(long, default_value = "sim")]
         model: String,
@@ -88,24 +87,66 @@ enum KeysCommand {
 enum StreamsCommand {
     /// The newest streams.
     Ls {
-        /// sluice's URL.
-        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
-        url: String,
+        #[command(flatten)]
+        target: TargetArgs,
         /// How many.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
     /// One stream's transcript.
     Show {
-        /// sluice's URL.
-        #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
-        url: String,
+        #[command(flatten)]
+        target: TargetArgs,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
         /// The stream id.
         id: String,
     },
+    /// Follow a stream (or replay a finished one) to its end, resuming by itself when the
+    /// connection drops.
+    Tail {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The stream id.
+        id: String,
+    },
+    /// Stop a running stream (cancelled(requested)); prints its final status.
+    Cancel {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The stream id.
+        id: String,
+    },
+}
+
+/// Where the gateway is and how to authenticate.
+#[derive(Debug, clap::Args)]
+struct TargetArgs {
+    /// sluice's URL.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8750")]
+    url: String,
+    /// API key (when the gateway has [[keys]]).
+    #[arg(long, env = "SLUICE_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(self) -> sluice::cli::Target {
+        sluice::cli::Target {
+            url: self.url,
+            key: self.key,
+        }
+    }
+}
+
+fn exit_with(outcome: sluice::cli::ChatOutcome) -> ! {
+    match &outcome {
+        sluice::cli::ChatOutcome::Completed => {}
+        sluice::cli::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
+        sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
+    }
+    std::process::exit(outcome.exit_code());
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -188,18 +229,18 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Chat { url, model, prompt } => {
+        Command::Chat {
+            target,
+            model,
+            prompt,
+        } => {
             let mut stdout = std::io::stdout();
-            let outcome = sluice::cli::chat(&url, &model, &prompt, &mut stdout, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await;
-            match &outcome {
-                sluice::cli::ChatOutcome::Completed => {}
-                sluice::cli::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
-                sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
-            }
-            std::process::exit(outcome.exit_code());
+            let outcome =
+                sluice::cli::chat(&target.target(), &model, &prompt, &mut stdout, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await;
+            exit_with(outcome)
         }
         Command::Keys {
             command: KeysCommand::New { tenant },
@@ -213,9 +254,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Streams { command } => {
             let out = match command {
-                StreamsCommand::Ls { url, limit } => sluice::cli::streams_ls(&url, limit).await,
-                StreamsCommand::Show { url, json, id } => {
-                    sluice::cli::streams_show(&url, &id, json).await
+                StreamsCommand::Ls { target, limit } => {
+                    sluice::cli::streams_ls(&target.target(), limit).await
+                }
+                StreamsCommand::Show { target, json, id } => {
+                    sluice::cli::streams_show(&target.target(), &id, json).await
+                }
+                StreamsCommand::Cancel { target, id } => {
+                    sluice::cli::streams_cancel(&target.target(), &id).await
+                }
+                StreamsCommand::Tail { target, id } => {
+                    let target = target.target();
+                    let mut stdout = std::io::stdout();
+                    let outcome = tokio::select! {
+                        outcome = sluice::cli::streams_tail(&target, &id, &mut stdout) => outcome,
+                        _ = tokio::signal::ctrl_c() => sluice::cli::ChatOutcome::Interrupted,
+                    };
+                    exit_with(outcome)
                 }
             };
             match out {

@@ -33,7 +33,10 @@ fn free_port() -> u16 {
 
 impl Serve {
     async fn start(data_dir: &Path, config: Option<&Path>) -> Serve {
-        let port = free_port();
+        Serve::start_on(free_port(), data_dir, config).await
+    }
+
+    async fn start_on(port: u16, data_dir: &Path, config: Option<&Path>) -> Serve {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -296,4 +299,123 @@ async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
         .await
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = sluice::auth::new_key().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, sluice::auth::config_lines("acme", &key)).unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let mut serve = Serve::start_on(port, &data, Some(&config)).await;
+
+    // chat needs the key.
+    let out = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "hi"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("API key"));
+    let out = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "--key", &key, "hi"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A long stream, followed by `streams tail` (the key from the environment).
+    let body = chat_body(
+        "sim",
+        true,
+        json!({"tokens": 10_000, "first_token_ms": 1, "token_interval_ms": 20}),
+        json!({"on_disconnect": "continue"}),
+    );
+    let mut original = Reader::open_as(&serve.url, &body, Some(&key)).await;
+    original.next().await.unwrap();
+    let id = original.stream_id.clone().unwrap();
+    let mut tail = Command::new(BIN)
+        .args(["streams", "tail", "--url", &serve.url, &id])
+        .env("SLUICE_KEY", &key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tail.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while seen.len() < 40 {
+        let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf))
+            .await
+            .expect("output")
+            .unwrap();
+        assert!(n > 0, "tail ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // The server dies and comes back on the same port: tail reconnects after the last event it
+    // printed and ends with the stream's terminal event (interrupted by the crash).
+    serve.child.kill().await.unwrap();
+    let serve = Serve::start_on(port, &data, Some(&config)).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stdout.read_to_end(&mut rest))
+        .await
+        .expect("tail finished")
+        .unwrap();
+    seen.extend_from_slice(&rest);
+    let status = tail.wait().await.unwrap();
+    let mut stderr = String::new();
+    tail.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the stream did not complete: {stderr}"
+    );
+    assert!(stderr.contains("resuming after event"), "{stderr}");
+    assert!(stderr.contains("crash"), "{stderr}");
+    let t: serde_json::Value = client()
+        .get(format!("{}/v1/streams/{id}", serve.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ending(&t), ("interrupted".into(), Some("crash".into())));
+    assert_eq!(
+        String::from_utf8_lossy(&seen).trim_end(),
+        t["content"].as_str().unwrap(),
+        "every chunk once, in order"
+    );
+
+    // streams cancel: a running stream ends cancelled(requested); again, nothing changes.
+    let mut running = Reader::open_as(&serve.url, &body, Some(&key)).await;
+    running.next().await.unwrap();
+    let id = running.stream_id.clone().unwrap();
+    for _ in 0..2 {
+        let out = Command::new(BIN)
+            .args(["streams", "cancel", "--url", &serve.url, "--key", &key, &id])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{id} cancelled requested")
+        );
+    }
+    running.finish().await;
+    assert_eq!(error_event(&running.events).unwrap()["code"], "requested");
 }
