@@ -166,7 +166,7 @@ async fn a_bad_config_names_the_file_and_key_and_does_not_start() {
 async fn help_documents_the_commands_and_flags() {
     let out = Command::new(BIN).arg("--help").output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["serve", "mock-upstream", "chat", "streams"] {
+    for word in ["serve", "mock-upstream", "chat", "streams", "keys"] {
         assert!(text.contains(word), "--help lacks {word}");
     }
     let out = Command::new(BIN)
@@ -418,4 +418,22 @@ async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work
     }
     running.finish().await;
     assert_eq!(error_event(&running.events).unwrap()["code"], "requested");
+}
+
+#[tokio::test]
+async fn keys_new_prints_a_key_and_config_lines_that_accept_it() {
+    let out = Command::new(BIN).args(["keys", "new", "--tenant", "acme"]).output().await.unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let key = text.lines().find_map(|l| l.strip_prefix("key: ")).expect("a key line").to_string();
+    let config_lines = &text[text.find("[[keys]]").expect("config lines")..];
+    assert!(!config_lines.contains(&key), "the config lines hold the hash, not the key");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, config_lines).unwrap();
+    let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
+    let with_key = client().get(format!("{}/v1/models", serve.url)).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(with_key.status(), 200);
+    let without = client().get(format!("{}/v1/models", serve.url)).send().await.unwrap();
+    assert_eq!(without.status(), 401);
 }
