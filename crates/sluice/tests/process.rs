@@ -384,15 +384,7 @@ async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work
     );
     assert!(stderr.contains("resuming after event"), "{stderr}");
     assert!(stderr.contains("crash"), "{stderr}");
-    let t: serde_json::Value = client()
-        .get(format!("{}/v1/streams/{id}", serve.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t: serde_json::Value = get_json_as(&format!("{}/v1/streams/{id}", serve.url), &key).await;
     assert_eq!(ending(&t), ("interrupted".into(), Some("crash".into())));
     assert_eq!(
         String::from_utf8_lossy(&seen).trim_end(),
@@ -422,18 +414,38 @@ async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work
 
 #[tokio::test]
 async fn keys_new_prints_a_key_and_config_lines_that_accept_it() {
-    let out = Command::new(BIN).args(["keys", "new", "--tenant", "acme"]).output().await.unwrap();
+    let out = Command::new(BIN)
+        .args(["keys", "new", "--tenant", "acme"])
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let key = text.lines().find_map(|l| l.strip_prefix("key: ")).expect("a key line").to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key: "))
+        .expect("a key line")
+        .to_string();
     let config_lines = &text[text.find("[[keys]]").expect("config lines")..];
-    assert!(!config_lines.contains(&key), "the config lines hold the hash, not the key");
+    assert!(
+        !config_lines.contains(&key),
+        "the config lines hold the hash, not the key"
+    );
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sluice.toml");
     std::fs::write(&config, config_lines).unwrap();
     let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
-    let with_key = client().get(format!("{}/v1/models", serve.url)).bearer_auth(&key).send().await.unwrap();
+    let with_key = client()
+        .get(format!("{}/v1/models", serve.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(with_key.status(), 200);
-    let without = client().get(format!("{}/v1/models", serve.url)).send().await.unwrap();
+    let without = client()
+        .get(format!("{}/v1/models", serve.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(without.status(), 401);
 }

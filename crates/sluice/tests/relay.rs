@@ -407,14 +407,7 @@ async fn bad_requests_get_openai_errors_and_leave_no_stream() {
 #[tokio::test(start_paused = true)]
 async fn models_health_streams_and_metrics() {
     let g = gateway(SIM).await;
-    let models: Value = client()
-        .get(format!("{}/v1/models", g.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&format!("{}/v1/models", g.url)).await;
     assert_eq!(models["data"][0]["id"], "sim");
     assert_eq!(
         get_text(&format!("{}/healthz", g.url)).await,
@@ -425,14 +418,7 @@ async fn models_health_streams_and_metrics() {
         &chat_body("sim", true, json!({"tokens": 2}), json!(null)),
     )
     .await;
-    let list: Value = client()
-        .get(format!("{}/v1/streams?limit=1", g.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&format!("{}/v1/streams?limit=1", g.url)).await;
     assert_eq!(list["data"][0]["id"], t["id"]);
     let missing = client()
         .get(format!("{}/v1/streams/nope", g.url))

@@ -236,14 +236,7 @@ async fn the_upstream_key_never_reaches_transcripts_errors_or_metrics() {
 #[tokio::test(start_paused = true)]
 async fn mock_upstream_reports_its_counters() {
     let m = mock(MockOptions::default()).await;
-    let stats: Value = client()
-        .get(format!("http://{}/stats", m.addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("http://{}/stats", m.addr())).await;
     assert_eq!(
         stats,
         json!({"requests_started": 0, "requests_completed": 0, "requests_disconnected": 0})
@@ -258,13 +251,6 @@ async fn mock_upstream_reports_its_counters() {
         .await
         .unwrap();
     assert_eq!(direct["choices"][0]["message"]["content"], "Hello from");
-    let stats: Value = client()
-        .get(format!("http://{}/stats", m.addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("http://{}/stats", m.addr())).await;
     assert_eq!(stats["requests_completed"], 1);
 }

@@ -211,14 +211,7 @@ pub fn error_event(events: &[SseEvent]) -> Option<Value> {
 /// The transcript of stream `id`, once its status is final.
 pub async fn final_transcript(url: &str, id: &str) -> Value {
     for _ in 0..500 {
-        let t: Value = client()
-            .get(format!("{url}/v1/streams/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t: Value = get_json(&format!("{url}/v1/streams/{id}")).await;
         if t["status"] != "streaming" {
             return t;
         }
@@ -306,6 +299,18 @@ pub fn ending(t: &Value) -> (String, Option<String>) {
         t["status"].as_str().unwrap().to_string(),
         t["reason"].as_str().map(str::to_string),
     )
+}
+
+/// `GET url` as JSON.
+pub async fn get_json(url: &str) -> Value {
+    let response = client().get(url).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
+/// `GET url` as JSON, with an API key.
+pub async fn get_json_as(url: &str, key: &str) -> Value {
+    let response = client().get(url).bearer_auth(key).send().await.unwrap();
+    response.json().await.unwrap()
 }
 
 pub async fn get_text(url: &str) -> String {
