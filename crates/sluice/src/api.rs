@@ -21,6 +21,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::BytesMut;
+use futures_util::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_flow::QueueError;
@@ -413,18 +415,40 @@ async fn stream_response(
     };
     let body = stream! {
         let mut last_seq = 0;
-        let mut next = first.map(Ok);
+        // The next item to handle, if one was already taken from the queue.
+        let mut next = Some(first.map(Ok));
         loop {
             let item = match next.take() {
-                Some(item) => Some(item),
+                Some(item) => item,
                 None => frames.recv().await,
             };
             match item {
                 Some(Ok(frame)) => {
-                    if let Frame::Chunk { seq, .. } = &frame {
-                        last_seq = *seq;
+                    // This frame and every other one already waiting go out in one write.
+                    let mut out = BytesMut::new();
+                    let mut frame = frame;
+                    loop {
+                        if let Frame::Chunk { seq, committed, .. } = &frame {
+                            // Only what is in the transcript reaches the client.
+                            if let Some(committed) = committed {
+                                let _ = committed.clone().await;
+                            }
+                            last_seq = *seq;
+                        }
+                        encode_frame(&frame, &mut out);
+                        if out.len() >= COALESCE_BYTES {
+                            break;
+                        }
+                        match frames.recv().now_or_never() {
+                            Some(Some(Ok(more))) => frame = more,
+                            Some(end) => {
+                                next = Some(end);
+                                break;
+                            }
+                            None => break,
+                        }
                     }
-                    yield Ok::<_, std::convert::Infallible>(encode_frame(&frame));
+                    yield Ok::<_, std::convert::Infallible>(out.freeze());
                 }
                 Some(Err(QueueError::Failed(t))) => {
                     yield Ok(encode_error(&t));
@@ -444,25 +468,34 @@ async fn stream_response(
     Ok(sse_response(Body::from_stream(body), &id))
 }
 
+/// The most bytes of ready frames coalesced into one write.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 /// One SSE event; multi-line data becomes several `data:` lines.
 fn sse_event(seq: u64, data: &str) -> Bytes {
-    let mut out = String::with_capacity(data.len() + 24);
-    out.push_str("id: ");
-    out.push_str(&seq.to_string());
-    out.push('\n');
-    for line in data.split('\n') {
-        out.push_str("data: ");
-        out.push_str(line.strip_suffix('\r').unwrap_or(line));
-        out.push('\n');
-    }
-    out.push('\n');
-    Bytes::from(out)
+    let mut out = BytesMut::with_capacity(data.len() + 24);
+    write_event(&mut out, seq, data);
+    out.freeze()
 }
 
-fn encode_frame(frame: &Frame) -> Bytes {
+/// Appends one SSE event to `out`.
+fn write_event(out: &mut BytesMut, seq: u64, data: &str) {
+    out.reserve(data.len() + 24);
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b"\n");
+    for line in data.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.strip_suffix('\r').unwrap_or(line).as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"\n");
+}
+
+fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     match frame {
-        Frame::Chunk { seq, data, .. } => sse_event(*seq, data),
-        Frame::KeepAlive => Bytes::from_static(b": keep-alive\n\n"),
+        Frame::Chunk { seq, data, .. } => write_event(out, *seq, data),
+        Frame::KeepAlive => out.extend_from_slice(b": keep-alive\n\n"),
     }
 }
 

@@ -48,6 +48,9 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// API keys; none means one local tenant, loopback only.
     pub keys: Vec<KeyConfig>,
+    /// Whether chunks are recorded. Off: streams still get their request and final status, but
+    /// no chunks (no replay, no resume). For measuring what transcripts cost.
+    pub record_chunks: bool,
 }
 
 /// One model clients can ask for.
@@ -129,6 +132,7 @@ struct FileConfig {
     keep_alive_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     send_buffer_bytes: Option<usize>,
+    record_chunks: Option<bool>,
     #[serde(default)]
     models: Vec<FileModel>,
     #[serde(default)]
@@ -359,6 +363,7 @@ impl Config {
         }
         Ok(Config {
             keys,
+            record_chunks: file.record_chunks.unwrap_or(true),
             listen,
             data_dir: overrides
                 .data_dir

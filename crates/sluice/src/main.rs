@@ -220,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
                 MockOptions {
                     defaults,
                     split_bytes,
+                    stamp: false,
                 },
             )?;
             eprintln!("mock upstream at {}", mock.base_url());

@@ -74,6 +74,18 @@ pub struct MockOptions {
     /// Write each event in pieces of this many bytes (0: whole), to split events, lines and
     /// UTF-8 characters across reads.
     pub split_bytes: usize,
+    /// Stamp each token chunk with `"x_sent_ns"`: [`clock_ns`] when it was written, for
+    /// measuring per-chunk latency from the same process.
+    pub stamp: bool,
+}
+
+/// Nanoseconds on this process's monotonic clock (since its first use).
+pub fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 #[derive(Clone)]
@@ -193,6 +205,7 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
         return complete(mock, body, steps, id, model).await;
     }
     let split = mock.options.split_bytes;
+    let stamp = mock.options.stamp;
     let events = stream! {
         let mut watch = Watch { stats: mock.stats.clone(), done: false };
         let mut count = 0;
@@ -201,7 +214,13 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
             let (event, last): (Vec<u8>, bool) = match step {
                 SimStep::Token(text) => {
                     count += 1;
-                    (format!("data: {}\n\n", sim::chunk_json(&id, &model, Some(&text), None)).into_bytes(), false)
+                    let mut chunk = sim::chunk_json(&id, &model, Some(&text), None);
+                    if stamp {
+                        // Append a field to the object: `{...}` becomes `{...,"x_sent_ns":N}`.
+                        chunk.pop();
+                        chunk.push_str(&format!(",\"x_sent_ns\":{}}}", clock_ns()));
+                    }
+                    (format!("data: {chunk}\n\n").into_bytes(), false)
                 }
                 SimStep::Fail => (format!("data: {}\n\n", json!({"error": {"message": sim::FAIL_MESSAGE, "type": "server_error"}})).into_bytes(), true),
                 SimStep::Garbage => (b"data: {\"choices\": [\xff\xfe not json\n\n".to_vec(), true),

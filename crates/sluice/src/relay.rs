@@ -15,6 +15,7 @@
 //! itself is dropped before its final write, a cleanup guard writes `interrupted(shutdown)`.
 //! The ending travels as an [`Ending`] value from where it happens to the store and the client.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,14 +30,17 @@ use crate::auth::StreamPermit;
 use crate::config::Timeouts;
 use crate::hub::{Hub, Live, Publisher};
 use crate::status::{Ending, Reason};
-use crate::store::{Finish, NewStream, Store, StoreError};
+use crate::store::{Committed, Finish, NewStream, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 /// What the relay hands the client side, in order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Frame {
-    /// A chunk: its event id, its JSON, and the text it adds.
+    /// A chunk: its event id, its JSON, and the text it adds. The client side writes it out
+    /// only once `committed` has resolved (it is in the transcript).
     Chunk {
+        /// Resolves when the chunk is committed (`None`: chunks are not recorded).
+        committed: Option<Committed>,
         /// The event id (1, 2, ...).
         seq: u64,
         /// The chunk JSON.
@@ -83,6 +87,8 @@ pub struct RelayContext {
     pub slow_client_timeout: Duration,
     /// Upstream silence before a keep-alive.
     pub keep_alive: Duration,
+    /// Whether chunks are recorded (see [`Config::record_chunks`](crate::config::Config)).
+    pub record_chunks: bool,
 }
 
 /// What happens to a stream when its client disconnects.
@@ -267,6 +273,8 @@ async fn relay(
     let mut client = Some(tx);
     // Under `grace_ms`: when the stream ends unless someone follows it through the hub.
     let mut grace: Option<Instant> = None;
+    // Chunks queued for commit but not yet published to the hub, in order.
+    let mut unpublished: VecDeque<(u64, Arc<str>, Committed)> = VecDeque::new();
     let left = || {
         Ending::abnormal(
             Reason::ClientDisconnected,
@@ -290,6 +298,10 @@ async fn relay(
                 }
             }
             cause = cancel.cancelled() => break cancelled(cause),
+            () = next_commit(&unpublished) => {
+                publish_committed(&mut unpublished, publisher);
+                continue;
+            }
             () = until(grace) => {
                 if publisher.readers() == 0 {
                     break Ending::abnormal(
@@ -350,25 +362,38 @@ async fn relay(
             }
         }
         let data: Arc<str> = Arc::from(chunk.data);
-        // Committed to the transcript before anyone can have it (invariant 1, even across a
-        // crash of the process).
-        if let Err(e) = ctx
-            .store
-            .append(
-                &req.id,
+        // Nobody gets a chunk before it is committed (invariant 1, even across a crash of the
+        // process): the client side waits for `committed`, and the hub publishes in commit
+        // order. The relay itself does not wait, so a stream's chunks share commits.
+        let committed = if ctx.record_chunks {
+            match ctx
+                .store
+                .append(
+                    &req.id,
+                    seq,
+                    offset,
+                    data.to_string(),
+                    chunk.content.clone(),
+                )
+                .await
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match &committed {
+            Some(c) => unpublished.push_back((seq, data.clone(), c.clone())),
+            None => publisher.publish(Live::Chunk {
                 seq,
-                offset,
-                data.to_string(),
-                chunk.content.clone(),
-            )
-            .await
-        {
-            tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
+                data: data.clone(),
+            }),
         }
-        publisher.publish(Live::Chunk {
-            seq,
-            data: data.clone(),
-        });
+        publish_committed(&mut unpublished, publisher);
         metrics::counter!("sluice_chunks_relayed_total").increment(1);
 
         let Some(tx) = &client else {
@@ -376,6 +401,7 @@ async fn relay(
         };
         metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
         let frame = Frame::Chunk {
+            committed,
             seq,
             data,
             content: chunk.content,
@@ -417,6 +443,13 @@ async fn relay(
     };
     // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
     drop(limited);
+    // Chunks still waiting for their commit reach the hub before the stream's end does.
+    while let Some((seq, data, committed)) = unpublished.pop_front() {
+        if let Err(e) = committed.await {
+            tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
+        }
+        publisher.publish(Live::Chunk { seq, data });
+    }
 
     let total = req.started.elapsed();
     metrics::histogram!("sluice_gateway_overhead_seconds").record(
@@ -432,6 +465,31 @@ async fn departed(client: &Option<Producer<Frame, Terminal>>) {
     match client {
         Some(tx) => tx.consumer_departed().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the oldest unpublished chunk is committed; never if there is none.
+async fn next_commit(unpublished: &VecDeque<(u64, Arc<str>, Committed)>) {
+    match unpublished.front() {
+        Some((_, _, committed)) => {
+            let _ = committed.clone().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes, in order, every chunk at the front of `unpublished` whose commit is done.
+fn publish_committed(
+    unpublished: &mut VecDeque<(u64, Arc<str>, Committed)>,
+    publisher: &Publisher,
+) {
+    while unpublished
+        .front()
+        .is_some_and(|(_, _, c)| c.peek().is_some())
+    {
+        if let Some((seq, data, _)) = unpublished.pop_front() {
+            publisher.publish(Live::Chunk { seq, data });
+        }
     }
 }
 

@@ -113,6 +113,7 @@ impl Server {
             buffer_chunks: config.buffer_chunks,
             slow_client_timeout: config.slow_client_timeout,
             keep_alive: config.keep_alive,
+            record_chunks: config.record_chunks,
         };
         let grace = config.shutdown_grace;
         let send_buffer = config.send_buffer_bytes;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::Value;
@@ -44,6 +45,9 @@ impl From<rusqlite::Error> for StoreError {
         StoreError::Db(e.to_string())
     }
 }
+
+/// Resolves when a queued write is committed. Cheap to clone; every clone resolves.
+pub type Committed = Shared<BoxFuture<'static, Result<(), StoreError>>>;
 
 /// A stream as it is first recorded, before the upstream is called.
 #[derive(Debug, Clone)]
@@ -301,9 +305,11 @@ impl Store {
         self.call(|ack| Op::Begin(stream, ack)).await
     }
 
-    /// Appends a chunk; returns once it is committed (with whatever else the writer batched
-    /// alongside it). The relay hands a chunk to the client only after this returns, so a
-    /// chunk a client has seen survives a crash of the process.
+    /// Queues a chunk for the writer and returns at once (after waiting only for room in the
+    /// writer's queue) with a future that resolves when the chunk is committed, together with
+    /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
+    /// after that future resolves, so a chunk a client has seen survives a crash of the
+    /// process; not waiting here lets one stream's chunks share a commit.
     pub async fn append(
         &self,
         id: &Arc<str>,
@@ -311,16 +317,23 @@ impl Store {
         offset: Duration,
         data: String,
         content: String,
-    ) -> Result<(), StoreError> {
-        self.call(|ack| Op::Append {
-            id: id.clone(),
-            seq,
-            offset,
-            data,
-            content,
-            ack,
-        })
-        .await
+    ) -> Result<Committed, StoreError> {
+        let (ack, done) = oneshot::channel();
+        self.writer
+            .send(Op::Append {
+                id: id.clone(),
+                seq,
+                offset,
+                data,
+                content,
+                ack,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(done
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+            .boxed()
+            .shared())
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before
@@ -628,7 +641,9 @@ mod tests {
             store
                 .append(&id, seq, Duration::from_millis(seq * 10), data, text.into())
                 .await
-                .expect("append");
+                .expect("append")
+                .await
+                .expect("committed");
         }
         store
             .finish(Finish {

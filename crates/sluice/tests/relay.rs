@@ -441,3 +441,19 @@ async fn models_health_streams_and_metrics() {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
+    let g = gateway("record_chunks = false").await;
+    let mut r = Reader::open(
+        &g.url,
+        &chat_body("sim", true, json!({"tokens": 4}), json!(null)),
+    )
+    .await;
+    r.finish().await;
+    assert_eq!(r.content(), "Hello from sluice's");
+    let t = final_transcript(&g.url, r.stream_id.as_deref().unwrap()).await;
+    assert_eq!(ending(&t), ("completed".into(), None));
+    assert_eq!(t["chunks"], json!([]));
+    assert_eq!(t["request"]["model"], "sim");
+}

@@ -142,7 +142,11 @@ pub fn steps(defaults: SimDefaults, p: SimParams) -> impl Stream<Item = SimStep>
             if i == tokens {
                 break;
             }
-            tokio::time::sleep(if i == 0 { first } else { interval }).await;
+            let delay = if i == 0 { first } else { interval };
+            // A zero delay must not wait for the timer's next tick (a millisecond).
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             yield SimStep::Token(token_text(i).to_string());
         }
         yield SimStep::Finish;
