@@ -54,6 +54,9 @@ struct Args {
     /// Where the report (report.md) and raw figures (results.json) go.
     #[arg(long, default_value = "docs/benchmarks")]
     out: PathBuf,
+    /// Run only the idle-stream memory measurement and print it (for profiling).
+    #[arg(long)]
+    only_idle: bool,
     /// The command line to print in the report.
     #[arg(long, default_value = "bash bench/run")]
     command: String,
@@ -467,6 +470,11 @@ async fn main() -> anyhow::Result<()> {
     let sluice = start_sluice(&sluice_bin, &mock.base_url(), true, "on").await?;
     let bare = start_sluice(&sluice_bin, &mock.base_url(), false, "off").await?;
     let sluice_pid = sluice.child.id().context("sluice pid")?;
+    if args.only_idle {
+        let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;
+        println!("{}", serde_json::to_string_pretty(&idle)?);
+        return Ok(());
+    }
 
     let mut targets = vec![
         Target {

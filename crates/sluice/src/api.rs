@@ -33,7 +33,7 @@ use crate::config::{Config, Timeouts};
 use crate::hub::{CancelResult, Live};
 use crate::relay::{self, Frame, Frames, OnDisconnect, RelayContext, StreamRequest, Terminal};
 use crate::status::{Ending, Reason, Status};
-use crate::upstream::{sim, Upstream, UpstreamRequest};
+use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
 /// The response header that names the stream.
 pub const STREAM_ID_HEADER: &str = "x-sluice-stream-id";
@@ -528,15 +528,13 @@ async fn complete_response(
     let mut usage = None;
     while let Some(item) = frames.recv().await {
         match item {
-            Ok(Frame::Chunk {
-                content: text,
-                finish_reason: f,
-                usage: u,
-                ..
-            }) => {
-                content.push_str(&text);
-                finish_reason = f.or(finish_reason);
-                usage = u.or(usage);
+            Ok(Frame::Chunk { data, .. }) => {
+                // The relay parsed this chunk before; it cannot fail now.
+                if let Ok(Payload::Chunk(chunk)) = Payload::parse(&data) {
+                    content.push_str(&chunk.content);
+                    finish_reason = chunk.finish_reason.or(finish_reason);
+                    usage = chunk.usage.or(usage);
+                }
             }
             Ok(Frame::KeepAlive) => {}
             Err(QueueError::Failed(t)) => return Err(ApiError::for_ending(&t.ending, id)),

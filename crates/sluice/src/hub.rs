@@ -13,7 +13,7 @@
 //! published. So a slow reader costs the relay nothing and never sees a gap.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use sluice_flow::{CancelCause, CancelToken};
 use tokio::sync::broadcast;
@@ -37,10 +37,14 @@ pub enum Live {
     End(Terminal),
 }
 
+/// A stream's live feed, made when its first reader subscribes: most streams never have one,
+/// and a feed's buffer is allocated whole.
+type Feed = Arc<OnceLock<broadcast::Sender<Live>>>;
+
 #[derive(Debug)]
 struct Entry {
     tenant: Arc<str>,
-    live: broadcast::Sender<Live>,
+    live: Feed,
     cancel: CancelToken,
 }
 
@@ -56,18 +60,20 @@ pub struct Hub {
 pub struct Publisher {
     hub: Arc<Hub>,
     id: Arc<str>,
-    live: broadcast::Sender<Live>,
+    live: Feed,
 }
 
 impl Publisher {
     /// Sends `event` to every current reader (none is fine).
     pub fn publish(&self, event: Live) {
-        let _ = self.live.send(event);
+        if let Some(live) = self.live.get() {
+            let _ = live.send(event);
+        }
     }
 
     /// How many readers follow the stream through the hub (not counting the original client).
     pub fn readers(&self) -> usize {
-        self.live.receiver_count()
+        self.live.get().map_or(0, broadcast::Sender::receiver_count)
     }
 }
 
@@ -98,7 +104,7 @@ impl Hub {
         tenant: Arc<str>,
         cancel: CancelToken,
     ) -> Publisher {
-        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let live: Feed = Arc::default();
         self.lock().insert(
             id.clone(),
             Entry {
@@ -119,7 +125,11 @@ impl Hub {
         self.lock()
             .get(id)
             .filter(|e| &*e.tenant == tenant)
-            .map(|e| e.live.subscribe())
+            .map(|e| {
+                e.live
+                    .get_or_init(|| broadcast::channel(LIVE_BUFFER).0)
+                    .subscribe()
+            })
     }
 
     /// Asks `tenant`'s running stream `id` to stop (cause: `requested`).

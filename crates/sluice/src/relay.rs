@@ -43,14 +43,9 @@ pub enum Frame {
         committed: Option<Committed>,
         /// The event id (1, 2, ...).
         seq: u64,
-        /// The chunk JSON.
+        /// The chunk JSON (a non-streaming response parses what it needs from it; a frame
+        /// stays small, because a queue allocates room for many at once).
         data: Arc<str>,
-        /// The text it adds.
-        content: String,
-        /// The finish reason, on the last chunk.
-        finish_reason: Option<String>,
-        /// Usage, if reported.
-        usage: Option<Value>,
     },
     /// The upstream has been silent past the keep-alive threshold.
     KeepAlive,
@@ -114,7 +109,7 @@ pub struct StreamRequest {
     pub tenant: String,
     /// The model the client asked for.
     pub model: String,
-    /// The client's request body, for the transcript.
+    /// The client's request body, for the transcript (taken by [`start`] when it records it).
     pub client_request: Value,
     /// Where the answer comes from.
     pub upstream: Upstream,
@@ -141,7 +136,7 @@ struct Progress {
 /// streams) is held until the stream ends.
 pub async fn start(
     ctx: &RelayContext,
-    req: StreamRequest,
+    mut req: StreamRequest,
     permit: StreamPermit,
 ) -> Result<Frames, StoreError> {
     ctx.store
@@ -149,7 +144,8 @@ pub async fn start(
             id: req.id.to_string(),
             tenant: req.tenant.clone(),
             model: req.model.clone(),
-            request: req.client_request.clone(),
+            // Recorded once; the relay does not need it afterwards.
+            request: std::mem::take(&mut req.client_request),
         })
         .await?;
     let cancel = ctx.shutdown.child();
@@ -404,9 +400,6 @@ async fn relay(
             committed,
             seq,
             data,
-            content: chunk.content,
-            finish_reason: chunk.finish_reason,
-            usage: chunk.usage,
         };
         let sending = Instant::now();
         // The send goes first: a chunk already committed and published reaches the client if

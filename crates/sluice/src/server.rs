@@ -212,7 +212,7 @@ async fn run(
             let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes);
         }
     });
-    let serve = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(signal);
     let ending = async {
         stopping.cancelled().await;
         tokio::time::sleep(grace).await;
