@@ -99,6 +99,28 @@ pub struct Store {
     writer: mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Stops the checkpoint thread when the last handle goes.
+    _checkpoints: Arc<StopOnDrop>,
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies the WAL into the database every half second, without waiting for readers or the
+/// writer (a passive checkpoint), until `stop` is set.
+fn checkpointer(conn: Connection, stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "checkpoint failed");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -259,6 +281,9 @@ impl Store {
         let write = Connection::open(&path)?;
         write.pragma_update(None, "journal_mode", "WAL")?;
         write.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints run on their own thread (below), not inside whichever commit crosses
+        // the threshold: that commit, and every chunk waiting on it, would stall for the copy.
+        write.pragma_update(None, "wal_autocheckpoint", 0)?;
         write.busy_timeout(Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
         let recovered = write.execute(
@@ -269,6 +294,13 @@ impl Store {
         )? as u64;
         let read = Connection::open(&path)?;
         read.busy_timeout(Duration::from_secs(5))?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoints = Connection::open(&path)?;
+        let stop = closed.clone();
+        std::thread::Builder::new()
+            .name("sluice-store-checkpoint".into())
+            .spawn(move || checkpointer(checkpoints, &stop))
+            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
@@ -278,6 +310,7 @@ impl Store {
                 writer: tx,
                 reader: Arc::new(Mutex::new(read)),
                 path,
+                _checkpoints: Arc::new(StopOnDrop(closed)),
             },
             recovered,
         ))
