@@ -431,7 +431,7 @@ async fn stream_response(
                         if let Frame::Chunk { seq, committed, .. } = &frame {
                             // Only what is in the transcript reaches the client.
                             if let Some(committed) = committed {
-                                let _ = committed.clone().await;
+                                committed.reached(*seq).await;
                             }
                             last_seq = *seq;
                         }

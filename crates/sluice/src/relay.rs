@@ -30,17 +30,18 @@ use crate::auth::StreamPermit;
 use crate::config::Timeouts;
 use crate::hub::{Hub, Live, Publisher};
 use crate::status::{Ending, Reason};
-use crate::store::{Committed, Finish, NewStream, Store, StoreError};
+use crate::store::{Finish, NewStream, Store, StoreError, Watermark};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 /// What the relay hands the client side, in order.
 #[derive(Debug, Clone)]
 pub enum Frame {
     /// A chunk: its event id, its JSON, and the text it adds. The client side writes it out
-    /// only once `committed` has resolved (it is in the transcript).
+    /// only once `committed` has reached `seq` (it is in the transcript).
     Chunk {
-        /// Resolves when the chunk is committed (`None`: chunks are not recorded).
-        committed: Option<Committed>,
+        /// The stream's commit watermark; the chunk may go out once it reaches `seq` (`None`:
+        /// chunks are not recorded).
+        committed: Option<Watermark>,
         /// The event id (1, 2, ...).
         seq: u64,
         /// The chunk JSON (a non-streaming response parses what it needs from it; a frame
@@ -270,7 +271,8 @@ async fn relay(
     // Under `grace_ms`: when the stream ends unless someone follows it through the hub.
     let mut grace: Option<Instant> = None;
     // Chunks queued for commit but not yet published to the hub, in order.
-    let mut unpublished: VecDeque<(u64, Arc<str>, Committed)> = VecDeque::new();
+    let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
+    let watermark = Watermark::new();
     let left = || {
         Ending::abnormal(
             Reason::ClientDisconnected,
@@ -294,8 +296,8 @@ async fn relay(
                 }
             }
             cause = cancel.cancelled() => break cancelled(cause),
-            () = next_commit(&unpublished) => {
-                publish_committed(&mut unpublished, publisher);
+            () = next_commit(&unpublished, &watermark) => {
+                publish_committed(&mut unpublished, &watermark, publisher);
                 continue;
             }
             () = until(grace) => {
@@ -368,12 +370,13 @@ async fn relay(
                     &req.id,
                     seq,
                     offset,
-                    data.to_string(),
-                    chunk.content.clone(),
+                    data.clone(),
+                    chunk.content,
+                    &watermark,
                 )
                 .await
             {
-                Ok(c) => Some(c),
+                Ok(()) => Some(watermark.clone()),
                 Err(e) => {
                     tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
                     None
@@ -383,13 +386,13 @@ async fn relay(
             None
         };
         match &committed {
-            Some(c) => unpublished.push_back((seq, data.clone(), c.clone())),
+            Some(_) => unpublished.push_back((seq, data.clone())),
             None => publisher.publish(Live::Chunk {
                 seq,
                 data: data.clone(),
             }),
         }
-        publish_committed(&mut unpublished, publisher);
+        publish_committed(&mut unpublished, &watermark, publisher);
         metrics::counter!("sluice_chunks_relayed_total").increment(1);
 
         let Some(tx) = &client else {
@@ -437,12 +440,10 @@ async fn relay(
     // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
     drop(limited);
     // Chunks still waiting for their commit reach the hub before the stream's end does.
-    while let Some((seq, data, committed)) = unpublished.pop_front() {
-        if let Err(e) = committed.await {
-            tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
-        }
-        publisher.publish(Live::Chunk { seq, data });
+    if let Some((last, _)) = unpublished.back() {
+        watermark.reached(*last).await;
     }
+    publish_committed(&mut unpublished, &watermark, publisher);
 
     let total = req.started.elapsed();
     metrics::histogram!("sluice_gateway_overhead_seconds").record(
@@ -462,25 +463,25 @@ async fn departed(client: &Option<Producer<Frame, Terminal>>) {
 }
 
 /// Resolves when the oldest unpublished chunk is committed; never if there is none.
-async fn next_commit(unpublished: &VecDeque<(u64, Arc<str>, Committed)>) {
+async fn next_commit(unpublished: &VecDeque<(u64, Arc<str>)>, watermark: &Watermark) {
     match unpublished.front() {
-        Some((_, _, committed)) => {
-            let _ = committed.clone().await;
-        }
+        Some((seq, _)) => watermark.reached(*seq).await,
         None => std::future::pending().await,
     }
 }
 
-/// Publishes, in order, every chunk at the front of `unpublished` whose commit is done.
+/// Publishes, in order, every chunk at the front of `unpublished` that is committed.
 fn publish_committed(
-    unpublished: &mut VecDeque<(u64, Arc<str>, Committed)>,
+    unpublished: &mut VecDeque<(u64, Arc<str>)>,
+    watermark: &Watermark,
     publisher: &Publisher,
 ) {
+    let committed = watermark.get();
     while unpublished
         .front()
-        .is_some_and(|(_, _, c)| c.peek().is_some())
+        .is_some_and(|(seq, _)| *seq <= committed)
     {
-        if let Some((seq, data, _)) = unpublished.pop_front() {
+        if let Some((seq, data)) = unpublished.pop_front() {
             publisher.publish(Live::Chunk { seq, data });
         }
     }

@@ -16,11 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures_util::future::{BoxFuture, FutureExt, Shared};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::status::{Ending, Reason, Status};
 
@@ -46,8 +45,49 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// Resolves when a queued write is committed. Cheap to clone; every clone resolves.
-pub type Committed = Shared<BoxFuture<'static, Result<(), StoreError>>>;
+/// A stream's commit watermark: the id of its last committed chunk. The writer advances it after
+/// each batch; readers wait for it to reach a chunk before handing that chunk to anyone. One per
+/// stream, cheap to clone: no allocation per chunk.
+#[derive(Debug, Clone)]
+pub struct Watermark(Arc<watch::Sender<u64>>);
+
+impl Default for Watermark {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl Watermark {
+    /// A watermark at 0 (nothing committed).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of the last committed chunk.
+    pub fn get(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// Waits until chunk `seq` is committed.
+    pub async fn reached(&self, seq: u64) {
+        if self.get() >= seq {
+            return;
+        }
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`, so this only ends when the mark is reached.
+        let _ = rx.wait_for(|committed| *committed >= seq).await;
+    }
+
+    fn advance(&self, seq: u64) {
+        self.0.send_if_modified(|committed| {
+            let moved = seq > *committed;
+            if moved {
+                *committed = seq;
+            }
+            moved
+        });
+    }
+}
 
 /// A stream as it is first recorded, before the upstream is called.
 #[derive(Debug, Clone)]
@@ -85,9 +125,9 @@ enum Op {
         id: Arc<str>,
         seq: u64,
         offset: Duration,
-        data: String,
+        data: Arc<str>,
         content: String,
-        ack: oneshot::Sender<Result<(), StoreError>>,
+        watermark: Watermark,
     },
     Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
@@ -339,19 +379,20 @@ impl Store {
     }
 
     /// Queues a chunk for the writer and returns at once (after waiting only for room in the
-    /// writer's queue) with a future that resolves when the chunk is committed, together with
+    /// writer's queue). `watermark` reaches `seq` when the chunk is committed, together with
     /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
-    /// after that future resolves, so a chunk a client has seen survives a crash of the
-    /// process; not waiting here lets one stream's chunks share a commit.
+    /// after that, so a chunk a client has seen survives a crash of the process; not waiting
+    /// here lets one stream's chunks share a commit. (If a commit fails, the error is logged and
+    /// the watermark moves on all the same: the gateway keeps serving.)
     pub async fn append(
         &self,
         id: &Arc<str>,
         seq: u64,
         offset: Duration,
-        data: String,
+        data: Arc<str>,
         content: String,
-    ) -> Result<Committed, StoreError> {
-        let (ack, done) = oneshot::channel();
+        watermark: &Watermark,
+    ) -> Result<(), StoreError> {
         self.writer
             .send(Op::Append {
                 id: id.clone(),
@@ -359,14 +400,10 @@ impl Store {
                 offset,
                 data,
                 content,
-                ack,
+                watermark: watermark.clone(),
             })
             .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(done
-            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
-            .boxed()
-            .shared())
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before
@@ -594,12 +631,10 @@ async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
         }
         for op in batch {
             match op {
-                Op::Begin(_, ack)
-                | Op::Finish(_, ack)
-                | Op::Flush(ack)
-                | Op::Append { ack, .. } => {
+                Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
                     let _ = ack.send(result.clone());
                 }
+                Op::Append { seq, watermark, .. } => watermark.advance(seq),
             }
         }
     }
@@ -624,7 +659,7 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
                 ..
             } => {
                 tx.prepare_cached("INSERT OR IGNORE INTO chunks (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                    .execute(params![&**id, *seq as i64, offset.as_micros() as i64, data, content])?;
+                    .execute(params![&**id, *seq as i64, offset.as_micros() as i64, &**data, content])?;
             }
             Op::Finish(f, _) => {
                 tx.execute(
@@ -669,14 +704,21 @@ mod tests {
         assert_eq!(recovered, 0);
         store.begin(new_stream("s1")).await.expect("begin");
         let id: Arc<str> = Arc::from("s1");
+        let watermark = Watermark::new();
         for (seq, text) in [(1, "Hel"), (2, "lo")] {
             let data = format!(r#"{{"choices":[{{"delta":{{"content":"{text}"}}}}]}}"#);
             store
-                .append(&id, seq, Duration::from_millis(seq * 10), data, text.into())
+                .append(
+                    &id,
+                    seq,
+                    Duration::from_millis(seq * 10),
+                    data.into(),
+                    text.into(),
+                    &watermark,
+                )
                 .await
-                .expect("append")
-                .await
-                .expect("committed");
+                .expect("append");
+            watermark.reached(seq).await;
         }
         store
             .finish(Finish {

@@ -43,38 +43,65 @@ pub enum Payload {
     Done,
 }
 
+/// The few fields of a chunk sluice reads, borrowed from the JSON where possible: a chunk is
+/// parsed on the hot path, and a generic `Value` would allocate a map per object.
+#[derive(serde::Deserialize)]
+struct WireChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<WireChoice<'a>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<WireDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct WireDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
 impl Payload {
     /// Interprets one event's data: `[DONE]`, a chunk, an error object, or garbage.
     pub fn parse(data: &str) -> Result<Self, UpstreamError> {
         if data.trim() == "[DONE]" {
             return Ok(Payload::Done);
         }
-        let value: Value = serde_json::from_str(data)
-            .map_err(|e| UpstreamError::Protocol(format!("a chunk is not JSON: {e}")))?;
-        let Value::Object(object) = &value else {
-            return Err(UpstreamError::Protocol(
-                "a chunk is not a JSON object".into(),
-            ));
+        let wire: WireChunk<'_> = serde_json::from_str(data).map_err(|e| {
+            UpstreamError::Protocol(if data.trim_start().starts_with('{') {
+                format!("a chunk is not JSON: {e}")
+            } else {
+                "a chunk is not a JSON object".to_string()
+            })
+        })?;
+        let raw = |v: &serde_json::value::RawValue| {
+            serde_json::from_str::<Value>(v.get()).unwrap_or(Value::Null)
         };
-        if let Some(error) = object.get("error") {
+        if let Some(error) = wire.error {
             return Err(UpstreamError::ErrorEvent {
-                message: error_message(error),
+                message: error_message(&raw(error)),
             });
         }
-        let choice = object
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|c| c.first());
-        let content = choice
-            .and_then(|c| c.pointer("/delta/content"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let finish_reason = choice
-            .and_then(|c| c.get("finish_reason"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let usage = object.get("usage").filter(|u| !u.is_null()).cloned();
+        let choice = wire.choices.into_iter().next();
+        let (content, finish_reason) = match choice {
+            Some(c) => (
+                c.delta
+                    .and_then(|d| d.content)
+                    .map(|c| c.into_owned())
+                    .unwrap_or_default(),
+                c.finish_reason.map(|f| f.into_owned()),
+            ),
+            None => (String::new(), None),
+        };
+        let usage = wire.usage.map(raw).filter(|u| !u.is_null());
         Ok(Payload::Chunk(Chunk {
             data: data.to_string(),
             content,
