@@ -562,7 +562,12 @@ async fn main() -> anyhow::Result<()> {
         "sluice: RSS with {} idle streams",
         plan.idle_streams
     ));
-    let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;
+    // A fresh process: memory the allocator kept from the throughput runs is not the idle cost.
+    drop((sluice, bare));
+    let fresh = start_sluice(&sluice_bin, &mock.base_url(), true, "idle").await?;
+    let fresh_pid = fresh.child.id().context("sluice pid")?;
+    let idle = idle_streams(&fresh.base, fresh_pid, plan.idle_streams).await?;
+    drop(fresh);
     bar.inc(1);
     bar.finish_with_message("done");
 
@@ -604,7 +609,6 @@ async fn main() -> anyhow::Result<()> {
         args.out.join("report.md").display(),
         args.out.join("results.json").display()
     );
-    drop((sluice, bare));
     Ok(())
 }
 
@@ -835,7 +839,7 @@ impl Report {
              (the peer rewrites chunks, dropping the send stamp). Close → upstream close: the client drops its connection to the upstream \
              seeing its request go away. Throughput: clients each looping over streams of {tokens} chunks, no delay between chunks.\n\n\
              ## Goals\n\n{goals}\n\
-             ## Idle streams\n\n{idle} open streams (one chunk sent, then silence) on the built-in simulated model: RSS {before:.1} MB before, \
+             ## Idle streams\n\n{idle} open streams (one chunk sent, then silence) on the built-in simulated model, in a fresh sluice process: RSS {before:.1} MB before, \
              {with:.1} MB with them ({per:.1} KB per stream). The simulated model holds no upstream socket, so an upstream connection's state \
              per stream is not included; this machine allows 20,000 open files per process, too few for 10,000 streams with upstream sockets \
              on both sides in the same run.\n\n\

@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use sluice_flow::{CancelCause, CancelToken, Drained, Tasks};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -31,6 +30,11 @@ use crate::store::{Store, StoreError};
 
 /// How long, after in-flight streams are cancelled, connections get to deliver their last event.
 const LAST_WORDS: Duration = Duration::from_secs(2);
+/// The largest request head (request line and headers) accepted. It also caps each
+/// connection's read buffer, which hyper otherwise grows to 16 KB and keeps while the
+/// connection idles: at 10,000 open streams that is 80 MB.
+const MAX_HEAD_BYTES: usize = 8192;
+
 /// How long shutdown waits for shielded writes.
 const WRITES_BOUND: Duration = Duration::from_secs(10);
 
@@ -206,13 +210,7 @@ async fn run(
             stopping.cancel(CancelCause::Shutdown);
         }
     };
-    let listener = listener.tap_io(move |tcp| {
-        let _ = tcp.set_nodelay(true);
-        if let Some(bytes) = send_buffer {
-            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes);
-        }
-    });
-    let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(signal);
+    let serve = serve_connections(listener, app, send_buffer, signal);
     let ending = async {
         stopping.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -232,4 +230,50 @@ async fn run(
     store.flush().await?;
     tracing::info!("shutdown complete");
     Ok(ShutdownReport { drained })
+}
+
+/// Accepts connections and serves `app` on each (HTTP/1.1) until `signal`; then stops accepting
+/// and waits for the open connections to finish (idle keep-alive connections are closed, and
+/// each in-flight response is let finish). What `axum::serve` does, plus a cap on each
+/// connection's read buffer and our socket options.
+async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    send_buffer: Option<usize>,
+    signal: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(MAX_HEAD_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new());
+    tokio::pin!(signal);
+    loop {
+        let tcp = tokio::select! {
+            () = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        if let Some(bytes) = send_buffer {
+            let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes);
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -204,8 +204,20 @@ fn unix_now() -> u64 {
 
 /// The in-process simulated model as a [`ChunkStream`].
 pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
+    // Take what the answer needs now, so the request body is not held for the stream's life.
+    let params = params(&request.body);
+    let model = request
+        .body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("sim")
+        .to_string();
+    let prompt_tokens = usage(&request.body, 0)["prompt_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    drop(request);
     Box::pin(stream! {
-        let p = match params(&request.body) {
+        let p = match params {
             Ok(p) => p,
             Err(e) => {
                 yield Err(UpstreamError::Status { status: 400, message: format!("invalid sim field: {e}") });
@@ -216,7 +228,6 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
             yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}") });
             return;
         }
-        let model = request.body.get("model").and_then(Value::as_str).unwrap_or("sim").to_string();
         let id = format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple());
         let mut count = 0u32;
         let steps = steps(defaults, p);
@@ -235,7 +246,12 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
                 SimStep::Drop => { yield Err(UpstreamError::Truncated); return; }
                 SimStep::Garbage => { yield Err(UpstreamError::Protocol("a chunk is not JSON (garbage_after)".into())); return; }
                 SimStep::Finish => {
-                    let last = chunk_json(&id, &model, None, Some(usage(&request.body, count)));
+                    let usage = json!({
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": count,
+                        "total_tokens": prompt_tokens + u64::from(count),
+                    });
+                    let last = chunk_json(&id, &model, None, Some(usage));
                     if let Ok(Payload::Chunk(c)) = Payload::parse(&last) {
                         yield Ok(c);
                     }
