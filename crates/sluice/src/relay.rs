@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! upstream ──▶ StreamLimits (first_token, idle, total, keep-alive)
-//!                 │  each chunk: appended to the transcript, then
+//!                 │  each chunk: queued for the transcript, then
 //!                 ▼
-//!          bounded queue (backpressure; slow_client_timeout) ──▶ api (SSE to the client)
+//!          bounded queue (backpressure; slow_client_timeout) ──▶ api (SSE to the client,
+//!                 │                                              once the chunk is committed)
+//!                 └──▶ hub (resumers), in commit order
 //! ```
 //! A relay runs as its own tracked task, apart from the HTTP request, so that it sees the client
 //! leave (the queue's consumer departs) instead of being silently dropped with the request. On

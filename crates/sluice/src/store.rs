@@ -5,9 +5,11 @@
 //! is waiting in one transaction (a batch), so chunk appends cost one fsync per batch, not per
 //! chunk. The database runs in WAL mode, so reads (on their own connection) never wait for the
 //! writer. Writes on the channel are applied in order: a stream's final status is always written
-//! after every chunk appended before it. Every write returns once it is committed. With WAL and
-//! `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily a
-//! power cut: the WAL is synced at checkpoints).
+//! after every chunk appended before it. `begin`, `finish` and `flush` return once committed;
+//! `append` returns once queued, and the stream's [`Watermark`] reaches the chunk when it is
+//! committed (so a relay never waits for one chunk's commit before reading the next). With WAL
+//! and `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily
+//! a power cut: the WAL is synced at checkpoints, which run on their own thread).
 //!
 //! At open, streams still marked `streaming` belong to a process that died: they are marked
 //! `interrupted(crash)`.
@@ -616,12 +618,22 @@ async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
         let Some(mut c) = conn.take() else { break };
         let written = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let result = apply(&mut c, &batch).map_err(StoreError::from);
+            // A panic in a batch must not lose the batch: its acks and watermarks still have to
+            // move, or streams would wait for them forever. (The open transaction rolls back.)
+            let applied =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&mut c, &batch)));
+            let result = match applied {
+                Ok(r) => r.map_err(StoreError::from),
+                Err(_) => Err(StoreError::Db(
+                    "the store writer panicked on this batch".into(),
+                )),
+            };
             (c, batch, result, started.elapsed())
         })
         .await;
         let Ok((c, batch, result, took)) = written else {
-            tracing::error!("the store writer panicked; writes will fail from now on");
+            // Unreachable in practice (the panic is caught above); the runtime is shutting down.
+            tracing::error!("the store writer stopped; writes will fail from now on");
             break;
         };
         conn = Some(c);

@@ -457,3 +457,23 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
     assert_eq!(t["chunks"], json!([]));
     assert_eq!(t["request"]["model"], "sim");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_chunk_write_is_logged_and_never_hangs_the_stream() {
+    let g = gateway("").await;
+    // Break chunk writes behind the server's back: every append batch now fails.
+    let db = rusqlite::Connection::open(g.server.store().path()).unwrap();
+    db.execute_batch("DROP TABLE chunks").unwrap();
+    let mut r = Reader::open(
+        &g.url,
+        &chat_body("sim", true, json!({"tokens": 3}), json!(null)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    r.finish().await;
+    assert_eq!(r.content(), "Hello from sluice");
+    assert_eq!(r.events.last().unwrap().data, "[DONE]");
+    // The stream's own record still lands (streams is intact); its chunks could not be kept.
+    let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
+    assert_eq!(list[0].status, sluice::status::Status::Completed);
+}
