@@ -137,8 +137,21 @@ struct Progress {
 /// Records the stream, starts its relay task, and returns its frames. The request is in the
 /// store before the upstream is called. `permit` (the caller's place among its key's concurrent
 /// streams) is held until the stream ends.
+///
+/// Shielded: once recording has begun, the stream gets its relay (and so a final status) even if
+/// the caller is dropped meanwhile; the relay then finds its client gone.
 pub async fn start(
     ctx: &RelayContext,
+    req: StreamRequest,
+    permit: StreamPermit,
+) -> Result<Frames, StoreError> {
+    let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req, permit));
+    job.await
+        .unwrap_or_else(|e| Err(StoreError::Db(format!("starting the stream failed: {e}"))))
+}
+
+async fn record_and_spawn(
+    ctx: RelayContext,
     mut req: StreamRequest,
     permit: StreamPermit,
 ) -> Result<Frames, StoreError> {
@@ -158,9 +171,9 @@ pub async fn start(
         cancel.clone(),
     );
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
-    let ctx2 = ctx.clone();
-    ctx.tasks.spawn(async move {
-        run(ctx2, req, tx, cancel, publisher).await;
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(async move {
+        run(ctx, req, tx, cancel, publisher).await;
         drop(permit);
     });
     Ok(rx)
@@ -527,5 +540,66 @@ fn record_metrics(ending: &Ending) {
             metrics::counter!("sluice_upstream_errors_total", "reason" => r.as_str()).increment(1)
         }
         Some(Reason::Crash) | None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Keys;
+    use crate::status::Status;
+    use crate::upstream::sim::SimDefaults;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("store");
+        let ctx = RelayContext {
+            store: store.clone(),
+            tasks: Tasks::new(),
+            shutdown: CancelToken::new(),
+            hub: Arc::new(Hub::default()),
+            buffer_chunks: 4,
+            slow_client_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(15),
+            record_chunks: true,
+        };
+        let mut body = serde_json::Map::new();
+        body.insert("model".into(), "sim".into());
+        let req = StreamRequest {
+            id: Arc::from("s1"),
+            tenant: "local".into(),
+            model: "sim".into(),
+            client_request: Value::Object(body.clone()),
+            upstream: Upstream::Sim(SimDefaults::default()),
+            upstream_request: UpstreamRequest { body },
+            timeouts: crate::config::Timeouts::default(),
+            started: Instant::now(),
+            on_disconnect: OnDisconnect::Cancel,
+        };
+        let permit = Keys::new(&[])
+            .authenticate(None)
+            .expect("open")
+            .admit()
+            .expect("no limits");
+        // Poll `start` once (the record is on its way to the writer) and drop it.
+        let dropped = tokio::time::timeout(Duration::ZERO, start(&ctx, req, permit)).await;
+        assert!(
+            dropped.is_err(),
+            "start was still waiting for the record when dropped"
+        );
+        assert_eq!(
+            ctx.tasks.shutdown(Duration::from_secs(5)).await,
+            sluice_flow::Drained::Complete
+        );
+        let t = store
+            .get("local", "s1")
+            .await
+            .expect("read")
+            .expect("recorded");
+        assert_eq!(
+            (t.status, t.reason),
+            (Status::Cancelled, Some(Reason::ClientDisconnected))
+        );
     }
 }
