@@ -57,6 +57,10 @@ struct Args {
     /// Run only the idle-stream memory measurement and print it (for profiling).
     #[arg(long)]
     only_idle: bool,
+    /// Run only sluice's throughput at this many concurrent streams for 10 s and print it (for
+    /// profiling: attach perf to the sluice process meanwhile).
+    #[arg(long)]
+    only_throughput: Option<usize>,
     /// The command line to print in the report.
     #[arg(long, default_value = "bash bench/run")]
     command: String,
@@ -477,6 +481,21 @@ async fn main() -> anyhow::Result<()> {
     let sluice = start_sluice(&sluice_bin, &mock.base_url(), true, "on").await?;
     let bare = start_sluice(&sluice_bin, &mock.base_url(), false, "off").await?;
     let sluice_pid = sluice.child.id().context("sluice pid")?;
+    if let Some(concurrency) = args.only_throughput {
+        let t = Target {
+            id: "sluice",
+            name: "sluice".into(),
+            base: sluice.base.clone(),
+            key: None,
+            model: "up",
+            client: client(),
+            stamps: true,
+        };
+        eprintln!("sluice pid {sluice_pid}");
+        let level = throughput(&t, concurrency, 10.0, plan.tokens_per_stream).await;
+        println!("{}", serde_json::to_string_pretty(&level)?);
+        return Ok(());
+    }
     if args.only_idle {
         let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;
         println!("{}", serde_json::to_string_pretty(&idle)?);
