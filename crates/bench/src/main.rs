@@ -638,6 +638,15 @@ struct Report {
     rows: Vec<[String; 5]>,
 }
 
+/// `field(a) / field(b)` at each concurrency level.
+fn ratios<'a>(
+    a: &'a [Level],
+    b: &'a [Level],
+    field: fn(&Level) -> f64,
+) -> impl Iterator<Item = f64> + 'a {
+    a.iter().zip(b).map(move |(x, y)| ratio(field(x), field(y)))
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
@@ -698,12 +707,8 @@ impl Report {
                 Some(added <= 5.0),
             );
         }
-        let worst_direct = s
-            .throughput
-            .iter()
-            .zip(&d.throughput)
-            .map(|(a, b)| ratio(a.chunks_per_s, b.chunks_per_s))
-            .fold(f64::INFINITY, f64::min);
+        let worst_direct =
+            ratios(&s.throughput, &d.throughput, |l| l.chunks_per_s).fold(f64::INFINITY, f64::min);
         goal(
             "streaming throughput ≥ 50% of direct (every concurrency)",
             format!("{:.0}% at worst", worst_direct * 100.0),
@@ -711,11 +716,7 @@ impl Report {
         );
         match &peer {
             Some(p) => {
-                let worst = s
-                    .throughput
-                    .iter()
-                    .zip(&p.throughput)
-                    .map(|(a, b)| ratio(a.streams_per_s, b.streams_per_s))
+                let worst = ratios(&s.throughput, &p.throughput, |l| l.streams_per_s)
                     .fold(f64::INFINITY, f64::min);
                 goal(
                     "throughput ≥ 50× the peer's (every concurrency)",
@@ -760,11 +761,8 @@ impl Report {
             ),
             Some(s.close_to_upstream_close.p99_us <= 2000.0),
         );
-        let worst_cost = b
-            .throughput
-            .iter()
-            .zip(&s.throughput)
-            .map(|(off, on)| 1.0 - ratio(on.chunks_per_s, off.chunks_per_s))
+        let worst_cost = ratios(&s.throughput, &b.throughput, |l| l.chunks_per_s)
+            .map(|r| 1.0 - r)
             .fold(f64::NEG_INFINITY, f64::max);
         goal(
             "transcripts cost ≤ 10% of throughput (every concurrency)",
