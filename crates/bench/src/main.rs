@@ -481,18 +481,18 @@ async fn main() -> anyhow::Result<()> {
     let sluice = start_sluice(&sluice_bin, &mock.base_url(), true, "on").await?;
     let bare = start_sluice(&sluice_bin, &mock.base_url(), false, "off").await?;
     let sluice_pid = sluice.child.id().context("sluice pid")?;
+    let sluice_target = Target {
+        id: "sluice",
+        name: "sluice".into(),
+        base: sluice.base.clone(),
+        key: None,
+        model: "up",
+        client: client(),
+        stamps: true,
+    };
     if let Some(concurrency) = args.only_throughput {
-        let t = Target {
-            id: "sluice",
-            name: "sluice".into(),
-            base: sluice.base.clone(),
-            key: None,
-            model: "up",
-            client: client(),
-            stamps: true,
-        };
         eprintln!("sluice pid {sluice_pid}");
-        let level = throughput(&t, concurrency, 10.0, plan.tokens_per_stream).await;
+        let level = throughput(&sluice_target, concurrency, 10.0, plan.tokens_per_stream).await;
         println!("{}", serde_json::to_string_pretty(&level)?);
         return Ok(());
     }
@@ -512,15 +512,7 @@ async fn main() -> anyhow::Result<()> {
             client: client(),
             stamps: true,
         },
-        Target {
-            id: "sluice",
-            name: "sluice".into(),
-            base: sluice.base.clone(),
-            key: None,
-            model: "up",
-            client: client(),
-            stamps: true,
-        },
+        sluice_target.clone(),
         Target {
             id: "sluice_no_transcripts",
             name: "sluice, record_chunks = false".into(),

@@ -700,6 +700,18 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
 mod tests {
     use super::*;
 
+    /// A final record with no timings, usage or chunks.
+    fn bare_finish(id: &str, ending: Ending) -> Finish {
+        Finish {
+            id: id.into(),
+            ending,
+            first_token: None,
+            total: Duration::ZERO,
+            usage: None,
+            chunks: 0,
+        }
+    }
+
     fn new_stream(id: &str) -> NewStream {
         NewStream {
             id: id.into(),
@@ -768,14 +780,7 @@ mod tests {
             store.begin(new_stream("open")).await.expect("begin");
             store.begin(new_stream("done")).await.expect("begin");
             store
-                .finish(Finish {
-                    id: "done".into(),
-                    ending: Ending::Completed,
-                    first_token: None,
-                    total: Duration::ZERO,
-                    usage: None,
-                    chunks: 0,
-                })
+                .finish(bare_finish("done", Ending::Completed))
                 .await
                 .expect("finish");
         }
@@ -803,19 +808,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = Store::open(dir.path()).expect("open");
         store.begin(new_stream("s")).await.expect("begin");
-        let fin = |ending| Finish {
-            id: "s".into(),
-            ending,
-            first_token: None,
-            total: Duration::ZERO,
-            usage: None,
-            chunks: 0,
-        };
         store
-            .finish(fin(Ending::abnormal(Reason::Idle, "idle")))
+            .finish(bare_finish("s", Ending::abnormal(Reason::Idle, "idle")))
             .await
             .expect("finish");
-        store.finish(fin(Ending::Completed)).await.expect("finish");
+        store
+            .finish(bare_finish("s", Ending::Completed))
+            .await
+            .expect("finish");
         let t = store
             .get("local", "s")
             .await
