@@ -11,9 +11,15 @@
 //! and `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily
 //! a power cut: the WAL is synced at checkpoints, which run on their own thread).
 //!
+//! Chunks are appended to a log in arrival order and folded into per-stream blocks (see
+//! [`block`] for why).
+//!
 //! At open, streams still marked `streaming` belong to a process that died: they are marked
-//! `interrupted(crash)`.
+//! `interrupted(crash)`, and the chunks their runs held are folded into blocks.
 
+mod block;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,6 +30,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::status::{Ending, Reason, Status};
+use block::{Decoded, LoggedChunk, Run, Runs};
 
 /// How many writes may wait for the writer.
 const WRITE_QUEUE: usize = 8192;
@@ -140,6 +147,9 @@ enum Op {
 pub struct Store {
     writer: mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
+    /// Each stream's committed chunks that are not in a block yet (written by the writer,
+    /// read by readers).
+    runs: Arc<Mutex<Runs>>,
     path: PathBuf,
     /// Stops the checkpoint thread when the last handle goes.
     _checkpoints: Arc<StopOnDrop>,
@@ -154,13 +164,58 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Copies the WAL into the database every half second, without waiting for readers or the
-/// writer (a passive checkpoint), until `stop` is set.
-fn checkpointer(conn: Connection, stop: &std::sync::atomic::AtomicBool) {
+/// When the checkpoint thread works.
+#[derive(Debug, Clone, Copy)]
+struct Checkpoints {
+    /// How often it copies the WAL into the database.
+    every: Duration,
+    /// A WAL with more frames than this after a checkpoint gets a rewind: see [`checkpointer`].
+    rewind_frames: i64,
+}
+
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Self {
+            every: Duration::from_millis(500),
+            // About 16 MB.
+            rewind_frames: 4096,
+        }
+    }
+}
+/// What a WAL is cut back to (bytes) when it rewinds after a burst.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// Copies the WAL into the database every `when.every`, until `stop` is set.
+///
+/// A passive checkpoint waits for no one, so commits never stall behind it. But SQLite only
+/// rewinds the WAL to its start when a write begins after *every* frame has been copied, and a
+/// writer that never pauses always has new frames by the time a passive checkpoint ends: under
+/// sustained load the WAL would grow without bound (the benchmark saw 880 MB in 7 s, and the
+/// kernel zeroing fresh pages for it was 18% of the gateway's CPU). So when the WAL is past
+/// `when.rewind_frames` after a passive pass, the thread holds `gate` (the writer takes it for
+/// each batch) for a second pass, which then copies the few frames written meanwhile; the next
+/// batch rewinds the WAL.
+fn checkpointer(
+    conn: Connection,
+    when: Checkpoints,
+    stop: &std::sync::atomic::AtomicBool,
+    gate: &Mutex<()>,
+) {
+    let checkpoint = |conn: &Connection| {
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+    };
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(500));
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "checkpoint failed");
+        std::thread::sleep(when.every);
+        let frames = match checkpoint(&conn) {
+            Ok(frames) if frames > when.rewind_frames => {
+                let _writer_paused = gate.lock().unwrap_or_else(PoisonError::into_inner);
+                checkpoint(&conn)
+            }
+            other => other,
+        };
+        match frames {
+            Ok(frames) => metrics::gauge!("sluice_store_wal_frames").set(frames as f64),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
     }
 }
@@ -302,32 +357,52 @@ CREATE TABLE IF NOT EXISTS streams (
     chunk_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS streams_by_tenant ON streams (tenant, seq);
-CREATE TABLE IF NOT EXISTS chunks (
+CREATE TABLE IF NOT EXISTS chunk_log (
+    id INTEGER PRIMARY KEY,
     stream_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     offset_us INTEGER NOT NULL,
     data TEXT NOT NULL,
-    content TEXT NOT NULL,
-    PRIMARY KEY (stream_id, seq)
-) WITHOUT ROWID;
+    content TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunk_blocks (
+    id INTEGER PRIMARY KEY,
+    stream_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunk_blocks_by_stream ON chunk_blocks (stream_id, first_seq);
 ";
+
+/// Locks the runs (a writer that panicked mid-update left them consistent: it only changes
+/// them after a commit).
+fn lock(runs: &Mutex<Runs>) -> std::sync::MutexGuard<'_, Runs> {
+    runs.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`, marks streams a crash left open
     /// as `interrupted(crash)`, and starts the writer. Returns the store and how many streams
     /// were recovered.
     pub fn open(data_dir: &Path) -> Result<(Self, u64), StoreError> {
+        Self::open_with(data_dir, Checkpoints::default())
+    }
+
+    fn open_with(data_dir: &Path, when: Checkpoints) -> Result<(Self, u64), StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
         let path = data_dir.join("sluice.db");
-        let write = Connection::open(&path)?;
+        let mut write = Connection::open(&path)?;
         write.pragma_update(None, "journal_mode", "WAL")?;
         write.pragma_update(None, "synchronous", "NORMAL")?;
         // Checkpoints run on their own thread (below), not inside whichever commit crosses
         // the threshold: that commit, and every chunk waiting on it, would stall for the copy.
         write.pragma_update(None, "wal_autocheckpoint", 0)?;
+        write.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         write.busy_timeout(Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
+        fold_log(&mut write)?;
         let recovered = write.execute(
             "UPDATE streams SET status = 'interrupted', reason = 'crash',
                  detail = 'the gateway process ended while the stream was running'
@@ -339,18 +414,22 @@ impl Store {
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpoints = Connection::open(&path)?;
         let stop = closed.clone();
+        let gate = Arc::new(Mutex::new(()));
+        let writer_gate = gate.clone();
         std::thread::Builder::new()
             .name("sluice-store-checkpoint".into())
-            .spawn(move || checkpointer(checkpoints, &stop))
+            .spawn(move || checkpointer(checkpoints, when, &stop, &gate))
             .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
-        runtime.spawn(writer(write, rx));
+        let runs = Arc::new(Mutex::new(Runs::new()));
+        runtime.spawn(writer(write, rx, runs.clone(), writer_gate));
         Ok((
             Self {
                 writer: tx,
                 reader: Arc::new(Mutex::new(read)),
+                runs,
                 path,
                 _checkpoints: Arc::new(StopOnDrop(closed)),
             },
@@ -483,11 +562,15 @@ impl Store {
     /// Where `tenant`'s stream `id` stands.
     pub async fn state(&self, tenant: &str, id: &str) -> Result<Option<StreamState>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
+        let runs = self.runs.clone();
         self.read(move |c| {
+            // The run first, then the blocks: a run written as a block in between is then
+            // seen in the block (the other order could miss it in both).
+            let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
             let row = c
                 .query_row(
                     "SELECT status, reason, detail,
-                        (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
+                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id)
                      FROM streams WHERE id = ?1 AND tenant = ?2",
                     params![id, tenant],
                     |r| {
@@ -504,7 +587,7 @@ impl Store {
                 status: Status::parse(&status).unwrap_or(Status::Failed),
                 reason: reason.as_deref().and_then(Reason::parse),
                 detail,
-                last_seq: last as u64,
+                last_seq: (last as u64).max(in_run),
             }))
         })
         .await
@@ -519,16 +602,13 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(u64, String)>, StoreError> {
         let id = id.to_string();
+        let runs = self.runs.clone();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, data FROM chunks WHERE stream_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt
-                .query_map(params![id, after as i64, limit as i64], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            let chunks = read_chunks(c, &runs, &id, after, limit)?;
+            Ok(chunks
+                .into_iter()
+                .map(|(seq, _, data, _)| (seq, data))
+                .collect())
         })
         .await
     }
@@ -536,6 +616,7 @@ impl Store {
     /// One of `tenant`'s streams, whole.
     pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Transcript>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
+        let runs = self.runs.clone();
         self.read(move |c| {
             let row = c
                 .query_row(
@@ -560,22 +641,18 @@ impl Store {
             let Some((model, created, status, reason, detail, request, first_us, total_us, usage)) = row else {
                 return Ok(None);
             };
-            let mut stmt = c.prepare("SELECT seq, offset_us, data, content FROM chunks WHERE stream_id = ?1 ORDER BY seq")?;
             let mut content = String::new();
-            let chunks = stmt
-                .query_map(params![id], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
-                })?
-                .map(|row| {
-                    let (seq, offset_us, data, text) = row?;
+            let chunks = read_chunks(c, &runs, &id, 0, usize::MAX)?
+                .into_iter()
+                .map(|(seq, offset_us, data, text)| {
                     content.push_str(&text);
-                    Ok(StoredChunk {
-                        seq: seq as u64,
+                    StoredChunk {
+                        seq,
                         offset_ms: offset_us as f64 / 1000.0,
                         data: serde_json::from_str(&data).unwrap_or(Value::String(data)),
-                    })
+                    }
                 })
-                .collect::<Result<Vec<_>, StoreError>>()?;
+                .collect();
             let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
             Ok(Some(Transcript {
                 id,
@@ -599,13 +676,167 @@ impl Store {
     }
 }
 
+/// Up to `limit` of stream `id`'s chunks after `after`, in order: from its blocks, then from its
+/// run.
+fn read_chunks(
+    c: &Connection,
+    runs: &Mutex<Runs>,
+    id: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Decoded>, StoreError> {
+    // The run first, then the blocks: a run written as a block in between is then seen in the
+    // block (the other order could miss it in both).
+    let in_run: Vec<LoggedChunk> = lock(runs)
+        .get(id)
+        .map(|run| {
+            run.chunks
+                .iter()
+                .filter(|c| c.seq > after)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out: Vec<Decoded> = Vec::new();
+    let mut last = after;
+    let mut stmt = c.prepare_cached(
+        "SELECT body FROM chunk_blocks WHERE stream_id = ?1 AND last_seq > ?2 ORDER BY first_seq",
+    )?;
+    let mut rows = stmt.query(params![id, after as i64])?;
+    while let Some(row) = rows.next()? {
+        if out.len() >= limit {
+            break;
+        }
+        let body: Vec<u8> = row.get(0)?;
+        for chunk in block::decode(&body).map_err(|e| StoreError::Db(e.to_string()))? {
+            if chunk.0 > last {
+                last = chunk.0;
+                out.push(chunk);
+            }
+        }
+    }
+    for chunk in in_run {
+        if chunk.seq > last {
+            last = chunk.seq;
+            out.push((
+                chunk.seq,
+                chunk.offset_us,
+                chunk.data.to_string(),
+                chunk.content,
+            ));
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// Folds what the log holds beyond the blocks (the runs of a process that ended) into blocks,
+/// and empties the log. Also moves chunks from the one-row-per-chunk table of earlier versions.
+fn fold_log(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let old_table: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_table {
+        fold(
+            &tx,
+            "SELECT stream_id, seq, offset_us, data, content FROM chunks ORDER BY stream_id, seq",
+        )?;
+        tx.execute_batch("DROP TABLE chunks")?;
+    }
+    fold(
+        &tx,
+        "SELECT stream_id, seq, offset_us, data, content FROM chunk_log ORDER BY stream_id, id",
+    )?;
+    tx.execute("DELETE FROM chunk_log", [])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Writes the chunks `query` yields (grouped by stream, in order) as blocks, skipping those a
+/// block already holds.
+fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(query)?;
+    let mut rows = stmt.query([])?;
+    let mut stream: Option<(Arc<str>, u64)> = None;
+    let mut run = Run::default();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let seq = row.get::<_, i64>(1)? as u64;
+        if stream.as_ref().is_none_or(|(current, _)| **current != *id) {
+            if let Some((current, _)) = &stream {
+                write_block(tx, current, &run.chunks)?;
+            }
+            run = Run::default();
+            let blocked: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = ?1",
+                params![id],
+                |r| r.get(0),
+            )?;
+            stream = Some((Arc::from(id), blocked as u64));
+        }
+        let Some((current, blocked)) = &stream else {
+            continue;
+        };
+        if seq <= *blocked {
+            continue;
+        }
+        run.push(
+            0,
+            LoggedChunk {
+                seq,
+                offset_us: row.get(2)?,
+                data: Arc::from(row.get::<_, String>(3)?),
+                content: row.get(4)?,
+            },
+        );
+        if run.is_full() {
+            write_block(tx, current, &run.chunks)?;
+            run = Run::default();
+        }
+    }
+    if let Some((current, _)) = &stream {
+        write_block(tx, current, &run.chunks)?;
+    }
+    Ok(())
+}
+
+/// Writes `chunks` (consecutive chunks of stream `id`) as one block; nothing if empty.
+fn write_block(tx: &Connection, id: &str, chunks: &[LoggedChunk]) -> Result<(), StoreError> {
+    if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
+        insert_block(tx, id, first.seq, last.seq, block::encode(chunks))?;
+    }
+    Ok(())
+}
+
+fn insert_block(
+    tx: &Connection,
+    id: &str,
+    first_seq: u64,
+    last_seq: u64,
+    body: Vec<u8>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO chunk_blocks (stream_id, first_seq, last_seq, body) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, first_seq as i64, last_seq as i64, body])?;
+    Ok(())
+}
+
 /// The writer: takes every waiting write, commits them in one transaction, then acks.
 ///
 /// The SQLite work of each batch runs under `spawn_blocking`, so it never blocks the runtime's
 /// threads, and tokio knows work is in flight (its paused test clock does not jump ahead while
 /// a batch is being written).
-async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
-    let mut conn = Some(conn);
+async fn writer(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    runs: Arc<Mutex<Runs>>,
+    gate: Arc<Mutex<()>>,
+) {
+    let mut state = Some((conn, LogState::default()));
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         batch.push(first);
@@ -615,28 +846,35 @@ async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let Some(mut c) = conn.take() else { break };
+        let Some((mut c, mut log)) = state.take() else {
+            break;
+        };
+        let (runs, gate) = (runs.clone(), gate.clone());
         let written = tokio::task::spawn_blocking(move || {
+            // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
+            let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
             let started = Instant::now();
             // A panic in a batch must not lose the batch: its acks and watermarks still have to
-            // move, or streams would wait for them forever. (The open transaction rolls back.)
-            let applied =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&mut c, &batch)));
+            // move, or streams would wait for them forever. (The open transaction rolls back,
+            // and the runs are only changed after a commit.)
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                apply(&mut c, &batch, &runs, &mut log)
+            }));
             let result = match applied {
-                Ok(r) => r.map_err(StoreError::from),
+                Ok(r) => r,
                 Err(_) => Err(StoreError::Db(
                     "the store writer panicked on this batch".into(),
                 )),
             };
-            (c, batch, result, started.elapsed())
+            (c, log, batch, result, started.elapsed())
         })
         .await;
-        let Ok((c, batch, result, took)) = written else {
+        let Ok((c, log, batch, result, took)) = written else {
             // Unreachable in practice (the panic is caught above); the runtime is shutting down.
             tracing::error!("the store writer stopped; writes will fail from now on");
             break;
         };
-        conn = Some(c);
+        state = Some((c, log));
         metrics::histogram!("sluice_store_write_seconds").record(took.as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "store batch failed");
@@ -652,8 +890,67 @@ async fn writer(conn: Connection, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
+/// What the writer remembers about the log between batches.
+#[derive(Debug, Default)]
+struct LogState {
+    /// Rows appended since the log's head was last trimmed.
+    appended: i64,
+}
+
+/// What a batch does to one stream's run; applied to the shared runs once committed.
+#[derive(Debug, Default)]
+struct RunChange {
+    /// The run as it was before the batch has been written as a block.
+    written: bool,
+    /// Chunks this batch logged (after that block, if any).
+    staged: Run,
+}
+
+impl RunChange {
+    /// The run's chunks as they now stand: what is left of the shared run, then the staged ones.
+    fn chunks<'a>(&'a self, runs: &'a Runs, id: &str) -> impl Iterator<Item = &'a LoggedChunk> {
+        let base = if self.written { None } else { runs.get(id) };
+        base.into_iter()
+            .flat_map(|run| run.chunks.iter())
+            .chain(self.staged.chunks.iter())
+    }
+
+    fn is_full(&self, runs: &Runs, id: &str) -> bool {
+        let base = if self.written { None } else { runs.get(id) };
+        let (n, bytes) = base.map_or((0, 0), |run| (run.chunks.len(), run.bytes));
+        n + self.staged.chunks.len() >= block::BLOCK_CHUNKS
+            || bytes + self.staged.bytes >= block::BLOCK_BYTES
+    }
+
+    /// Writes the run as it now stands as one block.
+    fn write(&mut self, tx: &Connection, runs: &Mutex<Runs>, id: &str) -> Result<(), StoreError> {
+        let block = {
+            let runs = lock(runs);
+            let chunks: Vec<&LoggedChunk> = self.chunks(&runs, id).collect();
+            match (chunks.first(), chunks.last()) {
+                (Some(first), Some(last)) => {
+                    Some((first.seq, last.seq, block::encode(chunks.iter().copied())))
+                }
+                _ => None,
+            }
+        };
+        if let Some((first, last, body)) = block {
+            insert_block(tx, id, first, last, body)?;
+        }
+        self.written = true;
+        self.staged = Run::default();
+        Ok(())
+    }
+}
+
+fn apply(
+    conn: &mut Connection,
+    batch: &[Op],
+    runs: &Mutex<Runs>,
+    log: &mut LogState,
+) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
+    let mut changes: HashMap<Arc<str>, RunChange> = HashMap::new();
     for op in batch {
         match op {
             Op::Begin(s, _) => {
@@ -670,10 +967,30 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
                 content,
                 ..
             } => {
-                tx.prepare_cached("INSERT OR IGNORE INTO chunks (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                    .execute(params![&**id, *seq as i64, offset.as_micros() as i64, &**data, content])?;
+                let offset_us = offset.as_micros() as i64;
+                tx.prepare_cached("INSERT INTO chunk_log (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![&**id, *seq as i64, offset_us, &**data, content])?;
+                log.appended += 1;
+                let change = changes.entry(id.clone()).or_default();
+                change.staged.push(
+                    tx.last_insert_rowid(),
+                    LoggedChunk {
+                        seq: *seq,
+                        offset_us,
+                        data: data.clone(),
+                        content: content.clone(),
+                    },
+                );
+                if change.is_full(&lock(runs), id) {
+                    change.write(&tx, runs, id)?;
+                }
             }
             Op::Finish(f, _) => {
+                let id: Arc<str> = Arc::from(f.id.as_str());
+                changes
+                    .entry(id.clone())
+                    .or_default()
+                    .write(&tx, runs, &id)?;
                 tx.execute(
                     "UPDATE streams SET status = ?2, reason = ?3, detail = ?4, first_token_us = ?5, total_us = ?6,
                          usage = ?7, chunk_count = ?8
@@ -693,7 +1010,67 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
             Op::Flush(_) => {}
         }
     }
-    tx.commit()
+    if log.appended >= block::LOG_CHECK_EVERY {
+        trim_log(&tx, runs, &mut changes)?;
+        log.appended = 0;
+    }
+    tx.commit()?;
+    let mut runs = lock(runs);
+    for (id, change) in changes {
+        if change.written {
+            runs.remove(&id);
+        }
+        if !change.staged.chunks.is_empty() {
+            let run = runs.entry(id).or_default();
+            for (i, chunk) in change.staged.chunks.into_iter().enumerate() {
+                let rowid = if i == 0 { change.staged.first_log } else { 0 };
+                run.push(rowid, chunk);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes runs that started too far back in the log as blocks, then deletes the log rows that
+/// no run needs any more.
+fn trim_log(
+    tx: &Connection,
+    runs: &Mutex<Runs>,
+    changes: &mut HashMap<Arc<str>, RunChange>,
+) -> Result<(), StoreError> {
+    let newest: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunk_log", [], |r| {
+        r.get(0)
+    })?;
+    let old: Vec<Arc<str>> = lock(runs)
+        .iter()
+        .filter(|(id, run)| {
+            run.first_log < newest - block::LOG_SPAN && !changes.get(*id).is_some_and(|c| c.written)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in old {
+        changes
+            .entry(id.clone())
+            .or_default()
+            .write(tx, runs, &id)?;
+    }
+    let still_shared = lock(runs)
+        .iter()
+        .filter(|(id, _)| !changes.get(*id).is_some_and(|c| c.written))
+        .map(|(_, run)| run.first_log)
+        .min();
+    let staged = changes
+        .values()
+        .filter(|c| !c.staged.chunks.is_empty())
+        .map(|c| c.staged.first_log)
+        .min();
+    let keep_from = [still_shared, staged]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(newest + 1);
+    tx.execute("DELETE FROM chunk_log WHERE id < ?1", params![keep_from])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -710,6 +1087,11 @@ mod tests {
             usage: None,
             chunks: 0,
         }
+    }
+
+    /// `local`'s stream `id`, which must exist.
+    async fn transcript(store: &Store, id: &str) -> Transcript {
+        store.get("local", id).await.expect("read").expect("exists")
     }
 
     fn new_stream(id: &str) -> NewStream {
@@ -755,11 +1137,7 @@ mod tests {
             })
             .await
             .expect("finish");
-        let t = store
-            .get("local", "s1")
-            .await
-            .expect("read")
-            .expect("exists");
+        let t = transcript(&store, "s1").await;
         assert_eq!(t.status, Status::Completed);
         assert_eq!(t.content, "Hello");
         assert_eq!(
@@ -770,6 +1148,235 @@ mod tests {
         assert_eq!(t.timings.total_ms, Some(25.0));
         // Another tenant sees nothing.
         assert!(store.get("other", "s1").await.expect("read").is_none());
+    }
+
+    /// Appends chunk `seq` of stream `id` (its text is `"{id}.{seq} "`).
+    async fn append_chunk(store: &Store, id: &Arc<str>, seq: u64, watermark: &Watermark) {
+        let text = format!("{id}.{seq} ");
+        let data = serde_json::json!({"choices": [{"delta": {"content": text}}]}).to_string();
+        store
+            .append(
+                id,
+                seq,
+                Duration::from_micros(seq),
+                data.into(),
+                text,
+                watermark,
+            )
+            .await
+            .expect("append");
+    }
+
+    fn expected_text(id: &str, chunks: u64) -> String {
+        (1..=chunks).map(|seq| format!("{id}.{seq} ")).collect()
+    }
+
+    /// Every committed chunk is readable, in order and once, whether it is in the stream's run,
+    /// in a block, or in both at the moment of reading.
+    #[tokio::test]
+    async fn interleaved_streams_read_back_whole_at_every_point() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let ids: Vec<Arc<str>> = (0..3).map(|i| Arc::from(format!("s{i}"))).collect();
+        let marks: Vec<Watermark> = ids.iter().map(|_| Watermark::new()).collect();
+        for id in &ids {
+            store.begin(new_stream(id)).await.expect("begin");
+        }
+        // 100 chunks each: three blocks and a run, interleaved across the streams.
+        for seq in 1..=100u64 {
+            for (id, mark) in ids.iter().zip(&marks) {
+                append_chunk(&store, id, seq, mark).await;
+            }
+            if seq % 7 == 0 || seq == 32 || seq == 33 {
+                marks[0].reached(seq).await;
+                let state = store
+                    .state("local", "s0")
+                    .await
+                    .expect("state")
+                    .expect("s0");
+                assert!(state.last_seq >= seq);
+                let all = store.chunks_after("s0", 0, usize::MAX).await.expect("read");
+                assert!(all.len() as u64 >= seq);
+                assert!(all.iter().map(|c| c.0).eq(1..=all.len() as u64));
+                let tail = store.chunks_after("s0", seq - 5, 3).await.expect("read");
+                assert_eq!(
+                    tail.iter().map(|c| c.0).collect::<Vec<_>>(),
+                    vec![seq - 4, seq - 3, seq - 2]
+                );
+            }
+        }
+        for (id, mark) in ids.iter().zip(&marks) {
+            mark.reached(100).await;
+            let t = transcript(&store, id).await;
+            assert_eq!(t.content, expected_text(id, 100), "{id} while streaming");
+        }
+        store
+            .finish(bare_finish("s1", Ending::Completed))
+            .await
+            .expect("finish");
+        let t = transcript(&store, "s1").await;
+        assert_eq!(t.content, expected_text("s1", 100));
+        assert_eq!(t.chunks[99].offset_ms, 0.1);
+        assert_eq!(
+            store
+                .chunks_after("s1", 98, 10)
+                .await
+                .expect("read")
+                .iter()
+                .map(|c| c.0)
+                .collect::<Vec<_>>(),
+            vec![99, 100]
+        );
+    }
+
+    /// A process that dies leaves chunks only in the log; opening folds them into blocks.
+    #[tokio::test]
+    async fn chunks_only_in_the_log_survive_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (store, _) = Store::open(dir.path()).expect("open");
+            store.begin(new_stream("a")).await.expect("begin");
+            let id: Arc<str> = Arc::from("a");
+            let mark = Watermark::new();
+            for seq in 1..=45 {
+                append_chunk(&store, &id, seq, &mark).await;
+            }
+            mark.reached(45).await;
+            // Dropped with 13 chunks in a run: like a kill, nothing more is written.
+        }
+        let (store, recovered) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(recovered, 1);
+        let t = transcript(&store, "a").await;
+        assert_eq!(
+            (t.status, t.reason),
+            (Status::Interrupted, Some(Reason::Crash))
+        );
+        assert_eq!(t.content, expected_text("a", 45));
+        let c = Connection::open(store.path()).expect("open db");
+        let logged: i64 = c
+            .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(logged, 0, "the log is emptied once folded");
+        // Opening again changes nothing.
+        drop(store);
+        let (store, _) = Store::open(dir.path()).expect("reopen");
+        let t = transcript(&store, "a").await;
+        assert_eq!(t.content, expected_text("a", 45));
+    }
+
+    /// Under writes that never pause, the WAL still rewinds (a passive checkpoint alone never
+    /// catches up with such a writer, and the WAL would grow with everything written).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_bounded_under_writes_that_never_pause() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let when = Checkpoints {
+            every: Duration::from_millis(5),
+            rewind_frames: 64,
+        };
+        let (store, _) = Store::open_with(dir.path(), when).expect("open");
+        let ids: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("w{i}"))).collect();
+        for id in &ids {
+            store.begin(new_stream(id)).await.expect("begin");
+        }
+        let mark = Watermark::new();
+        let data: Arc<str> = Arc::from(format!("\"{}\"", "x".repeat(1000)));
+        let chunks: u64 = 20_000;
+        for seq in 1..=chunks {
+            // Never waits for a commit: the writer's queue is never empty.
+            for id in &ids {
+                store
+                    .append(id, seq, Duration::ZERO, data.clone(), String::new(), &mark)
+                    .await
+                    .expect("append");
+            }
+        }
+        mark.reached(chunks).await;
+        let written = chunks * ids.len() as u64 * 1000;
+        let wal = std::fs::metadata(store.path().with_extension("db-wal"))
+            .expect("wal")
+            .len();
+        assert!(
+            wal < written / 4,
+            "the WAL is {wal} bytes after {written} bytes of chunks"
+        );
+    }
+
+    /// Databases of earlier versions kept one row per chunk; opening moves them into blocks.
+    #[tokio::test]
+    async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = Connection::open(dir.path().join("sluice.db")).expect("create");
+            c.execute_batch(
+                "CREATE TABLE chunks (stream_id TEXT NOT NULL, seq INTEGER NOT NULL, offset_us INTEGER NOT NULL,
+                     data TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (stream_id, seq)) WITHOUT ROWID;
+                 CREATE TABLE streams (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                     tenant TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, status TEXT NOT NULL,
+                     reason TEXT, detail TEXT, created INTEGER NOT NULL, first_token_us INTEGER,
+                     total_us INTEGER, usage TEXT, chunk_count INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO streams (id, tenant, model, request, status, created, chunk_count)
+                     VALUES ('old', 'local', 'sim', '{}', 'completed', 0, 40);",
+            )
+            .expect("old schema");
+            for seq in (1..=40).rev() {
+                c.execute(
+                    "INSERT INTO chunks VALUES ('old', ?1, ?1, '{}', ?2)",
+                    params![seq, format!("old.{seq} ")],
+                )
+                .expect("old chunk");
+            }
+        }
+        let (store, recovered) = Store::open(dir.path()).expect("open");
+        assert_eq!(recovered, 0);
+        let t = transcript(&store, "old").await;
+        assert_eq!(t.status, Status::Completed);
+        assert_eq!(t.content, expected_text("old", 40));
+    }
+
+    /// The log is trimmed as runs become blocks, and a quiet stream's run is written as a block
+    /// before it can hold the log back for long.
+    #[tokio::test]
+    async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let quiet: Arc<str> = Arc::from("quiet");
+        let busy: Arc<str> = Arc::from("busy");
+        let (quiet_mark, busy_mark) = (Watermark::new(), Watermark::new());
+        store.begin(new_stream(&quiet)).await.expect("begin");
+        store.begin(new_stream(&busy)).await.expect("begin");
+        append_chunk(&store, &quiet, 1, &quiet_mark).await;
+        let total = (block::LOG_SPAN + 3 * block::LOG_CHECK_EVERY) as u64;
+        for seq in 1..=total {
+            append_chunk(&store, &busy, seq, &busy_mark).await;
+        }
+        busy_mark.reached(total).await;
+        let c = Connection::open(store.path()).expect("open db");
+        let logged: i64 = c
+            .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
+            .expect("count");
+        assert!(
+            logged <= 2 * block::LOG_CHECK_EVERY,
+            "{logged} rows left in the log"
+        );
+        let quiet_blocks: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(quiet_blocks, 1, "the quiet run was written as a block");
+        let t = transcript(&store, "quiet").await;
+        assert_eq!(t.content, expected_text("quiet", 1));
+        append_chunk(&store, &quiet, 2, &quiet_mark).await;
+        quiet_mark.reached(2).await;
+        let t = transcript(&store, "quiet").await;
+        assert_eq!(t.content, expected_text("quiet", 2));
+        let busy_chunks = store
+            .chunks_after("busy", 0, usize::MAX)
+            .await
+            .expect("read");
+        assert!(busy_chunks.iter().map(|c| c.0).eq(1..=total));
     }
 
     #[tokio::test]
@@ -786,20 +1393,12 @@ mod tests {
         }
         let (store, recovered) = Store::open(dir.path()).expect("reopen");
         assert_eq!(recovered, 1);
-        let t = store
-            .get("local", "open")
-            .await
-            .expect("read")
-            .expect("exists");
+        let t = transcript(&store, "open").await;
         assert_eq!(
             (t.status, t.reason),
             (Status::Interrupted, Some(Reason::Crash))
         );
-        let t = store
-            .get("local", "done")
-            .await
-            .expect("read")
-            .expect("exists");
+        let t = transcript(&store, "done").await;
         assert_eq!(t.status, Status::Completed);
     }
 
@@ -816,11 +1415,7 @@ mod tests {
             .finish(bare_finish("s", Ending::Completed))
             .await
             .expect("finish");
-        let t = store
-            .get("local", "s")
-            .await
-            .expect("read")
-            .expect("exists");
+        let t = transcript(&store, "s").await;
         assert_eq!(t.status, Status::TimedOut);
     }
 

@@ -463,7 +463,7 @@ async fn a_failing_chunk_write_is_logged_and_never_hangs_the_stream() {
     let g = gateway("").await;
     // Break chunk writes behind the server's back: every append batch now fails.
     let db = rusqlite::Connection::open(g.server.store().path()).unwrap();
-    db.execute_batch("DROP TABLE chunks").unwrap();
+    db.execute_batch("DROP TABLE chunk_log").unwrap();
     let mut r = Reader::open(
         &g.url,
         &chat_body("sim", true, json!({"tokens": 3}), json!(null)),
