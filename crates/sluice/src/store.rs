@@ -12,7 +12,7 @@
 //! a power cut: the WAL is synced at checkpoints, which run on their own thread).
 //!
 //! Chunks are appended to a log in arrival order and folded into per-stream blocks (see
-//! [`block`] for why).
+//! `store/block.rs` for why).
 //!
 //! At open, streams still marked `streaming` belong to a process that died: they are marked
 //! `interrupted(crash)`, and the chunks their runs held are folded into blocks.
