@@ -1,9 +1,10 @@
 //! The transcript store: streams and their chunks, in an embedded SQLite database.
 //!
-//! One writer task owns the write connection. Writes arrive over a bounded channel, so a slow
+//! One writer owns the write connection. Writes arrive over a bounded channel, so a slow
 //! disk slows the relays down instead of growing memory, and the writer commits everything that
 //! is waiting in one transaction (a batch), so chunk appends cost one fsync per batch, not per
-//! chunk. The database runs in WAL mode, so reads (on their own connection) never wait for the
+//! chunk. The writer is a blocking job that runs while there is work: the first write that finds
+//! it stopped starts it, and it stops when the channel is empty (`Writer` says why). The database runs in WAL mode, so reads (on their own connection) never wait for the
 //! writer. Writes on the channel are applied in order: a stream's final status is always written
 //! after every chunk appended before it. `begin`, `finish` and `flush` return once committed;
 //! `append` returns once queued, and the stream's [`Watermark`] reaches the chunk when it is
@@ -21,6 +22,7 @@ mod block;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -145,7 +147,7 @@ enum Op {
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    writer: mpsc::Sender<Op>,
+    writer: Arc<Writer>,
     reader: Arc<Mutex<Connection>>,
     /// Each stream's committed chunks that are not in a block yet (written by the writer,
     /// read by readers).
@@ -424,10 +426,21 @@ impl Store {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
         let runs = Arc::new(Mutex::new(Runs::new()));
-        runtime.spawn(writer(write, rx, runs.clone(), writer_gate));
+        let writer = Arc::new(Writer {
+            tx,
+            running: AtomicBool::new(false),
+            state: Mutex::new(WriterState {
+                rx,
+                conn: write,
+                log: LogState::default(),
+            }),
+            runs: runs.clone(),
+            gate: writer_gate,
+            runtime,
+        });
         Ok((
             Self {
-                writer: tx,
+                writer,
                 reader: Arc::new(Mutex::new(read)),
                 runs,
                 path,
@@ -447,10 +460,7 @@ impl Store {
         make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Op,
     ) -> Result<(), StoreError> {
         let (ack, done) = oneshot::channel();
-        self.writer
-            .send(make(ack))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.writer.send(make(ack)).await?;
         done.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -484,7 +494,6 @@ impl Store {
                 watermark: watermark.clone(),
             })
             .await
-            .map_err(|_| StoreError::Closed)
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before
@@ -825,61 +834,122 @@ fn insert_block(
     Ok(())
 }
 
-/// The writer: takes every waiting write, commits them in one transaction, then acks.
+/// The writer: a queue of writes and, while it holds any, one blocking job that commits them.
 ///
-/// The SQLite work of each batch runs under `spawn_blocking`, so it never blocks the runtime's
-/// threads, and tokio knows work is in flight (its paused test clock does not jump ahead while
-/// a batch is being written).
-async fn writer(
-    conn: Connection,
-    mut rx: mpsc::Receiver<Op>,
+/// Why not a writer task that hands each batch to `spawn_blocking`? Every commit then costs two
+/// extra thread hand-offs (task → blocking thread → task), and on a loaded machine those
+/// wake-ups were most of a commit's latency, which a client sees twice before its first token.
+/// Here the job itself takes the writes and acks them; while writes keep coming it never stops,
+/// so a busy gateway pays no hand-off at all. It still runs under `spawn_blocking`, so it never
+/// blocks the runtime's threads, and tokio knows work is in flight (its paused test clock does
+/// not jump ahead while a batch is being written; an idle writer holds no thread).
+struct Writer {
+    tx: mpsc::Sender<Op>,
+    /// Whether a drain job is running (or about to).
+    running: AtomicBool,
+    /// What the drain job works with; only the running job locks it.
+    state: Mutex<WriterState>,
     runs: Arc<Mutex<Runs>>,
+    /// Held for each batch (see `checkpointer`).
     gate: Arc<Mutex<()>>,
-) {
-    let mut state = Some((conn, LogState::default()));
-    while let Some(first) = rx.recv().await {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
+    runtime: tokio::runtime::Handle,
+}
+
+struct WriterState {
+    rx: mpsc::Receiver<Op>,
+    conn: Connection,
+    log: LogState,
+}
+
+/// Clears `running` if a drain job ends by unwinding, so the next write starts another.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::SeqCst);
         }
-        let Some((mut c, mut log)) = state.take() else {
-            break;
-        };
-        let (runs, gate) = (runs.clone(), gate.clone());
-        let written = tokio::task::spawn_blocking(move || {
+    }
+}
+
+impl Writer {
+    /// Queues a write (waiting for room) and makes sure a drain job will see it.
+    async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        if !self.running.swap(true, Ordering::SeqCst) {
+            let writer = self.clone();
+            // If the runtime is shutting down the job never runs; the write's ack is then
+            // dropped with the queue and its caller sees `Closed`.
+            drop(self.runtime.spawn_blocking(move || writer.drain()));
+        }
+        Ok(())
+    }
+
+    /// Commits batches until the queue is empty.
+    fn drain(&self) {
+        let _running = Running(&self.running);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let WriterState { rx, conn, log } = &mut *state;
+        let mut batch = Vec::new();
+        loop {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                // Unit tests widen the window in which a write can slip past a stopping writer,
+                // so a lost wake-up would show (see `no_write_is_stranded...`).
+                #[cfg(test)]
+                std::thread::sleep(Duration::from_micros(100));
+                self.running.store(false, Ordering::SeqCst);
+                // A write queued after the last look, whose sender still saw `running`, would
+                // otherwise wait for the next write: look once more before stopping.
+                match rx.try_recv() {
+                    Ok(op) if !self.running.swap(true, Ordering::SeqCst) => {
+                        batch.push(op);
+                        continue;
+                    }
+                    // Another job was started meanwhile: it takes over (it waits for the
+                    // lock), so this op goes first in its order.
+                    Ok(op) => {
+                        batch.push(op);
+                        self.commit(conn, log, &mut batch);
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            self.commit(conn, log, &mut batch);
+        }
+    }
+
+    /// Commits `batch` in one transaction, then acks every write in it (and empties it).
+    fn commit(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
+        let result = {
             // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
-            let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
             let started = Instant::now();
             // A panic in a batch must not lose the batch: its acks and watermarks still have to
             // move, or streams would wait for them forever. (The open transaction rolls back,
             // and the runs are only changed after a commit.)
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                apply(&mut c, &batch, &runs, &mut log)
+                apply(conn, batch, &self.runs, log)
             }));
-            let result = match applied {
+            metrics::histogram!("sluice_store_write_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match applied {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Db(
                     "the store writer panicked on this batch".into(),
                 )),
-            };
-            (c, log, batch, result, started.elapsed())
-        })
-        .await;
-        let Ok((c, log, batch, result, took)) = written else {
-            // Unreachable in practice (the panic is caught above); the runtime is shutting down.
-            tracing::error!("the store writer stopped; writes will fail from now on");
-            break;
+            }
         };
-        state = Some((c, log));
-        metrics::histogram!("sluice_store_write_seconds").record(took.as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "store batch failed");
         }
-        for op in batch {
+        for op in batch.drain(..) {
             match op {
                 Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
                     let _ = ack.send(result.clone());
@@ -1299,6 +1369,28 @@ mod tests {
             wal < written / 4,
             "the WAL is {wal} bytes after {written} bytes of chunks"
         );
+    }
+
+    /// The writer stops whenever its queue is empty and the next write starts it again; no
+    /// write may slip between a stopping writer and its sender (it would wait forever).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_write_is_stranded_while_the_writer_starts_and_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for _ in 0..1500 {
+                        store.flush().await.expect("flush");
+                    }
+                })
+            })
+            .collect();
+        let all = futures_util::future::join_all(writers);
+        // Generous: the work takes well under a second; a stranded write never finishes.
+        let done = tokio::time::timeout(Duration::from_secs(60), all).await;
+        assert!(done.is_ok(), "a write was left waiting for a writer");
     }
 
     /// Databases of earlier versions kept one row per chunk; opening moves them into blocks.
