@@ -769,27 +769,24 @@ fn fold_log(conn: &mut Connection) -> Result<(), StoreError> {
 fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), StoreError> {
     let mut stmt = tx.prepare(query)?;
     let mut rows = stmt.query([])?;
-    let mut stream: Option<(Arc<str>, u64)> = None;
+    // The stream being folded, the last seq its blocks already hold, and its run so far.
+    let mut current = String::new();
+    let mut blocked = 0u64;
     let mut run = Run::default();
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
-        let seq = row.get::<_, i64>(1)? as u64;
-        if stream.as_ref().is_none_or(|(current, _)| **current != *id) {
-            if let Some((current, _)) = &stream {
-                write_block(tx, current, &run.chunks)?;
-            }
+        if id != current {
+            write_block(tx, &current, &run.chunks)?;
             run = Run::default();
-            let blocked: i64 = tx.query_row(
+            blocked = tx.query_row(
                 "SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = ?1",
                 params![id],
-                |r| r.get(0),
-            )?;
-            stream = Some((Arc::from(id), blocked as u64));
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            current = id;
         }
-        let Some((current, blocked)) = &stream else {
-            continue;
-        };
-        if seq <= *blocked {
+        let seq = row.get::<_, i64>(1)? as u64;
+        if seq <= blocked {
             continue;
         }
         run.push(
@@ -802,14 +799,11 @@ fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), StoreError> {
             },
         );
         if run.is_full() {
-            write_block(tx, current, &run.chunks)?;
+            write_block(tx, &current, &run.chunks)?;
             run = Run::default();
         }
     }
-    if let Some((current, _)) = &stream {
-        write_block(tx, current, &run.chunks)?;
-    }
-    Ok(())
+    write_block(tx, &current, &run.chunks)
 }
 
 /// Writes `chunks` (consecutive chunks of stream `id`) as one block; nothing if empty.
@@ -1091,11 +1085,7 @@ fn apply(
             runs.remove(&id);
         }
         if !change.staged.chunks.is_empty() {
-            let run = runs.entry(id).or_default();
-            for (i, chunk) in change.staged.chunks.into_iter().enumerate() {
-                let rowid = if i == 0 { change.staged.first_log } else { 0 };
-                run.push(rowid, chunk);
-            }
+            runs.entry(id).or_default().append(change.staged);
         }
     }
     Ok(())

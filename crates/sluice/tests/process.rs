@@ -76,6 +76,13 @@ impl Serve {
     }
 }
 
+/// Writes a config file `name` with `text` into `dir`; returns its path.
+fn write_config(dir: &tempfile::TempDir, name: &str, text: impl AsRef<[u8]>) -> std::path::PathBuf {
+    let config = dir.path().join(name);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn long_stream() -> serde_json::Value {
     chat_body(
         "sim",
@@ -105,8 +112,7 @@ async fn a_crash_leaves_no_stream_streaming() {
 #[tokio::test]
 async fn sigterm_interrupts_running_streams_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, "shutdown_grace_ms = 200\n").unwrap();
+    let config = write_config(&dir, "sluice.toml", "shutdown_grace_ms = 200\n");
     let mut serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
     let mut r = Reader::open(&serve.url, &long_stream()).await;
     r.next().await.expect("a chunk");
@@ -138,12 +144,11 @@ async fn sigterm_interrupts_running_streams_and_exits_zero() {
 #[tokio::test]
 async fn a_bad_config_names_the_file_and_key_and_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("bad.toml");
-    std::fs::write(
-        &config,
+    let config = write_config(
+        &dir,
+        "bad.toml",
         "[[models]]\nname = \"x\"\nkind = \"openai\"\nbase_uri = \"http://127.0.0.1:1/v1\"\n",
-    )
-    .unwrap();
+    );
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
@@ -190,12 +195,7 @@ async fn help_documents_the_commands_and_flags() {
 #[tokio::test]
 async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        "[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = { tokens = 10000, first_token_ms = 10, token_interval_ms = 100 }\n",
-    )
-    .unwrap();
+    let config = write_config(&dir, "sluice.toml", "[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = { tokens = 10000, first_token_ms = 10, token_interval_ms = 100 }\n");
     let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
 
     // A whole answer, exit 0.
@@ -305,8 +305,11 @@ async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
 async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work() {
     let dir = tempfile::tempdir().unwrap();
     let key = sluice::auth::new_key().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, sluice::auth::config_lines("acme", &key)).unwrap();
+    let config = write_config(
+        &dir,
+        "sluice.toml",
+        sluice::auth::config_lines("acme", &key),
+    );
     let data = dir.path().join("data");
     let port = free_port();
     let mut serve = Serve::start_on(port, &data, Some(&config)).await;
@@ -432,8 +435,7 @@ async fn keys_new_prints_a_key_and_config_lines_that_accept_it() {
         "the config lines hold the hash, not the key"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, config_lines).unwrap();
+    let config = write_config(&dir, "sluice.toml", config_lines);
     let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
     let with_key = client()
         .get(format!("{}/v1/models", serve.url))

@@ -75,6 +75,15 @@ impl Run {
         self.chunks.push(chunk);
     }
 
+    /// Adds the chunks of `later` (logged after this run's).
+    pub fn append(&mut self, later: Run) {
+        if self.chunks.is_empty() {
+            self.first_log = later.first_log;
+        }
+        self.bytes += later.bytes;
+        self.chunks.extend(later.chunks);
+    }
+
     /// Whether it should be written as a block now.
     pub fn is_full(&self) -> bool {
         self.chunks.len() >= BLOCK_CHUNKS || self.bytes >= BLOCK_BYTES
