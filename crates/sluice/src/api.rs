@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_stream::stream;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -30,9 +31,12 @@ use tokio::time::Instant;
 
 use crate::auth::{Caller, Keys, Refused, Unauthenticated};
 use crate::config::{Config, Timeouts};
+use crate::edge::{self, EdgePolicy, TenantName};
 use crate::hub::{CancelResult, Live};
+use crate::redact::truncate;
 use crate::relay::{self, Frame, Frames, OnDisconnect, RelayContext, StreamRequest, Terminal};
 use crate::status::{Ending, Reason, Status};
+use crate::store::TranscriptHead;
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
 /// The response header that names the stream.
@@ -49,11 +53,25 @@ pub struct AppState {
     pub keys: Arc<Keys>,
 }
 
+/// The most of a client's own input (a model name, a stream id) echoed back in an error.
+const MAX_ECHO: usize = 64;
+
 /// The API's routes.
 ///
 /// Everything under `/v1` needs a key when keys are configured; `/healthz` and `/metrics` do not
-/// (they carry no tenant data).
+/// (they carry no tenant data). Every request passes the [`edge`] first.
 pub fn router(state: AppState) -> Router {
+    let policy = EdgePolicy {
+        allowed_hosts: (!state.keys.enabled()).then(|| {
+            state
+                .config
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect()
+        }),
+        cors_origins: state.config.cors_origins.iter().cloned().collect(),
+    };
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -69,7 +87,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("{} is not allowed on this endpoint", request.method()),
+            )
+        })
         .with_state(state)
+        .layer(middleware::from_fn_with_state(policy, edge::edge))
 }
 
 /// An error in OpenAI's format.
@@ -84,7 +110,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this status, type and message.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             kind,
@@ -92,6 +119,14 @@ impl ApiError {
             param: None,
             code: None,
             stream_id: None,
+        }
+    }
+
+    /// The same error with this `code`.
+    pub fn with_code(self, code: &'static str) -> Self {
+        Self {
+            code: Some(code),
+            ..self
         }
     }
 
@@ -149,8 +184,11 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         .and_then(|v| v.to_str().ok());
     match state.keys.authenticate(header) {
         Ok(caller) => {
+            let tenant = TenantName(caller.tenant.clone());
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            let mut response = next.run(request).await;
+            response.extensions_mut().insert(tenant);
+            response
         }
         Err(why) => {
             let message = match why {
@@ -298,7 +336,15 @@ fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     })
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads a request body of at most `limit` bytes within `time`. Memory follows the body's
+/// size: each piece is copied out of the connection's read buffer as it arrives (holding on to
+/// hyper's pieces would pin a whole read buffer per byte of a body dripped a byte at a time).
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    time: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -313,15 +359,53 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let over = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over {
-            too_large()
-        } else {
-            ApiError::bad_request("body", format!("the body could not be read: {e}"))
+    let read = async {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut out = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request("body", format!("the body could not be read: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&data);
+            }
         }
-    })
+        Ok(out.freeze())
+    };
+    match tokio::time::timeout(time, read).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the body was not received within {time:?} (body_timeout_ms)"),
+        )
+        .with_code("body_timeout")),
+    }
+}
+
+/// Refuses a body that does not say it is JSON: `415`. Browsers can send `text/plain` and form
+/// bodies across sites without asking; they cannot send `application/json` without a preflight.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError {
+            param: Some("content-type".into()),
+            ..ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "the body must be JSON: send Content-Type: application/json",
+            )
+        }),
+    }
 }
 
 async fn chat_completions(
@@ -331,7 +415,14 @@ async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let bytes = read_body(body, &headers, state.config.max_body_bytes).await?;
+    require_json(&headers)?;
+    let bytes = read_body(
+        body,
+        &headers,
+        state.config.max_body_bytes,
+        state.config.body_timeout,
+    )
+    .await?;
     let chat = parse_chat(&bytes)?;
     let Some(model) = state.config.model(&chat.model) else {
         return Err(ApiError {
@@ -340,13 +431,16 @@ async fn chat_completions(
             ..ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                format!("the model `{}` does not exist", chat.model),
+                format!(
+                    "the model `{}` does not exist",
+                    truncate(&chat.model, MAX_ECHO)
+                ),
             )
         });
     };
-    if matches!(model.upstream, Upstream::Sim(_)) {
-        sim::params(&chat.body)
-            .map_err(|e| ApiError::bad_request("sim", format!("invalid sim field: {e}")))?;
+    if let Upstream::Sim(defaults) = &model.upstream {
+        sim::checked_params(defaults, &chat.body)
+            .map_err(|e| ApiError::bad_request(e.param, e.message))?;
     }
     metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
     let permit = match caller.admit() {
@@ -605,26 +699,160 @@ async fn list_streams(
     ))
 }
 
+/// The `{id}` of a stream's path; a malformed one (bad percent-encoding) is a 400.
+fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError::bad_request(
+            "id",
+            format!(
+                "the stream id in the path is not valid: {}",
+                truncate(&e.body_text(), 200)
+            ),
+        )
+    })
+}
+
+/// How many stored chunks a transcript read or a replay reads at a time, at most.
+const PAGE_CHUNKS: usize = 256;
+/// About how many bytes of chunks a transcript read or a replay reads at a time (at least one
+/// chunk): what a read holds in memory, whatever the transcript's size.
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// `GET /v1/streams/{id}`: the transcript, streamed out page by page, so reading one costs
+/// memory in proportion to a page, never to the transcript. Its chunks are the ones stored when
+/// the read began (a running stream's later chunks are for `/events`). If the store fails
+/// midway, the body is cut off, so a client never mistakes part of a transcript for all of it.
 async fn show_stream(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let transcript = state
-        .relay
-        .store
-        .get(&caller.tenant, &id)
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = stream_id(path)?;
+    let store = state.relay.store.clone();
+    let head = store
+        .head(&caller.tenant, &id)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    match transcript {
-        Some(t) => serde_json::to_value(t)
-            .map(Json)
-            .map_err(|e| ApiError::internal(e.to_string())),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("no stream `{id}`"),
-        )),
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| not_found(&id))?;
+    let body = stream! {
+        yield Ok::<_, std::io::Error>(Bytes::from(transcript_prefix(&head)));
+        // The answer's text, then the chunks: two passes over the same pages.
+        for pass in [Pass::Content, Pass::Chunks] {
+            let mut after = 0;
+            let mut first = true;
+            while after < head.last_seq {
+                let page = store
+                    .chunk_page(&head.id, after, PAGE_CHUNKS, PAGE_BYTES)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                let mut out = String::new();
+                for chunk in page.iter().filter(|c| c.seq <= head.last_seq) {
+                    match pass {
+                        Pass::Content => push_json_string_body(&mut out, &chunk.content),
+                        Pass::Chunks => {
+                            if !std::mem::take(&mut first) {
+                                out.push(',');
+                            }
+                            push_chunk(&mut out, chunk);
+                        }
+                    }
+                }
+                yield Ok(Bytes::from(out));
+            }
+            yield Ok(Bytes::from_static(match pass {
+                Pass::Content => b"\",\"chunks\":[",
+                Pass::Chunks => b"]",
+            }));
+        }
+        yield Ok(Bytes::from(transcript_suffix(&head)));
+    };
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+#[derive(Clone, Copy)]
+enum Pass {
+    Content,
+    Chunks,
+}
+
+/// Stored JSON text as a JSON value, or as a string if it is not valid JSON (it always is,
+/// unless the database was edited by hand).
+fn raw_or_string(text: &str) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(text.to_string()).unwrap_or_else(|_| {
+        serde_json::value::to_raw_value(text)
+            .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+    })
+}
+
+/// The transcript's JSON up to the opening quote of `content`, in the order of
+/// [`crate::store::Transcript`]'s fields.
+fn transcript_prefix(head: &TranscriptHead) -> String {
+    #[derive(serde::Serialize)]
+    struct Prefix<'a> {
+        id: &'a str,
+        object: &'static str,
+        model: &'a str,
+        created: i64,
+        status: Status,
+        reason: Option<Reason>,
+        detail: Option<&'a str>,
+        request: Box<serde_json::value::RawValue>,
+    }
+    let mut text = serde_json::to_string(&Prefix {
+        id: &head.id,
+        object: "sluice.stream",
+        model: &head.model,
+        created: head.created,
+        status: head.status,
+        reason: head.reason,
+        detail: head.detail.as_deref(),
+        request: raw_or_string(&head.request),
+    })
+    .unwrap_or_else(|_| "{".into());
+    text.pop(); // the closing brace
+    text.push_str(",\"content\":\"");
+    text
+}
+
+/// The transcript's JSON after `chunks`.
+fn transcript_suffix(head: &TranscriptHead) -> String {
+    let timings = serde_json::to_string(&head.timings).unwrap_or_else(|_| "null".into());
+    let usage = head
+        .usage
+        .as_deref()
+        .map(raw_or_string)
+        .map_or_else(|| "null".to_string(), |u| u.get().to_string());
+    format!(",\"timings\":{timings},\"usage\":{usage}}}")
+}
+
+/// Appends `text` escaped as the inside of a JSON string.
+fn push_json_string_body(out: &mut String, text: &str) {
+    let quoted = serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into());
+    out.push_str(&quoted[1..quoted.len() - 1]);
+}
+
+/// Appends one chunk as `{"seq":..,"offset_ms":..,"data":..}`.
+fn push_chunk(out: &mut String, chunk: &crate::store::ChunkRecord) {
+    #[derive(serde::Serialize)]
+    struct Chunk {
+        seq: u64,
+        offset_ms: f64,
+        data: Box<serde_json::value::RawValue>,
+    }
+    let c = Chunk {
+        seq: chunk.seq,
+        offset_ms: chunk.offset_ms,
+        data: raw_or_string(&chunk.data),
+    };
+    if let Ok(text) = serde_json::to_string(&c) {
+        out.push_str(&text);
     }
 }
 
@@ -632,7 +860,7 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        format!("no stream `{id}`"),
+        format!("no stream `{}`", truncate(id, MAX_ECHO)),
     )
 }
 
@@ -656,9 +884,6 @@ struct EventsQuery {
     after: Option<u64>,
 }
 
-/// How many stored chunks a replay reads at a time.
-const REPLAY_PAGE: usize = 256;
-
 /// `GET /v1/streams/{id}/events`: replays the stored chunks after `Last-Event-ID` (or
 /// `?after=N`), then follows the live stream to its end, finishing with the same terminal event
 /// as the original. No gap and no duplicate at the seam: the live feed is subscribed *before*
@@ -667,10 +892,11 @@ const REPLAY_PAGE: usize = 256;
 async fn stream_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let id = stream_id(path)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("after", e.body_text()))?;
     let after = match headers.get("last-event-id") {
         Some(v) => v
@@ -700,7 +926,7 @@ async fn stream_events(
         macro_rules! replay {
             () => {
                 loop {
-                    let page = match store.chunks_after(&stream_id, last, REPLAY_PAGE).await {
+                    let page = match store.chunks_after(&stream_id, last, PAGE_CHUNKS, PAGE_BYTES).await {
                         Ok(page) => page,
                         Err(e) => {
                             tracing::error!(stream = %stream_id, error = %e, "replay failed");
@@ -744,6 +970,11 @@ async fn stream_events(
                     last = seq;
                     yield Ok(sse_event(seq, &data));
                 }
+                Ok(Live::Large { seq }) => {
+                    if seq > last {
+                        replay!(); // committed before it was published: the store has it
+                    }
+                }
                 Ok(Live::End(terminal)) => {
                     replay!();
                     if terminal.seq > after {
@@ -777,8 +1008,9 @@ async fn stream_events(
 async fn cancel_stream(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = stream_id(path)?;
     let hub = &state.relay.hub;
     let live = hub.subscribe(&caller.tenant, &id);
     if hub.cancel(&caller.tenant, &id) == CancelResult::Cancelling {

@@ -202,12 +202,13 @@ impl Keys {
         if !self.enabled() {
             return Ok(self.local.clone());
         }
+        // The scheme is case-insensitive (RFC 9110 §11.1), and may be followed by more than one
+        // space.
         let key = authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .map(str::trim_start)
+            .and_then(|h| h.split_once([' ', '\t']))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .filter(|k| !k.is_empty())
             .ok_or(Unauthenticated::Missing)?;
         let state = self
@@ -272,6 +273,19 @@ mod tests {
         );
         assert_eq!(
             k.authenticate(Some(&key)).err(),
+            Some(Unauthenticated::Missing)
+        );
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            assert_eq!(
+                &*k.authenticate(Some(&format!("{scheme}  {key}")))
+                    .expect("any case")
+                    .tenant,
+                "acme",
+                "{scheme}"
+            );
+        }
+        assert_eq!(
+            k.authenticate(Some(&format!("Basic {key}"))).err(),
             Some(Unauthenticated::Missing)
         );
     }

@@ -8,15 +8,20 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::auth::KeyConfig;
+use crate::redact::Redactor;
 use crate::relay::OnDisconnect;
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamLimits};
+
+/// The host names a keyless (loopback) gateway answers to by default.
+pub const DEFAULT_ALLOWED_HOSTS: [&str; 4] = ["localhost", "127.0.0.1", "[::1]", "::1"];
 
 /// Where sluice listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8750";
@@ -32,8 +37,23 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request body (longer: 408).
+    pub body_timeout: Duration,
     /// How many chunks a stream may buffer between the upstream and a slow client.
     pub buffer_chunks: usize,
+    /// How many bytes of chunks a stream may buffer between the upstream and a slow client
+    /// (a chunk larger than this still goes through, alone).
+    pub buffer_bytes: usize,
+    /// Bounds on what upstreams may make sluice hold.
+    pub upstream_limits: UpstreamLimits,
+    /// Without keys: the host names (of the `Host` header, without port) requests may name.
+    /// Loopback names by default, so a web page cannot reach sluice through DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`https://app.example`) allowed to call the API from a browser. Requests
+    /// from any other origin are refused; requests without an `Origin` (curl, SDKs) are not.
+    pub cors_origins: Vec<String>,
+    /// Replaces upstream keys, and in error messages anything credential-shaped.
+    pub redactor: Arc<Redactor>,
     /// How long a client may leave a full buffer unread before it is cut (`slow_client`).
     pub slow_client_timeout: Duration,
     /// How long the upstream may be silent before an SSE keep-alive comment is sent.
@@ -127,7 +147,13 @@ struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     max_body_bytes: Option<usize>,
+    body_timeout_ms: Option<u64>,
     buffer_chunks: Option<usize>,
+    buffer_bytes: Option<usize>,
+    max_event_bytes: Option<usize>,
+    allowed_hosts: Option<Vec<String>>,
+    #[serde(default)]
+    cors_origins: Vec<String>,
     slow_client_timeout_ms: Option<u64>,
     keep_alive_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
@@ -229,6 +255,14 @@ impl Config {
             Some(v) => Ok(v),
             None => Ok(default),
         };
+        let upstream_limits = UpstreamLimits {
+            max_event_bytes: match file.max_event_bytes {
+                Some(0) => return Err(invalid("max_event_bytes", "must be greater than 0".into())),
+                Some(n) => n,
+                None => UpstreamLimits::default().max_event_bytes,
+            },
+            ..UpstreamLimits::default()
+        };
         let mut models = Vec::new();
         let mut names = HashSet::new();
         for (i, m) in file.models.into_iter().enumerate() {
@@ -304,7 +338,7 @@ impl Config {
                     };
                     let headers: Vec<(String, String)> = m.headers.into_iter().collect();
                     Upstream::OpenAi(
-                        OpenAi::new(&base_url, api_key, &headers)
+                        OpenAi::new(&base_url, api_key, &headers, upstream_limits)
                             .map_err(|e| invalid(&key("headers"), e.to_string()))?,
                     )
                 }
@@ -317,7 +351,10 @@ impl Config {
                 on_disconnect: m.on_disconnect.unwrap_or_default(),
             });
         }
-        if !names.contains("sim") {
+        // The built-in test model is served without configuration only to a local, keyless
+        // gateway: with keys, a model that costs nothing upstream but fills the store must be
+        // asked for by name.
+        if !names.contains("sim") && file.keys.is_empty() {
             models.push(ModelConfig {
                 name: "sim".into(),
                 upstream: Upstream::Sim(SimDefaults::default()),
@@ -361,8 +398,49 @@ impl Config {
                 requests_per_minute: k.requests_per_minute,
             });
         }
+        for (i, origin) in file.cors_origins.iter().enumerate() {
+            let rest = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            let ok = origin == "*"
+                || rest.is_some_and(|r| {
+                    let host = r.trim_end_matches('/');
+                    !host.is_empty() && !host.contains(['/', '?', '#', ' '])
+                });
+            if !ok {
+                return Err(invalid(
+                    &format!("cors_origins[{i}]"),
+                    format!("{origin:?} is not an origin like https://app.example"),
+                ));
+            }
+        }
+        let redactor = Arc::new(Redactor::new(models.iter().filter_map(
+            |m| match &m.upstream {
+                Upstream::OpenAi(o) => o.api_key(),
+                Upstream::Sim(_) => None,
+            },
+        )));
         Ok(Config {
             keys,
+            redactor,
+            upstream_limits,
+            allowed_hosts: file.allowed_hosts.unwrap_or_else(|| {
+                DEFAULT_ALLOWED_HOSTS
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect()
+            }),
+            cors_origins: file
+                .cors_origins
+                .into_iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+            body_timeout: Duration::from_millis(positive(
+                "body_timeout_ms",
+                file.body_timeout_ms,
+                30_000,
+            )?),
+            buffer_bytes: file.buffer_bytes.unwrap_or(1 << 20).max(1),
             record_chunks: file.record_chunks.unwrap_or(true),
             listen,
             data_dir: overrides

@@ -11,6 +11,11 @@
 //! The broadcast is bounded. A reader that falls behind loses live events (tokio's `Lagged`) and
 //! refills them from the store, which always has them: a chunk is committed before it is
 //! published. So a slow reader costs the relay nothing and never sees a gap.
+//!
+//! The broadcast keeps its last [`LIVE_BUFFER`] events until they are overwritten, read or not.
+//! So that this costs at most `LIVE_BUFFER × LIVE_INLINE_BYTES` per followed stream, whatever the
+//! upstream sends, a chunk larger than [`LIVE_INLINE_BYTES`] is published as [`Live::Large`]:
+//! just its id, and readers take it from the store.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -21,7 +26,10 @@ use tokio::sync::broadcast;
 use crate::relay::Terminal;
 
 /// How many live events a reader may fall behind before it refills from the store.
-const LIVE_BUFFER: usize = 256;
+pub const LIVE_BUFFER: usize = 256;
+
+/// The largest chunk carried in the live feed itself; larger ones are read from the store.
+pub const LIVE_INLINE_BYTES: usize = 16 * 1024;
 
 /// A live event of a running stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +40,11 @@ pub enum Live {
         seq: u64,
         /// Its JSON, exactly as the original client got it.
         data: Arc<str>,
+    },
+    /// A committed chunk too large to carry in the feed: read it from the store.
+    Large {
+        /// Its event id.
+        seq: u64,
     },
     /// The stream ended (its final status is written); `None` seq/ending means `[DONE]` at `seq`.
     End(Terminal),
@@ -67,6 +80,11 @@ impl Publisher {
     /// Sends `event` to every current reader (none is fine).
     pub fn publish(&self, event: Live) {
         if let Some(live) = self.live.get() {
+            let event = match event {
+                Live::Chunk { seq, data } if data.len() > LIVE_INLINE_BYTES => Live::Large { seq },
+                other => other,
+            };
+            // No reader left is fine: the stream goes on without followers.
             let _ = live.send(event);
         }
     }
@@ -177,6 +195,12 @@ mod tests {
         }));
         assert!(matches!(rx.try_recv(), Ok(Live::Chunk { seq: 1, .. })));
         assert!(matches!(rx.try_recv(), Ok(Live::End(_))));
+        // A large chunk is not kept in the feed: only its id is.
+        publisher.publish(Live::Chunk {
+            seq: 3,
+            data: "x".repeat(LIVE_INLINE_BYTES + 1).into(),
+        });
+        assert_eq!(rx.try_recv(), Ok(Live::Large { seq: 3 }));
 
         assert_eq!(hub.cancel("other", "s1"), CancelResult::NotRunning);
         assert!(!token.is_cancelled());

@@ -20,15 +20,19 @@
 //! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
 //! - [`hub`] lets resumers follow, and the cancel API stop, a running stream;
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
+//! - [`edge`] checks Host and Origin, and logs every request;
+//! - [`redact`] keeps upstream keys out of everything that leaves the process;
 //! - [`config`], [`metrics`], [`status`], [`mock_upstream`], [`cli`] do what they say.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod hub;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod redact;
 pub mod relay;
 pub mod server;
 pub mod status;

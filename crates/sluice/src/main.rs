@@ -214,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
                 tokens,
                 first_token_ms,
                 token_interval_ms,
+                ..SimDefaults::default()
             };
             let mock = MockUpstream::start(
                 listener,

@@ -26,17 +26,19 @@ use serde_json::Value;
 use sluice_flow::{
     queue, CancelCause, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::auth::StreamPermit;
 use crate::config::Timeouts;
 use crate::hub::{Hub, Live, Publisher};
+use crate::redact::Redactor;
 use crate::status::{Ending, Reason};
 use crate::store::{Finish, NewStream, Store, StoreError, Watermark};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 /// What the relay hands the client side, in order.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Frame {
     /// A chunk: its event id, its JSON, and the text it adds. The client side writes it out
     /// only once `committed` has reached `seq` (it is in the transcript).
@@ -49,10 +51,19 @@ pub enum Frame {
         /// The chunk JSON (a non-streaming response parses what it needs from it; a frame
         /// stays small, because a queue allocates room for many at once).
         data: Arc<str>,
+        /// The chunk's share of the stream's byte buffer, given back when the frame is dropped
+        /// (written out, or abandoned).
+        room: BufferShare,
     },
     /// The upstream has been silent past the keep-alive threshold.
     KeepAlive,
 }
+
+/// A frame's share of its stream's buffer between upstream and client, in bytes. The buffer is
+/// bounded in chunks by the queue and in bytes by these shares: a relay waits for room before it
+/// queues a chunk, and room comes back when the client side drops the frame.
+#[derive(Debug)]
+pub struct BufferShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 /// How a stream ended, as the client learns it: after every frame, the queue ends (success,
 /// with `seq` the id of the `[DONE]` event) or fails with this.
@@ -81,6 +92,10 @@ pub struct RelayContext {
     pub hub: Arc<Hub>,
     /// Buffer between upstream and client, in chunks.
     pub buffer_chunks: usize,
+    /// Buffer between upstream and client, in bytes (a larger chunk goes through alone).
+    pub buffer_bytes: usize,
+    /// Keeps upstream keys out of chunks and error messages.
+    pub redactor: Arc<Redactor>,
     /// How long a full buffer may stay unread.
     pub slow_client_timeout: Duration,
     /// Upstream silence before a keep-alive.
@@ -288,6 +303,11 @@ async fn relay(
     // Chunks queued for commit but not yet published to the hub, in order.
     let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
     let watermark = Watermark::new();
+    // The stream's byte buffer toward the client (see `BufferShare`).
+    let byte_limit = ctx
+        .buffer_bytes
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let room = Arc::new(Semaphore::new(byte_limit));
     let left = || {
         Ending::abnormal(
             Reason::ClientDisconnected,
@@ -352,7 +372,9 @@ async fn relay(
                 }
                 continue;
             }
-            Some(Ok(Event::Item(Err(e)))) => break Ending::abnormal(e.reason(), e.to_string()),
+            Some(Ok(Event::Item(Err(e)))) => {
+                break Ending::abnormal(e.reason(), ctx.redactor.message(&e.to_string()))
+            }
             Some(Ok(Event::Item(Ok(chunk)))) => chunk,
         };
 
@@ -374,21 +396,19 @@ async fn relay(
                 metrics::histogram!("sluice_inter_chunk_seconds").record((now - prev).as_secs_f64())
             }
         }
-        let data: Arc<str> = Arc::from(chunk.data);
+        // What the upstream says goes no further than here with a key in it.
+        let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
+        let content = match ctx.redactor.chunk(&chunk.content) {
+            std::borrow::Cow::Borrowed(_) => chunk.content,
+            std::borrow::Cow::Owned(redacted) => redacted,
+        };
         // Nobody gets a chunk before it is committed (invariant 1, even across a crash of the
         // process): the client side waits for `committed`, and the hub publishes in commit
         // order. The relay itself does not wait, so a stream's chunks share commits.
         let committed = if ctx.record_chunks {
             match ctx
                 .store
-                .append(
-                    &req.id,
-                    seq,
-                    offset,
-                    data.clone(),
-                    chunk.content,
-                    &watermark,
-                )
+                .append(&req.id, seq, offset, data.clone(), content, &watermark)
                 .await
             {
                 Ok(()) => Some(watermark.clone()),
@@ -414,23 +434,33 @@ async fn relay(
             continue; // nobody on the original connection: recorded and published is all
         };
         metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
-        let frame = Frame::Chunk {
-            committed,
-            seq,
-            data,
-        };
         let sending = Instant::now();
-        // The send goes first: a chunk already committed and published reaches the client if
-        // there is room for it; a cancel only interrupts a send that is waiting for room.
+        // Room first (bytes, then a place in the queue), all under the slow-client limit. The
+        // send goes first: a chunk already committed and published reaches the client if there
+        // is room for it; a cancel only interrupts a send that is waiting for room.
+        let wanted = u32::try_from(data.len().min(byte_limit)).unwrap_or(u32::MAX);
+        let send = async {
+            let room = tokio::select! {
+                room = room.clone().acquire_many_owned(wanted) => room.ok(),
+                () = tx.consumer_departed() => return false,
+            };
+            let frame = Frame::Chunk {
+                committed,
+                seq,
+                data,
+                room: BufferShare(room),
+            };
+            tx.send(frame).await.is_ok()
+        };
         let sent = tokio::select! {
             biased;
-            sent = sluice_flow::timeout(ctx.slow_client_timeout, tx.send(frame)) => sent,
+            sent = sluice_flow::timeout(ctx.slow_client_timeout, send) => sent,
             cause = cancel.cancelled() => break cancelled(cause),
         };
         client_wait += sending.elapsed();
         match sent {
-            Timed::Completed(Ok(())) => {}
-            Timed::Completed(Err(_)) => {
+            Timed::Completed(true) => {}
+            Timed::Completed(false) => {
                 client = None;
                 match req.on_disconnect {
                     OnDisconnect::Cancel => break 'relay left(),
@@ -444,8 +474,9 @@ async fn relay(
                 break Ending::abnormal(
                     Reason::SlowClient,
                     format!(
-                        "the client left {} chunks unread for {:?}",
+                        "the client left {} chunks ({} bytes) unread for {:?}",
                         tx.depth(),
+                        byte_limit - room.available_permits(),
                         ctx.slow_client_timeout
                     ),
                 )
@@ -560,6 +591,8 @@ mod tests {
             shutdown: CancelToken::new(),
             hub: Arc::new(Hub::default()),
             buffer_chunks: 4,
+            buffer_bytes: 1 << 20,
+            redactor: Arc::default(),
             slow_client_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(15),
             record_chunks: true,

@@ -115,6 +115,8 @@ impl Server {
             shutdown: cancel.clone(),
             hub: Arc::new(Hub::default()),
             buffer_chunks: config.buffer_chunks,
+            buffer_bytes: config.buffer_bytes,
+            redactor: config.redactor.clone(),
             slow_client_timeout: config.slow_client_timeout,
             keep_alive: config.keep_alive,
             record_chunks: config.record_chunks,

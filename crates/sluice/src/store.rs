@@ -276,6 +276,45 @@ pub struct Transcript {
     pub usage: Option<Value>,
 }
 
+/// A stream's transcript without its chunks: what [`Store::head`] reads before the chunks are
+/// read page by page.
+#[derive(Debug, Clone)]
+pub struct TranscriptHead {
+    /// The stream's id.
+    pub id: String,
+    /// The model the client asked for.
+    pub model: String,
+    /// When it started, Unix seconds.
+    pub created: i64,
+    /// Its status.
+    pub status: Status,
+    /// Why it ended, if it ended abnormally.
+    pub reason: Option<Reason>,
+    /// Details of an abnormal ending.
+    pub detail: Option<String>,
+    /// The client's request, as JSON text.
+    pub request: String,
+    /// Timings in milliseconds.
+    pub timings: Timings,
+    /// Token usage, as JSON text, if the upstream reported it.
+    pub usage: Option<String>,
+    /// The id of its last stored chunk when the head was read (0 if none).
+    pub last_seq: u64,
+}
+
+/// One stored chunk as read back, JSON as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkRecord {
+    /// Its event id (1, 2, ...).
+    pub seq: u64,
+    /// When it arrived, in ms from the stream's start.
+    pub offset_ms: f64,
+    /// The chunk JSON as relayed.
+    pub data: String,
+    /// The text it adds to the answer.
+    pub content: String,
+}
+
 /// Where a stream stands, for replaying it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamState {
@@ -602,86 +641,142 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` of stream `id`'s chunks after event id `after`, in order, as (id, JSON
-    /// exactly as relayed). The caller has checked the tenant.
+    /// A page of stream `id`'s chunks after event id `after`, in order, as (id, JSON exactly as
+    /// relayed): up to `limit` chunks and about `max_bytes` of JSON (at least one chunk, so a
+    /// page always moves on). The caller has checked the tenant.
     pub async fn chunks_after(
         &self,
         id: &str,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self
+            .chunk_page(id, after, limit, max_bytes)
+            .await?
+            .into_iter()
+            .map(|c| (c.seq, c.data))
+            .collect())
+    }
+
+    /// Like [`Store::chunks_after`], with each chunk's offset and text.
+    pub async fn chunk_page(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChunkRecord>, StoreError> {
         let id = id.to_string();
         let runs = self.runs.clone();
         self.read(move |c| {
-            let chunks = read_chunks(c, &runs, &id, after, limit)?;
+            let chunks = read_chunks(c, &runs, &id, after, limit, max_bytes)?;
             Ok(chunks
                 .into_iter()
-                .map(|(seq, _, data, _)| (seq, data))
+                .map(|(seq, offset_us, data, content)| ChunkRecord {
+                    seq,
+                    offset_ms: offset_us as f64 / 1000.0,
+                    data,
+                    content,
+                })
                 .collect())
         })
         .await
     }
 
-    /// One of `tenant`'s streams, whole.
-    pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Transcript>, StoreError> {
+    /// Everything about one of `tenant`'s streams but its chunks, and the id of its last chunk
+    /// now: read the chunks page by page (a transcript can be any size).
+    pub async fn head(&self, tenant: &str, id: &str) -> Result<Option<TranscriptHead>, StoreError> {
         let (tenant, id) = (tenant.to_string(), id.to_string());
         let runs = self.runs.clone();
         self.read(move |c| {
+            // The run first, then the blocks (see `state`).
+            let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
             let row = c
                 .query_row(
-                    "SELECT model, created, status, reason, detail, request, first_token_us, total_us, usage
+                    "SELECT model, created, status, reason, detail, request, first_token_us, total_us, usage,
+                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id)
                      FROM streams WHERE id = ?1 AND tenant = ?2",
                     params![id, tenant],
                     |r| {
                         Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                            r.get::<_, String>(5)?,
-                            r.get::<_, Option<i64>>(6)?,
-                            r.get::<_, Option<i64>>(7)?,
-                            r.get::<_, Option<String>>(8)?,
+                            (
+                                r.get::<_, String>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, Option<String>>(3)?,
+                                r.get::<_, Option<String>>(4)?,
+                            ),
+                            (
+                                r.get::<_, String>(5)?,
+                                r.get::<_, Option<i64>>(6)?,
+                                r.get::<_, Option<i64>>(7)?,
+                                r.get::<_, Option<String>>(8)?,
+                                r.get::<_, i64>(9)?,
+                            ),
                         ))
                     },
                 )
                 .optional()?;
-            let Some((model, created, status, reason, detail, request, first_us, total_us, usage)) = row else {
+            let Some(((model, created, status, reason, detail), (request, first_us, total_us, usage, last))) = row else {
                 return Ok(None);
             };
-            let mut content = String::new();
-            let chunks = read_chunks(c, &runs, &id, 0, usize::MAX)?
-                .into_iter()
-                .map(|(seq, offset_us, data, text)| {
-                    content.push_str(&text);
-                    StoredChunk {
-                        seq,
-                        offset_ms: offset_us as f64 / 1000.0,
-                        data: serde_json::from_str(&data).unwrap_or(Value::String(data)),
-                    }
-                })
-                .collect();
             let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
-            Ok(Some(Transcript {
+            Ok(Some(TranscriptHead {
                 id,
-                object: "sluice.stream",
                 model,
                 created,
                 status: Status::parse(&status).unwrap_or(Status::Failed),
                 reason: reason.as_deref().and_then(Reason::parse),
                 detail,
-                request: serde_json::from_str(&request).unwrap_or(Value::Null),
-                content,
-                chunks,
+                request,
                 timings: Timings {
                     time_to_first_token_ms: us(first_us),
                     total_ms: us(total_us),
                 },
-                usage: usage.and_then(|u| serde_json::from_str(&u).ok()),
+                usage,
+                last_seq: (last as u64).max(in_run),
             }))
         })
         .await
+    }
+
+    /// One of `tenant`'s streams, whole, in memory. For tools and tests: the API streams a
+    /// transcript out page by page instead (see [`Store::head`]).
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Transcript>, StoreError> {
+        let Some(head) = self.head(tenant, id).await? else {
+            return Ok(None);
+        };
+        let mut content = String::new();
+        let mut chunks = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.chunk_page(&head.id, after, 1024, 1 << 20).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for c in page {
+                content.push_str(&c.content);
+                chunks.push(StoredChunk {
+                    seq: c.seq,
+                    offset_ms: c.offset_ms,
+                    data: serde_json::from_str(&c.data).unwrap_or(Value::String(c.data)),
+                });
+            }
+        }
+        Ok(Some(Transcript {
+            id: head.id,
+            object: "sluice.stream",
+            model: head.model,
+            created: head.created,
+            status: head.status,
+            reason: head.reason,
+            detail: head.detail,
+            request: serde_json::from_str(&head.request).unwrap_or(Value::Null),
+            content,
+            chunks,
+            timings: head.timings,
+            usage: head.usage.and_then(|u| serde_json::from_str(&u).ok()),
+        }))
     }
 }
 
@@ -693,6 +788,7 @@ fn read_chunks(
     id: &str,
     after: u64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<Decoded>, StoreError> {
     // The run first, then the blocks: a run written as a block in between is then seen in the
     // block (the other order could miss it in both).
@@ -707,26 +803,33 @@ fn read_chunks(
         })
         .unwrap_or_default();
     let mut out: Vec<Decoded> = Vec::new();
+    let mut bytes = 0usize;
+    let full = |out: &Vec<Decoded>, bytes: usize| out.len() >= limit || bytes >= max_bytes;
     let mut last = after;
     let mut stmt = c.prepare_cached(
         "SELECT body FROM chunk_blocks WHERE stream_id = ?1 AND last_seq > ?2 ORDER BY first_seq",
     )?;
     let mut rows = stmt.query(params![id, after as i64])?;
-    while let Some(row) = rows.next()? {
-        if out.len() >= limit {
-            break;
-        }
+    'blocks: while let Some(row) = rows.next()? {
         let body: Vec<u8> = row.get(0)?;
         for chunk in block::decode(&body).map_err(|e| StoreError::Db(e.to_string()))? {
+            if full(&out, bytes) {
+                break 'blocks;
+            }
             if chunk.0 > last {
                 last = chunk.0;
+                bytes += chunk.2.len() + chunk.3.len();
                 out.push(chunk);
             }
         }
     }
     for chunk in in_run {
+        if full(&out, bytes) {
+            break;
+        }
         if chunk.seq > last {
             last = chunk.seq;
+            bytes += chunk.data.len() + chunk.content.len();
             out.push((
                 chunk.seq,
                 chunk.offset_us,
@@ -735,7 +838,6 @@ fn read_chunks(
             ));
         }
     }
-    out.truncate(limit);
     Ok(out)
 }
 
@@ -1255,10 +1357,16 @@ mod tests {
                     .expect("state")
                     .expect("s0");
                 assert!(state.last_seq >= seq);
-                let all = store.chunks_after("s0", 0, usize::MAX).await.expect("read");
+                let all = store
+                    .chunks_after("s0", 0, usize::MAX, usize::MAX)
+                    .await
+                    .expect("read");
                 assert!(all.len() as u64 >= seq);
                 assert!(all.iter().map(|c| c.0).eq(1..=all.len() as u64));
-                let tail = store.chunks_after("s0", seq - 5, 3).await.expect("read");
+                let tail = store
+                    .chunks_after("s0", seq - 5, 3, usize::MAX)
+                    .await
+                    .expect("read");
                 assert_eq!(
                     tail.iter().map(|c| c.0).collect::<Vec<_>>(),
                     vec![seq - 4, seq - 3, seq - 2]
@@ -1279,7 +1387,7 @@ mod tests {
         assert_eq!(t.chunks[99].offset_ms, 0.1);
         assert_eq!(
             store
-                .chunks_after("s1", 98, 10)
+                .chunks_after("s1", 98, 10, usize::MAX)
                 .await
                 .expect("read")
                 .iter()
@@ -1455,7 +1563,7 @@ mod tests {
         let t = transcript(&store, "quiet").await;
         assert_eq!(t.content, expected_text("quiet", 2));
         let busy_chunks = store
-            .chunks_after("busy", 0, usize::MAX)
+            .chunks_after("busy", 0, usize::MAX, usize::MAX)
             .await
             .expect("read");
         assert!(busy_chunks.iter().map(|c| c.0).eq(1..=total));

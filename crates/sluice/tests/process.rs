@@ -308,7 +308,10 @@ async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work
     let config = write_config(
         &dir,
         "sluice.toml",
-        sluice::auth::config_lines("acme", &key),
+        format!(
+            "{}\n[[models]]\nname = \"sim\"\nkind = \"sim\"\n",
+            sluice::auth::config_lines("acme", &key)
+        ),
     );
     let data = dir.path().join("data");
     let port = free_port();

@@ -283,7 +283,7 @@ async fn a_client_that_stops_reading_is_cut_as_slow_and_the_upstream_is_not_drai
     let mut stream = socket.connect(g.server.addr()).await.unwrap();
     let payload = body.to_string();
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
         payload.len()
     );
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -391,7 +391,10 @@ async fn bad_requests_get_openai_errors_and_leave_no_stream() {
     .await;
     assert_eq!(status, 413, "{e}");
     let (status, e) = post(json!({"model": "sim", "messages": [{"role": "user", "content": "x"}], "sim": {"tokenz": 1}}).to_string()).await;
-    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("sim")));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("sim.tokenz"))
+    );
     let (status, e) = post(json!({"model": "sim", "messages": [{"role": "user", "content": "x"}], "sluice": {"idle_timeout_ms": -1}}).to_string()).await;
     assert_eq!(
         (status, e["error"]["param"].as_str()),

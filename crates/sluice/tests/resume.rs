@@ -423,7 +423,7 @@ async fn slow_raw_resume(addr: std::net::SocketAddr, id: &str, after: u64) -> Ve
     socket.set_recv_buffer_size(2048).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
     let request = format!(
-        "GET /v1/streams/{id}/events HTTP/1.1\r\nhost: x\r\nlast-event-id: {after}\r\n\r\n"
+        "GET /v1/streams/{id}/events HTTP/1.1\r\nhost: localhost\r\nlast-event-id: {after}\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut reader = BufReader::with_capacity(512, stream);

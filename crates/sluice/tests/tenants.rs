@@ -20,8 +20,9 @@ struct Tenants {
 /// A gateway with two tenants, `acme` (limited) and `globex`.
 async fn two_tenants(acme_limits: &str) -> Tenants {
     let (acme, globex) = (new_key().unwrap(), new_key().unwrap());
+    // With keys, the simulated model is served only when the config names it.
     let config = format!(
-        "{}{acme_limits}\n{}",
+        "{}{acme_limits}\n{}\n[[models]]\nname = \"sim\"\nkind = \"sim\"\n",
         config_lines("acme", &acme),
         config_lines("globex", &globex)
     );

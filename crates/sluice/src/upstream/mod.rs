@@ -161,6 +161,25 @@ impl UpstreamError {
     }
 }
 
+/// Bounds on what an upstream may make sluice hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    /// The largest event (its joined `data:` lines), in bytes; a larger one ends the stream
+    /// `failed(upstream_protocol_error)` without being buffered past this.
+    pub max_event_bytes: usize,
+    /// How much of an error response's body is read and copied into the error message.
+    pub max_error_body_bytes: usize,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: sse::DEFAULT_MAX_EVENT,
+            max_error_body_bytes: 4096,
+        }
+    }
+}
+
 /// A request as it goes upstream: the client's body without sluice's own options.
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {

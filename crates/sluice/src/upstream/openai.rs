@@ -3,7 +3,12 @@
 //! Posts the request to `{base_url}/chat/completions` with `stream: true` and reads the answer as
 //! server-sent events with [`SseParser`]. The API key is sent as a bearer
 //! token and is never printed: this type's `Debug` leaves it out and error messages never carry
-//! request headers.
+//! request headers (what the upstream itself echoes is redacted by the relay).
+//!
+//! What the upstream sends is bounded: an error body is read up to
+//! [`UpstreamLimits::max_error_body_bytes`], one event up to
+//! [`UpstreamLimits::max_event_bytes`], and a success that is not an event stream (an HTML
+//! page, a JSON body) is a protocol error, not a stream that ended early.
 
 use std::fmt;
 use std::time::Duration;
@@ -13,10 +18,8 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::sse::SseParser;
-use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamRequest};
-
-/// The most of an upstream's error body that is read.
-const MAX_ERROR_BODY: usize = 64 * 1024;
+use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamLimits, UpstreamRequest};
+use crate::redact::truncate;
 
 /// A configured OpenAI-compatible upstream.
 #[derive(Clone)]
@@ -25,6 +28,7 @@ pub struct OpenAi {
     url: String,
     api_key: Option<String>,
     headers: HeaderMap,
+    limits: UpstreamLimits,
 }
 
 impl fmt::Debug for OpenAi {
@@ -54,6 +58,7 @@ impl OpenAi {
         base_url: &str,
         api_key: Option<String>,
         extra_headers: &[(String, String)],
+        limits: UpstreamLimits,
     ) -> Result<Self, OpenAiConfigError> {
         let mut headers = HeaderMap::new();
         for (name, value) in extra_headers {
@@ -73,7 +78,13 @@ impl OpenAi {
             url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             api_key,
             headers,
+            limits,
         })
+    }
+
+    /// The API key, for the redactor (see [`crate::redact`]).
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
     }
 
     /// Opens the stream; see [`Upstream::open`](super::Upstream::open).
@@ -92,12 +103,13 @@ impl OpenAi {
                 }
             };
             let status = response.status();
+            let max_error = this.limits.max_error_body_bytes;
             if !status.is_success() {
                 let mut body = Vec::new();
                 while let Ok(Some(bytes)) = response.chunk().await {
-                    body.extend_from_slice(&bytes);
-                    if body.len() >= MAX_ERROR_BODY {
-                        body.truncate(MAX_ERROR_BODY);
+                    let room = max_error.saturating_sub(body.len());
+                    body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    if body.len() >= max_error {
                         break;
                     }
                 }
@@ -106,10 +118,18 @@ impl OpenAi {
                     .ok()
                     .and_then(|v| v.get("error").map(error_message))
                     .unwrap_or(text);
+                let message = truncate(&message, max_error).into_owned();
                 yield Err(UpstreamError::Status { status: status.as_u16(), message });
                 return;
             }
-            let mut parser = SseParser::new();
+            if let Some(other) = not_an_event_stream(response.headers()) {
+                yield Err(UpstreamError::Protocol(format!(
+                    "upstream answered {status} with content type {:?}, not an event stream",
+                    truncate(&other, 100)
+                )));
+                return;
+            }
+            let mut parser = SseParser::with_max_event(this.limits.max_event_bytes);
             let mut events = Vec::new();
             let mut body = response.bytes_stream();
             loop {
@@ -138,5 +158,18 @@ impl OpenAi {
                 }
             }
         })
+    }
+}
+
+/// The response's content type, if it says it is something other than `text/event-stream`.
+/// A missing content type is accepted: some servers leave it out of event streams.
+fn not_an_event_stream(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let value = headers.get(reqwest::header::CONTENT_TYPE)?;
+    let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+    let essence = text.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("text/event-stream") {
+        None
+    } else {
+        Some(text)
     }
 }

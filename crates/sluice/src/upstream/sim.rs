@@ -15,6 +15,11 @@
 //! | `http_status` | answer with this HTTP error status before streaming |
 //!
 //! Fields left out take the model's defaults (`[[models]] sim = {...}` or mock-upstream's flags).
+//!
+//! It is a test model, and it is bounded like one: in-process, a request may ask for at most
+//! `max_tokens` tokens (default 10,000; more is a 400 naming `sim.tokens`), and the answer is paced
+//! to at most `max_tokens_per_second` (default 1,000), so one request cannot fill the store at
+//! memory speed. With API keys configured, `sim` is served only when the config names it.
 
 use std::time::Duration;
 
@@ -47,7 +52,8 @@ pub struct SimParams {
     pub http_status: Option<u16>,
 }
 
-/// A simulated model's defaults for `tokens`, `first_token_ms` and `token_interval_ms`.
+/// A simulated model's defaults for `tokens`, `first_token_ms` and `token_interval_ms`, and its
+/// caps (which bind the in-process model; `mock-upstream`, a test peer, ignores them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimDefaults {
@@ -57,6 +63,10 @@ pub struct SimDefaults {
     pub first_token_ms: u64,
     /// Delay between tokens, in ms.
     pub token_interval_ms: u64,
+    /// The most tokens a request may ask for.
+    pub max_tokens: u32,
+    /// The fastest an answer is sent, in tokens per second.
+    pub max_tokens_per_second: u32,
 }
 
 impl Default for SimDefaults {
@@ -65,8 +75,51 @@ impl Default for SimDefaults {
             tokens: 16,
             first_token_ms: 50,
             token_interval_ms: 20,
+            max_tokens: 10_000,
+            max_tokens_per_second: 1_000,
         }
     }
+}
+
+/// Why a request's `"sim"` field is refused: the field (`sim.tokens`) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimFieldError {
+    /// The field, as `sim.NAME` (or `sim` for the whole object).
+    pub param: String,
+    /// Why.
+    pub message: String,
+}
+
+/// Reads and checks the `"sim"` field of a request to the in-process model `defaults`.
+pub fn checked_params(
+    defaults: &SimDefaults,
+    body: &serde_json::Map<String, Value>,
+) -> Result<SimParams, SimFieldError> {
+    let p = match body.get("sim") {
+        None | Some(Value::Null) => SimParams::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            SimFieldError {
+                param: if path == "." {
+                    "sim".into()
+                } else {
+                    format!("sim.{path}")
+                },
+                message: format!("invalid sim field: {}", e.inner()),
+            }
+        })?,
+    };
+    let tokens = p.tokens.unwrap_or(defaults.tokens);
+    if tokens > defaults.max_tokens {
+        return Err(SimFieldError {
+            param: "sim.tokens".into(),
+            message: format!(
+                "the simulated model answers with at most {} tokens (max_tokens)",
+                defaults.max_tokens
+            ),
+        });
+    }
+    Ok(p)
 }
 
 /// One step of a simulated answer, after its delay.
@@ -228,6 +281,11 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
             yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}") });
             return;
         }
+        let mut p = p;
+        p.tokens = Some(p.tokens.unwrap_or(defaults.tokens).min(defaults.max_tokens));
+        // Paced: token n goes out no earlier than n / max_tokens_per_second after the first.
+        let pace = Duration::from_secs(1) / defaults.max_tokens_per_second.max(1);
+        let mut paced_from: Option<tokio::time::Instant> = None;
         let id = format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple());
         let mut count = 0u32;
         let steps = steps(defaults, p);
@@ -235,6 +293,12 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
         while let Some(step) = futures_util::StreamExt::next(&mut steps).await {
             match step {
                 SimStep::Token(text) => {
+                    let from = *paced_from.get_or_insert_with(tokio::time::Instant::now);
+                    let due = from + pace * count;
+                    // Sleep only when a millisecond or more ahead: the timer's resolution.
+                    if due > tokio::time::Instant::now() + Duration::from_millis(1) {
+                        tokio::time::sleep_until(due).await;
+                    }
                     count += 1;
                     match Payload::parse(&chunk_json(&id, &model, Some(&text), None)) {
                         Ok(Payload::Chunk(c)) => yield Ok(c),
@@ -343,5 +407,44 @@ mod tests {
     fn unknown_sim_fields_are_errors() {
         let b = body(json!({"tokenz": 3})).body;
         assert!(params(&b).is_err());
+    }
+
+    #[test]
+    fn checked_params_name_the_field_and_cap_tokens() {
+        let d = SimDefaults::default();
+        let param = |sim: Value| checked_params(&d, &body(sim).body).err().map(|e| e.param);
+        assert_eq!(param(json!({"tokens": "many"})), Some("sim.tokens".into()));
+        assert_eq!(
+            param(json!({"stall_after": -1})),
+            Some("sim.stall_after".into())
+        );
+        assert_eq!(param(json!({"tokenz": 1})), Some("sim.tokenz".into()));
+        assert_eq!(param(json!([1])), Some("sim".into()));
+        assert_eq!(param(json!({"tokens": 10_001})), Some("sim.tokens".into()));
+        assert_eq!(param(json!({"tokens": 10_000})), None);
+        assert_eq!(param(json!(null)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_are_paced_and_capped() {
+        let d = SimDefaults {
+            max_tokens: 500,
+            max_tokens_per_second: 100,
+            ..SimDefaults::default()
+        };
+        let start = Instant::now();
+        let got: Vec<_> = open(
+            d,
+            body(json!({"tokens": 1_000_000, "first_token_ms": 0, "token_interval_ms": 0})),
+        )
+        .collect()
+        .await;
+        // 500 tokens and the final chunk; at 100 per second the last token is due at 4.99 s.
+        assert_eq!(got.len(), 501);
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(4980) && elapsed <= Duration::from_millis(5000),
+            "{elapsed:?}"
+        );
     }
 }

@@ -4,12 +4,18 @@
 //! CRLF, inside a multi-byte UTF-8 character. The parser buffers bytes until a line is complete
 //! and only then decodes it, so none of those splits matter. It follows the WHATWG rules: lines
 //! end in LF, CRLF or CR; lines starting with `:` are comments (keep-alives); `data` lines of one
-//! event are joined with `\n`; an empty line dispatches the event. A line longer than
-//! [`MAX_LINE`] is an error, so a misbehaving upstream cannot make the gateway buffer without
-//! bound.
+//! event are joined with `\n`; an empty line dispatches the event.
+//!
+//! Nothing an upstream sends can make the parser buffer without bound: an event whose data is
+//! longer than its cap (default [`DEFAULT_MAX_EVENT`]) is an error the moment the cap is passed,
+//! however it is cut into lines, and so is a single line longer than that cap (plus the room of a
+//! field name).
 
-/// The longest line accepted, in bytes.
-pub const MAX_LINE: usize = 1 << 20;
+/// The default cap on one event's data, in bytes.
+pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
+
+/// Room for a field name and separator on top of the event cap, for the line cap.
+const LINE_OVERHEAD: usize = 64;
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -28,14 +34,24 @@ pub enum SseError {
     /// A line is not UTF-8.
     #[error("a line of the event stream is not valid UTF-8")]
     InvalidUtf8,
-    /// A line is longer than [`MAX_LINE`].
-    #[error("a line of the event stream is longer than {MAX_LINE} bytes")]
-    LineTooLong,
+    /// A line is longer than the event cap allows.
+    #[error("a line of the event stream is longer than {limit} bytes")]
+    LineTooLong {
+        /// The line cap.
+        limit: usize,
+    },
+    /// One event's data is longer than the event cap.
+    #[error("an event of the event stream is larger than the limit of {limit} bytes")]
+    EventTooLarge {
+        /// The event cap.
+        limit: usize,
+    },
 }
 
 /// Incremental SSE parser: feed it bytes as they arrive, take events as they complete.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseParser {
+    max_event: usize,
     line: Vec<u8>,
     /// The previous push ended in CR: a LF at the start of the next one belongs to it.
     after_cr: bool,
@@ -48,10 +64,31 @@ pub struct SseParser {
     partial: bool,
 }
 
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::with_max_event(DEFAULT_MAX_EVENT)
+    }
+}
+
 impl SseParser {
-    /// A new parser.
+    /// A new parser with the default event cap.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new parser that fails on an event whose data is longer than `max_event` bytes.
+    pub fn with_max_event(max_event: usize) -> Self {
+        Self {
+            max_event,
+            line: Vec::new(),
+            after_cr: false,
+            started: false,
+            event: None,
+            data: String::new(),
+            has_data: false,
+            id: None,
+            partial: false,
+        }
     }
 
     /// Feeds `bytes`; appends every event they complete to `out`.
@@ -89,8 +126,9 @@ impl SseParser {
     }
 
     fn extend_line(&mut self, bytes: &[u8]) -> Result<(), SseError> {
-        if self.line.len() + bytes.len() > MAX_LINE {
-            return Err(SseError::LineTooLong);
+        let limit = self.max_event.saturating_add(LINE_OVERHEAD);
+        if self.line.len() + bytes.len() > limit {
+            return Err(SseError::LineTooLong { limit });
         }
         self.line.extend_from_slice(bytes);
         Ok(())
@@ -126,6 +164,12 @@ impl SseParser {
         };
         match field {
             "data" => {
+                let joined = self.data.len() + usize::from(self.has_data) + value.len();
+                if joined > self.max_event {
+                    return Err(SseError::EventTooLarge {
+                        limit: self.max_event,
+                    });
+                }
                 if self.has_data {
                     self.data.push('\n');
                 }
@@ -198,12 +242,40 @@ mod tests {
             parse_in_pieces(b"data: \xff\xfe\n\n", &[]),
             Err(SseError::InvalidUtf8)
         );
-        let mut parser = SseParser::new();
-        let big = vec![b'a'; MAX_LINE + 1];
+        let mut parser = SseParser::with_max_event(100);
+        let big = vec![b'a'; 100 + LINE_OVERHEAD + 1];
         assert_eq!(
             parser.push(&big, &mut Vec::new()),
-            Err(SseError::LineTooLong)
+            Err(SseError::LineTooLong {
+                limit: 100 + LINE_OVERHEAD
+            })
         );
+    }
+
+    #[test]
+    fn an_event_cut_into_many_small_lines_is_capped() {
+        // 100 lines of 10 bytes: every line is short, the event is not.
+        let mut parser = SseParser::with_max_event(500);
+        let mut out = Vec::new();
+        let line = b"data: 0123456789\n";
+        let mut failed_at = None;
+        for i in 0..100 {
+            if let Err(e) = parser.push(line, &mut out) {
+                assert_eq!(e, SseError::EventTooLarge { limit: 500 });
+                failed_at = Some(i);
+                break;
+            }
+        }
+        // 45 lines join to 45*10 + 44 = 494 bytes; the 46th would make 505.
+        assert_eq!(failed_at, Some(45));
+        assert!(out.is_empty());
+        assert!(parser.data.len() <= 500, "nothing is buffered past the cap");
+        // Exactly at the cap is fine.
+        let mut parser = SseParser::with_max_event(10);
+        parser
+            .push(b"data: 0123456789\n\n", &mut out)
+            .expect("an event of exactly the cap");
+        assert_eq!(data(&out), vec!["0123456789"]);
     }
 
     #[test]
