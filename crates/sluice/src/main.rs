@@ -13,8 +13,21 @@ use sluice::{Config, Overrides, Server};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about, long_about = None)]
 struct Cli {
+    /// Log format: `text` (for people; colours only on a terminal) or `json` (one object per
+    /// line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,13 +184,18 @@ async fn stop_signal() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 #[tokio::main]
@@ -189,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             config,
         } => {
-            init_tracing();
+            init_tracing(cli.log_format);
             let overrides = Overrides { listen, data_dir };
             let config = Config::load(config.as_deref(), &overrides)?;
             let server = Server::bind(config).await?;
@@ -206,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             token_interval_ms,
             split_bytes,
         } => {
-            init_tracing();
+            init_tracing(cli.log_format);
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
