@@ -245,14 +245,15 @@ struct SluiceOptions {
 }
 
 /// A validated chat request.
-struct ChatRequest {
+pub(crate) struct ChatRequest {
     model: String,
     stream: bool,
     options: SluiceOptions,
-    body: Map<String, Value>,
+    pub(crate) body: Map<String, Value>,
 }
 
-fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
+/// Parses and validates a chat request body.
+pub(crate) fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
     let Value::Object(mut body) = value else {

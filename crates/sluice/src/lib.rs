@@ -29,6 +29,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod edge;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod metrics;
 pub mod mock_upstream;

@@ -20,6 +20,9 @@
 
 mod block;
 
+/// The block codec, for the fuzz entry points in [`crate::fuzzing`].
+pub(crate) use block::{decode as decode_block, encode as encode_block};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +35,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::status::{Ending, Reason, Status};
-use block::{Decoded, LoggedChunk, Run, Runs};
+pub(crate) use block::LoggedChunk;
+use block::{Decoded, Run, Runs};
 
 /// How many writes may wait for the writer.
 const WRITE_QUEUE: usize = 8192;

@@ -37,8 +37,20 @@ impl Serve {
     }
 
     async fn start_on(port: u16, data_dir: &Path, config: Option<&Path>) -> Serve {
+        Serve::start_with(port, data_dir, config, &[], Stdio::null()).await
+    }
+
+    /// Starts `sluice GLOBAL_ARGS serve ...` with its stderr going to `stderr`.
+    async fn start_with(
+        port: u16,
+        data_dir: &Path,
+        config: Option<&Path>,
+        global_args: &[&str],
+        stderr: Stdio,
+    ) -> Serve {
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
+        cmd.args(global_args)
+            .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
@@ -48,7 +60,7 @@ impl Serve {
         }
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn sluice");
@@ -74,6 +86,18 @@ impl Serve {
             .success();
         assert!(ok, "kill -{name} failed");
     }
+}
+
+/// Writes a config with one tenant `acme` holding `key`, and the `sim` model; returns its path.
+fn keyed_sim_config(dir: &tempfile::TempDir, key: &str) -> std::path::PathBuf {
+    write_config(
+        dir,
+        "sluice.toml",
+        format!(
+            "{}\n[[models]]\nname = \"sim\"\nkind = \"sim\"\n",
+            sluice::auth::config_lines("acme", key)
+        ),
+    )
 }
 
 /// Writes a config file `name` with `text` into `dir`; returns its path.
@@ -305,14 +329,7 @@ async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
 async fn tail_resumes_by_itself_across_a_server_restart_and_cancel_and_keys_work() {
     let dir = tempfile::tempdir().unwrap();
     let key = sluice::auth::new_key().unwrap();
-    let config = write_config(
-        &dir,
-        "sluice.toml",
-        format!(
-            "{}\n[[models]]\nname = \"sim\"\nkind = \"sim\"\n",
-            sluice::auth::config_lines("acme", &key)
-        ),
-    );
+    let config = keyed_sim_config(&dir, &key);
     let data = dir.path().join("data");
     let port = free_port();
     let mut serve = Serve::start_on(port, &data, Some(&config)).await;
@@ -453,4 +470,82 @@ async fn keys_new_prints_a_key_and_config_lines_that_accept_it() {
         .await
         .unwrap();
     assert_eq!(without.status(), 401);
+}
+
+#[tokio::test]
+async fn the_access_log_is_json_lines_without_keys_prompts_or_colours() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = sluice::auth::new_key().unwrap();
+    let config = keyed_sim_config(&dir, &key);
+    let mut serve = Serve::start_with(
+        free_port(),
+        &dir.path().join("data"),
+        Some(&config),
+        &["--log-format", "json"],
+        Stdio::piped(),
+    )
+    .await;
+    let url = serve.url.clone();
+    let prompt = "a-secret-prompt-7f3e";
+    let body = json!({"model": "sim", "stream": true, "messages": [{"role": "user", "content": prompt}], "sim": {"tokens": 2}});
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", "req-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let stream = r.headers()["x-sluice-stream-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    r.text().await.unwrap();
+    let refused = client()
+        .get(format!("{url}/v1/streams?after={key}"))
+        .bearer_auth("not-the-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    serve.signal("TERM");
+    let mut stderr = String::new();
+    serve
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    serve.child.wait().await.unwrap();
+
+    assert!(!stderr.contains('\u{1b}'), "no colours into a pipe");
+    assert!(!stderr.contains(&key), "the key is not logged");
+    assert!(!stderr.contains(prompt), "the prompt is not logged");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "sluice::access")
+        .collect();
+    let chat = access
+        .iter()
+        .find(|l| l["path"] == "/v1/chat/completions")
+        .expect("an access line for the chat");
+    assert_eq!(chat["method"], "POST");
+    assert_eq!(chat["status"], 200);
+    assert_eq!(chat["request_id"], "req-1");
+    assert_eq!(chat["stream"], stream.as_str());
+    assert_eq!(chat["tenant"], "acme");
+    assert!(chat["duration_ms"].as_f64().is_some());
+    let denied = access
+        .iter()
+        .find(|l| l["path"] == "/v1/streams")
+        .expect("an access line for the refused request");
+    assert_eq!(denied["status"], 401);
+    assert_eq!(denied["tenant"], "-");
 }

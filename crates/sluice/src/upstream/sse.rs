@@ -91,6 +91,24 @@ impl SseParser {
         }
     }
 
+    /// Feeds `input` in pieces cut at `cuts` (clamped, in order); returns every event. Splitting
+    /// must never change the events: the tests and the fuzz target check it with this.
+    pub(crate) fn push_in_pieces(
+        mut self,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> Result<Vec<SseEvent>, SseError> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &cut in cuts {
+            let cut = cut.clamp(start, input.len());
+            self.push(&input[start..cut], &mut out)?;
+            start = cut;
+        }
+        self.push(&input[start..], &mut out)?;
+        Ok(out)
+    }
+
     /// Feeds `bytes`; appends every event they complete to `out`.
     pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
         if self.after_cr {
@@ -190,16 +208,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn parse_in_pieces(input: &[u8], cuts: &[usize]) -> Result<Vec<SseEvent>, SseError> {
-        let mut parser = SseParser::new();
-        let mut out = Vec::new();
-        let mut start = 0;
-        for &cut in cuts {
-            let cut = cut.clamp(start, input.len());
-            parser.push(&input[start..cut], &mut out)?;
-            start = cut;
-        }
-        parser.push(&input[start..], &mut out)?;
-        Ok(out)
+        SseParser::new().push_in_pieces(input, cuts)
     }
 
     fn data(events: &[SseEvent]) -> Vec<&str> {
