@@ -26,6 +26,8 @@ use sluice::mock_upstream::{clock_ns, MockOptions, MockUpstream};
 use sluice::upstream::sim::SimDefaults;
 use sluice::upstream::sse::SseParser;
 
+mod memory;
+
 /// sluice-bench: direct vs sluice vs a peer gateway, streaming, on one machine.
 #[derive(Debug, Parser)]
 struct Args {
@@ -61,6 +63,13 @@ struct Args {
     /// profiling: attach perf to the sluice process meanwhile).
     #[arg(long)]
     only_throughput: Option<usize>,
+    /// Run only the memory scenarios (transcript read, dripped bodies, a spike, a soak) in a
+    /// fresh sluice and write `memory.md` and `memory.json` to `--out`.
+    #[arg(long)]
+    only_memory: bool,
+    /// How long the memory soak runs, in seconds.
+    #[arg(long, default_value_t = 120)]
+    soak_seconds: u64,
     /// The command line to print in the report.
     #[arg(long, default_value = "bash bench/run")]
     command: String,
@@ -496,6 +505,26 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&level)?);
         return Ok(());
     }
+    if args.only_memory {
+        drop((sluice, bare));
+        let fresh = start_sluice(&sluice_bin, &mock.base_url(), true, "memory").await?;
+        let pid = fresh.child.id().context("sluice pid")?;
+        let m = memory::run(&fresh.base, pid, args.soak_seconds).await?;
+        std::fs::create_dir_all(&args.out)?;
+        let raw = json!({
+            "date": now_utc(),
+            "command": args.command,
+            "machine": machine(),
+            "memory": m,
+        });
+        std::fs::write(
+            args.out.join("memory.json"),
+            serde_json::to_string_pretty(&raw)?,
+        )?;
+        std::fs::write(args.out.join("memory.md"), memory::markdown(&raw, &m))?;
+        println!("{}", memory::markdown(&raw, &m));
+        return Ok(());
+    }
     if args.only_idle {
         let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;
         println!("{}", serde_json::to_string_pretty(&idle)?);
@@ -623,6 +652,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The date and time now, as `2026-11-28 13:30 UTC`.
+fn now_utc() -> String {
+    String::from_utf8(
+        std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default()
+    .trim()
+    .to_string()
+}
+
 /// Turns the figures into goals and a markdown report.
 struct Report {
     date: String,
@@ -658,17 +702,7 @@ impl Report {
         peer: Option<TargetResult>,
         idle: &Idle,
     ) -> Self {
-        let date = String::from_utf8(
-            std::process::Command::new("date")
-                .arg("-u")
-                .arg("+%Y-%m-%d %H:%M UTC")
-                .output()
-                .map(|o| o.stdout)
-                .unwrap_or_default(),
-        )
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+        let date = now_utc();
         let (d, s, b) = (
             direct.unwrap_or_default(),
             sluice.unwrap_or_default(),
