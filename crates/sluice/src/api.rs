@@ -425,6 +425,8 @@ async fn chat_completions(
     )
     .await?;
     let chat = parse_chat(&bytes)?;
+    // The parsed request holds what is needed; the raw body need not wait for the stream.
+    drop(bytes);
     let Some(model) = state.config.model(&chat.model) else {
         return Err(ApiError {
             param: Some("model".into()),

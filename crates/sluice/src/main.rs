@@ -9,6 +9,22 @@ use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sim::SimDefaults;
 use sluice::{Config, Overrides, Server};
 
+/// jemalloc rather than the system's malloc: with its purging thread on (see
+/// [`return_freed_memory`]) memory freed after a spike goes back to the OS within seconds, where
+/// glibc's malloc kept a spike's peak for good (docs/benchmarks/memory.md).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Turns on jemalloc's background purging: freed pages go back to the OS over its decay time
+/// (10 s) even when the server is idle, instead of only when something allocates again.
+fn return_freed_memory() {
+    #[cfg(all(unix, not(target_env = "musl")))]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!("jemalloc background purging is off ({e}): memory after a spike is returned only as the server allocates");
+    }
+}
+
 /// sluice: a streaming chat gateway for OpenAI-compatible clients.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about, long_about = None)]
@@ -208,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
             config,
         } => {
             init_tracing(cli.log_format);
+            return_freed_memory();
             let overrides = Overrides { listen, data_dir };
             let config = Config::load(config.as_deref(), &overrides)?;
             let server = Server::bind(config).await?;

@@ -18,12 +18,20 @@
 //! | `sluice_gateway_overhead_seconds` | histogram | (total time minus time waiting on the upstream and the client) |
 //!
 //! Labels never carry request content, keys or stream ids.
+//!
+//! Histogram samples wait in the recorder until they are folded into buckets; a thread folds
+//! them every [`UPKEEP_INTERVAL`] so memory stays flat when nobody scrapes `/metrics` (without
+//! it, every chunk relayed kept a few samples for good: the soak in docs/benchmarks/memory.md).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// How often pending histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 const SECONDS: &[f64] = &[
     0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -47,8 +55,23 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
+                .inspect(|h| start_upkeep(h.clone()))
         })
         .as_ref()
+}
+
+/// Folds pending histogram samples every [`UPKEEP_INTERVAL`], for the life of the process (as
+/// long as the recorder it serves).
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("sluice-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep not started: histogram samples pile up until /metrics is read");
+    }
 }
 
 /// The metrics in Prometheus' text format.
