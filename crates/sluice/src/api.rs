@@ -30,13 +30,13 @@ use sluice_flow::QueueError;
 use tokio::time::Instant;
 
 use crate::auth::{Caller, Keys, Refused, Unauthenticated};
-use crate::config::{Config, Timeouts};
+use crate::config::Config;
 use crate::edge::{self, EdgePolicy, TenantName};
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
-use crate::relay::{self, Frame, Frames, OnDisconnect, RelayContext, StreamRequest, Terminal};
-use crate::status::{Ending, Reason, Status};
+use crate::relay::{self, Frame, Frames, RelayContext, StreamRequest};
 use crate::store::TranscriptHead;
+use crate::stream::{Ending, OnDisconnect, Reason, Status, Terminal, Timeouts};
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
 /// The response header that names the stream.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::KeyConfig;
 use crate::redact::Redactor;
-use crate::relay::OnDisconnect;
+use crate::stream::{OnDisconnect, Timeouts};
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
 use crate::upstream::{Upstream, UpstreamLimits};
@@ -86,27 +86,6 @@ pub struct ModelConfig {
     pub timeouts: Timeouts,
     /// What happens when a client leaves (per-request `"sluice"` options override it).
     pub on_disconnect: OnDisconnect,
-}
-
-/// The three stream timers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Request start to first token.
-    pub first_token: Duration,
-    /// Longest silence between tokens.
-    pub idle: Duration,
-    /// Request start to the end.
-    pub total: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            first_token: Duration::from_secs(30),
-            idle: Duration::from_secs(30),
-            total: Duration::from_secs(600),
-        }
-    }
 }
 
 /// Settings given on the command line or in `SLUICE_*` variables; they win over the file.

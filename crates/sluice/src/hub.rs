@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use sluice_flow::{CancelCause, CancelToken};
 use tokio::sync::broadcast;
 
-use crate::relay::Terminal;
+use crate::stream::Terminal;
 
 /// How many live events a reader may fall behind before it refills from the store.
 pub const LIVE_BUFFER: usize = 256;
@@ -175,7 +175,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::Ending;
+    use crate::stream::Ending;
 
     #[test]
     fn entries_live_as_long_as_their_publisher_and_only_for_their_tenant() {

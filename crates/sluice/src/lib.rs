@@ -22,7 +22,7 @@
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
 //! - [`edge`] checks Host and Origin, and logs every request;
 //! - [`redact`] keeps upstream keys out of everything that leaves the process;
-//! - [`config`], [`metrics`], [`status`], [`mock_upstream`], [`cli`] do what they say.
+//! - [`config`], [`metrics`], [`stream`], [`mock_upstream`], [`cli`] do what they say.
 
 pub mod api;
 pub mod auth;
@@ -37,8 +37,8 @@ pub mod mock_upstream;
 pub mod redact;
 pub mod relay;
 pub mod server;
-pub mod status;
 pub mod store;
+pub mod stream;
 pub mod upstream;
 
 pub use config::{Config, Overrides};

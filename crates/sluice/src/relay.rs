@@ -30,11 +30,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::auth::StreamPermit;
-use crate::config::Timeouts;
 use crate::hub::{Hub, Live, Publisher};
 use crate::redact::Redactor;
-use crate::status::{Ending, Reason};
 use crate::store::{Finish, NewStream, Store, StoreError, Watermark};
+use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{Upstream, UpstreamRequest};
 
 /// What the relay hands the client side, in order.
@@ -65,16 +64,6 @@ pub enum Frame {
 #[derive(Debug)]
 pub struct BufferShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
-/// How a stream ended, as the client learns it: after every frame, the queue ends (success,
-/// with `seq` the id of the `[DONE]` event) or fails with this.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Terminal {
-    /// The id of the terminal event.
-    pub seq: u64,
-    /// How it ended.
-    pub ending: Ending,
-}
-
 /// The frames of one stream, for the client side.
 pub type Frames = Consumer<Frame, Terminal>;
 
@@ -102,20 +91,6 @@ pub struct RelayContext {
     pub keep_alive: Duration,
     /// Whether chunks are recorded (see [`Config::record_chunks`](crate::config::Config)).
     pub record_chunks: bool,
-}
-
-/// What happens to a stream when its client disconnects.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum OnDisconnect {
-    /// Stop the upstream at once: `cancelled(client_disconnected)`.
-    #[default]
-    Cancel,
-    /// Keep generating and recording, so the client can resume (still bounded by the total
-    /// deadline).
-    Continue,
-    /// Keep going for this long waiting for a resumer; with none, cancel.
-    GraceMs(u64),
 }
 
 /// One stream to relay.
@@ -578,7 +553,7 @@ fn record_metrics(ending: &Ending) {
 mod tests {
     use super::*;
     use crate::auth::Keys;
-    use crate::status::Status;
+    use crate::stream::Status;
     use crate::upstream::sim::SimDefaults;
 
     #[tokio::test(start_paused = true)]
@@ -606,7 +581,7 @@ mod tests {
             client_request: Value::Object(body.clone()),
             upstream: Upstream::Sim(SimDefaults::default()),
             upstream_request: UpstreamRequest { body },
-            timeouts: crate::config::Timeouts::default(),
+            timeouts: Timeouts::default(),
             started: Instant::now(),
             on_disconnect: OnDisconnect::Cancel,
         };

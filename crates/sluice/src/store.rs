@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::status::{Ending, Reason, Status};
+use crate::stream::{Ending, Reason, Status};
 pub(crate) use block::LoggedChunk;
 use block::{Decoded, Run, Runs};
 

@@ -478,5 +478,5 @@ async fn a_failing_chunk_write_is_logged_and_never_hangs_the_stream() {
     assert_eq!(r.events.last().unwrap().data, "[DONE]");
     // The stream's own record still lands (streams is intact); its chunks could not be kept.
     let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
-    assert_eq!(list[0].status, sluice::status::Status::Completed);
+    assert_eq!(list[0].status, sluice::stream::Status::Completed);
 }

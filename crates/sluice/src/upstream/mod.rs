@@ -16,7 +16,7 @@ use std::pin::Pin;
 use futures_util::Stream;
 use serde_json::{Map, Value};
 
-use crate::status::Reason;
+use crate::stream::Reason;
 
 /// A stream of chunks from an upstream; see the module docs for how it ends.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, UpstreamError>> + Send>>;

@@ -1,4 +1,9 @@
-//! How a stream ended: the status and reason table of the API.
+//! The vocabulary of one stream, shared by every layer: how it is run ([`Timeouts`],
+//! [`OnDisconnect`]) and how it ends ([`Status`], [`Reason`], [`Ending`], [`Terminal`]). A leaf
+//! module: it depends on no other module of the crate, so config, store, hub, relay and api can
+//! all speak it without depending on each other.
+//!
+//! The status and reason table of the API:
 //!
 //! | status | reasons |
 //! |---|---|
@@ -12,8 +17,45 @@
 //! The cause of an ending travels through the relay as a [`Ending`] value and is stored as these
 //! snake_case strings; it is never parsed back out of a message.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use sluice_flow::Limit;
+
+/// The three stream timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Request start to first token.
+    pub first_token: Duration,
+    /// Longest silence between tokens.
+    pub idle: Duration,
+    /// Request start to the end.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            first_token: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What happens to a stream when its client disconnects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OnDisconnect {
+    /// Stop the upstream at once: `cancelled(client_disconnected)`.
+    #[default]
+    Cancel,
+    /// Keep generating and recording, so the client can resume (still bounded by the total
+    /// deadline).
+    Continue,
+    /// Keep going for this long waiting for a resumer; with none, cancel.
+    GraceMs(u64),
+}
 
 /// A stream's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -169,6 +211,16 @@ impl Ending {
             Ending::Abnormal { detail, .. } => Some(detail),
         }
     }
+}
+
+/// How a stream ended, as the client learns it: after every frame, the queue ends (success,
+/// with `seq` the id of the `[DONE]` event) or fails with this.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terminal {
+    /// The id of the terminal event.
+    pub seq: u64,
+    /// How it ended.
+    pub ending: Ending,
 }
 
 #[cfg(test)]
