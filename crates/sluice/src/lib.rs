@@ -13,14 +13,14 @@
 //!                           ▼
 //!                         store (SQLite) ◀── shielded final write
 //! ```
-//! - [`api`] parses and validates, and turns relay outcomes into HTTP and SSE;
+//! - [`api`] parses and validates, and turns relay outcomes into HTTP and SSE (its
+//!   [`edge`](api::edge) checks Host and Origin, and logs every request, before any handler);
 //! - [`relay`] composes the `sluice-flow` patterns for one stream;
 //! - [`upstream`] turns a provider into a stream of chunks;
 //! - [`store`] persists streams and chunks;
 //! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
 //! - [`hub`] lets resumers follow, and the cancel API stop, a running stream;
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
-//! - [`edge`] checks Host and Origin, and logs every request;
 //! - [`redact`] keeps upstream keys out of everything that leaves the process;
 //! - [`config`], [`metrics`], [`stream`], [`mock_upstream`], [`cli`] do what they say.
 
@@ -28,7 +28,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod edge;
+
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;

@@ -1,0 +1,451 @@
+//! `POST /v1/chat/completions`: the body read under its size and time bounds, parsed and
+//! validated, handed to the relay, and the relay's frames turned into SSE or one JSON completion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_stream::stream;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sluice_flow::QueueError;
+use tokio::time::Instant;
+
+use super::error::refused;
+use super::sse::{encode_error, encode_frame, encode_terminal, sse_response, COALESCE_BYTES};
+use super::{ApiError, AppState, MAX_ECHO, STREAM_ID_HEADER};
+use crate::auth::Caller;
+use crate::redact::truncate;
+use crate::relay::{self, Frame, Frames, StreamRequest};
+use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
+use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
+
+/// Per-request gateway options: the body field `"sluice"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SluiceOptions {
+    first_token_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
+    on_disconnect: Option<OnDisconnect>,
+}
+
+/// A validated chat request.
+pub(crate) struct ChatRequest {
+    model: String,
+    stream: bool,
+    options: SluiceOptions,
+    pub(crate) body: Map<String, Value>,
+}
+
+/// Parses and validates a chat request body.
+pub(crate) fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::bad_request(
+            "body",
+            "the body must be a JSON object",
+        ));
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "model",
+                "`model` must be a non-empty string",
+            ))
+        }
+        None => return Err(ApiError::bad_request("model", "`model` is required")),
+    };
+    match body.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => {
+            if let Some(i) = m.iter().position(|msg| !msg.is_object()) {
+                return Err(ApiError::bad_request(
+                    format!("messages[{i}]"),
+                    "each message must be an object",
+                ));
+            }
+        }
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad_request(
+                "messages",
+                "`messages` must not be empty",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "messages",
+                "`messages` must be an array",
+            ))
+        }
+        None => return Err(ApiError::bad_request("messages", "`messages` is required")),
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "stream",
+                "`stream` must be true or false",
+            ))
+        }
+    };
+    let options = match body.remove("sluice") {
+        None | Some(Value::Null) => SluiceOptions::default(),
+        Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let param = if path == "." {
+                "sluice".to_string()
+            } else {
+                format!("sluice.{path}")
+            };
+            ApiError::bad_request(param, format!("invalid gateway option: {}", e.inner()))
+        })?,
+    };
+    for (name, value) in [
+        ("first_token_timeout_ms", options.first_token_timeout_ms),
+        ("idle_timeout_ms", options.idle_timeout_ms),
+        ("total_timeout_ms", options.total_timeout_ms),
+    ] {
+        if value == Some(0) {
+            return Err(ApiError::bad_request(
+                format!("sluice.{name}"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    Ok(ChatRequest {
+        model,
+        stream,
+        options,
+        body,
+    })
+}
+
+/// Reads a request body of at most `limit` bytes within `time`. Memory follows the body's
+/// size: each piece is copied out of the connection's read buffer as it arrives (holding on to
+/// hyper's pieces would pin a whole read buffer per byte of a body dripped a byte at a time).
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    time: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the body is larger than the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let read = async {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut out = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request("body", format!("the body could not be read: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out.freeze())
+    };
+    match tokio::time::timeout(time, read).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the body was not received within {time:?} (body_timeout_ms)"),
+        )
+        .with_code("body_timeout")),
+    }
+}
+
+/// Refuses a body that does not say it is JSON: `415`. Browsers can send `text/plain` and form
+/// bodies across sites without asking; they cannot send `application/json` without a preflight.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError {
+            param: Some("content-type".into()),
+            ..ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "the body must be JSON: send Content-Type: application/json",
+            )
+        }),
+    }
+}
+
+pub(super) async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    require_json(&headers)?;
+    let bytes = read_body(
+        body,
+        &headers,
+        state.config.max_body_bytes,
+        state.config.body_timeout,
+    )
+    .await?;
+    let chat = parse_chat(&bytes)?;
+    // The parsed request holds what is needed; the raw body need not wait for the stream.
+    drop(bytes);
+    let Some(model) = state.config.model(&chat.model) else {
+        return Err(ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!(
+                    "the model `{}` does not exist",
+                    truncate(&chat.model, MAX_ECHO)
+                ),
+            )
+        });
+    };
+    if let Upstream::Sim(defaults) = &model.upstream {
+        sim::checked_params(defaults, &chat.body)
+            .map_err(|e| ApiError::bad_request(e.param, e.message))?;
+    }
+    metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
+    let permit = match caller.admit() {
+        Ok(permit) => permit,
+        Err(why) => return Ok(refused(why)),
+    };
+
+    let client_request = Value::Object(chat.body.clone());
+    let mut upstream_body = chat.body;
+    upstream_body.insert("stream".into(), Value::Bool(true));
+    if let Some(name) = &model.upstream_model {
+        upstream_body.insert("model".into(), Value::String(name.clone()));
+    }
+    let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+    let timeouts = Timeouts {
+        first_token: ms(
+            chat.options.first_token_timeout_ms,
+            model.timeouts.first_token,
+        ),
+        idle: ms(chat.options.idle_timeout_ms, model.timeouts.idle),
+        total: ms(chat.options.total_timeout_ms, model.timeouts.total),
+    };
+    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    let request = StreamRequest {
+        id: id.clone(),
+        tenant: caller.tenant.to_string(),
+        model: model.name.clone(),
+        client_request,
+        upstream: model.upstream.clone(),
+        upstream_request: UpstreamRequest {
+            body: upstream_body,
+        },
+        timeouts,
+        started,
+        on_disconnect: chat.options.on_disconnect.unwrap_or(model.on_disconnect),
+    };
+    let frames = relay::start(&state.relay, request, permit)
+        .await
+        .map_err(|e| ApiError::internal(format!("the stream could not be recorded: {e}")))?;
+    if chat.stream {
+        stream_response(frames, id, &model.name).await
+    } else {
+        complete_response(frames, id, &model.name).await
+    }
+}
+
+/// The ending a client sees when the relay vanished without saying how the stream ended.
+fn abandoned() -> Ending {
+    Ending::abnormal(
+        Reason::Shutdown,
+        "the relay stopped before the stream ended",
+    )
+}
+
+async fn stream_response(
+    mut frames: Frames,
+    id: Arc<str>,
+    _model: &str,
+) -> Result<Response, ApiError> {
+    // Commit to 200 only once the first frame is here.
+    let first = match frames.recv().await {
+        Some(Ok(frame)) => Some(frame),
+        Some(Err(QueueError::Failed(t))) => return Err(ApiError::for_ending(&t.ending, id)),
+        Some(Err(QueueError::Abandoned)) => return Err(ApiError::for_ending(&abandoned(), id)),
+        None => None,
+    };
+    let body = stream! {
+        let mut last_seq = 0;
+        // The next item to handle, if one was already taken from the queue.
+        let mut next = Some(first.map(Ok));
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => frames.recv().await,
+            };
+            match item {
+                Some(Ok(frame)) => {
+                    // This frame and every other one already waiting go out in one write.
+                    let mut out = BytesMut::new();
+                    let mut frame = frame;
+                    loop {
+                        if let Frame::Chunk { seq, committed, .. } = &frame {
+                            // Only what is in the transcript reaches the client.
+                            if let Some(committed) = committed {
+                                committed.reached(*seq).await;
+                            }
+                            last_seq = *seq;
+                        }
+                        encode_frame(&frame, &mut out);
+                        if out.len() >= COALESCE_BYTES {
+                            break;
+                        }
+                        match frames.recv().now_or_never() {
+                            Some(Some(Ok(more))) => frame = more,
+                            Some(end) => {
+                                next = Some(end);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    yield Ok::<_, std::convert::Infallible>(out.freeze());
+                }
+                Some(Err(QueueError::Failed(t))) => {
+                    yield Ok(encode_error(&t));
+                    return;
+                }
+                Some(Err(QueueError::Abandoned)) => {
+                    yield Ok(encode_error(&Terminal { seq: last_seq + 1, ending: abandoned() }));
+                    return;
+                }
+                None => {
+                    yield Ok(encode_terminal(&Terminal { seq: last_seq + 1, ending: Ending::Completed }));
+                    return;
+                }
+            }
+        }
+    };
+    Ok(sse_response(Body::from_stream(body), &id))
+}
+
+async fn complete_response(
+    mut frames: Frames,
+    id: Arc<str>,
+    model: &str,
+) -> Result<Response, ApiError> {
+    let mut content = String::new();
+    let mut finish_reason = None;
+    let mut usage = None;
+    while let Some(item) = frames.recv().await {
+        match item {
+            Ok(Frame::Chunk { data, .. }) => {
+                // The relay parsed this chunk before; it cannot fail now.
+                if let Ok(Payload::Chunk(chunk)) = Payload::parse(&data) {
+                    content.push_str(&chunk.content);
+                    finish_reason = chunk.finish_reason.or(finish_reason);
+                    usage = chunk.usage.or(usage);
+                }
+            }
+            Ok(Frame::KeepAlive) => {}
+            Err(QueueError::Failed(t)) => return Err(ApiError::for_ending(&t.ending, id)),
+            Err(QueueError::Abandoned) => return Err(ApiError::for_ending(&abandoned(), id)),
+        }
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let body = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": finish_reason.unwrap_or_else(|| "stop".into()),
+        }],
+        "usage": usage,
+    });
+    let mut response = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(STREAM_ID_HEADER, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let err = |body: &str| {
+            parse_chat(body.as_bytes())
+                .err()
+                .map(|e| (e.status, e.param))
+        };
+        let p = |s: &str| Some((StatusCode::BAD_REQUEST, Some(s.to_string())));
+        assert_eq!(err("{"), p("body"));
+        assert_eq!(err("[]"), p("body"));
+        assert_eq!(err(r#"{"messages":[{}]}"#), p("model"));
+        assert_eq!(err(r#"{"model":"sim"}"#), p("messages"));
+        assert_eq!(err(r#"{"model":"sim","messages":[]}"#), p("messages"));
+        assert_eq!(err(r#"{"model":"sim","messages":[1]}"#), p("messages[0]"));
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"stream":"yes"}"#),
+            p("stream")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_ms":1}}"#),
+            p("sluice.idle_ms")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_timeout_ms":"x"}}"#),
+            p("sluice.idle_timeout_ms")
+        );
+        assert_eq!(
+            err(r#"{"model":"sim","messages":[{}],"sluice":{"idle_timeout_ms":0}}"#),
+            p("sluice.idle_timeout_ms")
+        );
+        let ok = parse_chat(
+            br#"{"model":"sim","messages":[{}],"stream":true,"sluice":{"idle_timeout_ms":5}}"#,
+        )
+        .expect("valid");
+        assert!(ok.stream);
+        assert_eq!(ok.options.idle_timeout_ms, Some(5));
+        assert!(
+            !ok.body.contains_key("sluice"),
+            "gateway options are stripped before forwarding"
+        );
+    }
+}

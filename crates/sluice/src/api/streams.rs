@@ -1,0 +1,237 @@
+//! The streams endpoints: listing a tenant's streams, following one (replay from the store, then
+//! the live feed), and cancelling one.
+
+use std::time::Duration;
+
+use async_stream::stream;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::not_found;
+use super::sse::{encode_terminal, sse_event, sse_response};
+use super::{ApiError, AppState};
+use crate::auth::Caller;
+use crate::hub::{CancelResult, Live};
+use crate::redact::truncate;
+use crate::stream::Terminal;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+pub(super) async fn list_streams(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            "`limit` must be between 1 and 100",
+        ));
+    }
+    let (data, has_more) = state
+        .relay
+        .store
+        .list(&caller.tenant, limit, q.after)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let last_id = data.last().map(|s| s.id.clone());
+    Ok(Json(
+        json!({"object": "list", "data": data, "has_more": has_more, "last_id": last_id}),
+    ))
+}
+
+/// The `{id}` of a stream's path; a malformed one (bad percent-encoding) is a 400.
+pub(super) fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError::bad_request(
+            "id",
+            format!(
+                "the stream id in the path is not valid: {}",
+                truncate(&e.body_text(), 200)
+            ),
+        )
+    })
+}
+
+/// How many stored chunks a transcript read or a replay reads at a time, at most.
+pub(super) const PAGE_CHUNKS: usize = 256;
+/// About how many bytes of chunks a transcript read or a replay reads at a time (at least one
+/// chunk): what a read holds in memory, whatever the transcript's size.
+pub(super) const PAGE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct EventsQuery {
+    after: Option<u64>,
+}
+
+/// `GET /v1/streams/{id}/events`: replays the stored chunks after `Last-Event-ID` (or
+/// `?after=N`), then follows the live stream to its end, finishing with the same terminal event
+/// as the original. No gap and no duplicate at the seam: the live feed is subscribed *before*
+/// the replay, live chunks already replayed are skipped, and anything the live feed skipped
+/// (a slow reader) is refilled from the store, which has every chunk before it is published.
+pub(super) async fn stream_events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = stream_id(path)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("after", e.body_text()))?;
+    let after = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("Last-Event-ID", "must be an event id (a whole number)")
+            })?,
+        None => q.after.unwrap_or(0),
+    };
+    let store = state.relay.store.clone();
+    // Subscribe first, then look in the store: a chunk published after this point is either
+    // in the replay or in the live feed (or both: skipped by id).
+    let live = state.relay.hub.subscribe(&caller.tenant, &id);
+    let found = store
+        .state(&caller.tenant, &id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if found.is_none() {
+        return Err(not_found(&id));
+    }
+    let tenant = caller.tenant.clone();
+    let stream_id = id.clone();
+    let body = stream! {
+        let mut last = after;
+        macro_rules! replay {
+            () => {
+                loop {
+                    let page = match store.chunks_after(&stream_id, last, PAGE_CHUNKS, PAGE_BYTES).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::error!(stream = %stream_id, error = %e, "replay failed");
+                            return;
+                        }
+                    };
+                    if page.is_empty() {
+                        break;
+                    }
+                    for (seq, data) in page {
+                        last = seq;
+                        yield Ok::<_, std::convert::Infallible>(sse_event(seq, &data));
+                    }
+                }
+            };
+        }
+        replay!();
+        let Some(mut live) = live else {
+            // Not running here: finished. Its terminal event, from the store.
+            if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
+                if let Some(ending) = st.ending() {
+                    if st.last_seq + 1 > after {
+                        yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
+                    }
+                }
+            }
+            return;
+        };
+        loop {
+            match live.recv().await {
+                Ok(Live::Chunk { seq, data }) => {
+                    if seq <= last {
+                        continue; // already replayed
+                    }
+                    if seq > last + 1 {
+                        replay!(); // the feed skipped some: the store has them
+                        if seq <= last {
+                            continue;
+                        }
+                    }
+                    last = seq;
+                    yield Ok(sse_event(seq, &data));
+                }
+                Ok(Live::Large { seq }) => {
+                    if seq > last {
+                        replay!(); // committed before it was published: the store has it
+                    }
+                }
+                Ok(Live::End(terminal)) => {
+                    replay!();
+                    if terminal.seq > after {
+                        yield Ok(encode_terminal(&terminal));
+                    }
+                    return;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    metrics::counter!("sluice_resume_refills_total").increment(1);
+                    replay!();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    // The relay went away without its terminal event: report what the store says.
+                    replay!();
+                    if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
+                        if let Some(ending) = st.ending() {
+                            yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    Ok(sse_response(Body::from_stream(body), &id))
+}
+
+/// `POST /v1/streams/{id}/cancel`: stops a running stream (`cancelled(requested)`; the original
+/// client and every resumer get the terminal error event) and answers with its final status.
+/// Idempotent: on a finished stream it changes nothing and answers with the final status.
+pub(super) async fn cancel_stream(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = stream_id(path)?;
+    let hub = &state.relay.hub;
+    let live = hub.subscribe(&caller.tenant, &id);
+    if hub.cancel(&caller.tenant, &id) == CancelResult::Cancelling {
+        if let Some(mut live) = live {
+            // Wait for the final status to be written: the relay publishes its end after that.
+            let ended = async {
+                loop {
+                    match live.recv().await {
+                        Ok(Live::End(_))
+                        | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), ended).await;
+        }
+    }
+    let st = state
+        .relay
+        .store
+        .state(&caller.tenant, &id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "sluice.stream",
+        "status": st.status,
+        "reason": st.reason,
+        "detail": st.detail,
+    })))
+}
