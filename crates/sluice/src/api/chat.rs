@@ -17,14 +17,15 @@ use serde_json::{json, Map, Value};
 use sluice_flow::QueueError;
 use tokio::time::Instant;
 
-use super::error::refused;
-use super::sse::{encode_error, encode_frame, encode_terminal, sse_response, COALESCE_BYTES};
-use super::{ApiError, AppState, MAX_ECHO, STREAM_ID_HEADER};
 use crate::auth::Caller;
 use crate::redact::truncate;
 use crate::relay::{self, Frame, Frames, StreamRequest};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
+
+use super::error::refused;
+use super::sse::{encode_error, encode_frame, encode_terminal, sse_response, COALESCE_BYTES};
+use super::{ApiError, AppState, MAX_ECHO, STREAM_ID_HEADER};
 
 /// Per-request gateway options: the body field `"sluice"`.
 #[derive(Debug, Default, Deserialize)]

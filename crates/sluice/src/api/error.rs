@@ -8,10 +8,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::{MAX_ECHO, STREAM_ID_HEADER};
 use crate::auth::Refused;
 use crate::redact::truncate;
 use crate::stream::{Ending, Status};
+
+use super::{MAX_ECHO, STREAM_ID_HEADER};
 
 /// An error in OpenAI's format.
 #[derive(Debug, Clone)]

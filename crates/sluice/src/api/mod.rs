@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use crate::auth::{Keys, Unauthenticated};
 use crate::config::Config;
 use crate::relay::RelayContext;
+
 use edge::{EdgePolicy, TenantName};
 
 mod chat;

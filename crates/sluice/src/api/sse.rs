@@ -7,9 +7,10 @@ use axum::response::Response;
 use bytes::BytesMut;
 use serde_json::json;
 
-use super::STREAM_ID_HEADER;
 use crate::relay::Frame;
 use crate::stream::{Ending, Terminal};
+
+use super::STREAM_ID_HEADER;
 
 /// The most bytes of ready frames coalesced into one write.
 pub(super) const COALESCE_BYTES: usize = 64 * 1024;

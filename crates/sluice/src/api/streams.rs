@@ -13,13 +13,14 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::not_found;
-use super::sse::{encode_terminal, sse_event, sse_response};
-use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
 use crate::stream::Terminal;
+
+use super::error::not_found;
+use super::sse::{encode_terminal, sse_event, sse_response};
+use super::{ApiError, AppState};
 
 #[derive(Debug, Deserialize)]
 pub(super) struct ListQuery {

@@ -8,12 +8,13 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
 
-use super::error::not_found;
-use super::streams::{stream_id, PAGE_BYTES, PAGE_CHUNKS};
-use super::{ApiError, AppState};
 use crate::auth::Caller;
 use crate::store::TranscriptHead;
 use crate::stream::{Reason, Status};
+
+use super::error::not_found;
+use super::streams::{stream_id, PAGE_BYTES, PAGE_CHUNKS};
+use super::{ApiError, AppState};
 
 /// `GET /v1/streams/{id}`: the transcript, streamed out page by page, so reading one costs
 /// memory in proportion to a page, never to the transcript. Its chunks are the ones stored when

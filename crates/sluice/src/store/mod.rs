@@ -1,0 +1,46 @@
+//! The transcript store: streams and their chunks, in an embedded SQLite database.
+//!
+//! One writer owns the write connection. Writes arrive over a bounded channel, so a slow
+//! disk slows the relays down instead of growing memory, and the writer commits everything that
+//! is waiting in one transaction (a batch), so chunk appends cost one fsync per batch, not per
+//! chunk. The writer is a blocking job that runs while there is work: the first write that finds
+//! it stopped starts it, and it stops when the channel is empty (`Writer` says why). The database runs in WAL mode, so reads (on their own connection) never wait for the
+//! writer. Writes on the channel are applied in order: a stream's final status is always written
+//! after every chunk appended before it. `begin`, `finish` and `flush` return once committed;
+//! `append` returns once queued, and the stream's [`Watermark`] reaches the chunk when it is
+//! committed (so a relay never waits for one chunk's commit before reading the next). With WAL
+//! and `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily
+//! a power cut: the WAL is synced at checkpoints, which run on their own thread).
+//!
+//! Chunks are appended to a log in arrival order and folded into per-stream blocks (see
+//! `store/block.rs` for why).
+//!
+//! | module | owns |
+//! |---|---|
+//! | `records` | what goes in and comes out ([`NewStream`], [`Finish`], [`Transcript`], ...) |
+//! | `error` | [`StoreError`] |
+//! | `watermark` | [`Watermark`]: a stream's last committed chunk, for those who wait on it |
+//! | `block` | the codec of a block of chunks |
+//! | `sqlite` | the backend: [`Store`] over one SQLite file (schema, writer, reads, checkpoints) |
+//!
+//! Everything but `sqlite` is what any backend shares: a second one (PostgreSQL, for several
+//! nodes) goes beside `sqlite`, behind the same [`Store`] methods.
+//!
+//! At open, streams still marked `streaming` belong to a process that died: they are marked
+//! `interrupted(crash)`, and the chunks their runs held are folded into blocks.
+
+mod block;
+mod error;
+mod records;
+mod sqlite;
+mod watermark;
+
+/// The block codec, for the fuzz entry points in [`crate::fuzzing`].
+pub(crate) use block::{decode as decode_block, encode as encode_block, LoggedChunk};
+pub use error::StoreError;
+pub use records::{
+    ChunkRecord, Finish, NewStream, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
+    TranscriptHead,
+};
+pub use sqlite::Store;
+pub use watermark::Watermark;

@@ -1,0 +1,180 @@
+//! The SQLite backend: one database file in the data directory, in WAL mode.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `schema` | the tables, and folding what a crash left in the chunk log (or an earlier layout) into blocks |
+//! | `writer` | the group-commit writer: the one write connection, batches, the chunk log and its runs |
+//! | `read` | reads on their own connection: lists, states, chunk pages, transcripts |
+//! | `checkpoint` | the thread that copies the WAL into the database and keeps it bounded |
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::block::Runs;
+use crate::store::{Finish, NewStream, StoreError, Watermark};
+
+use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
+use schema::{fold_log, SCHEMA};
+use writer::{LogState, Op, Writer, WriterState, WRITE_QUEUE};
+
+mod checkpoint;
+mod read;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    writer: Arc<Writer>,
+    reader: Arc<Mutex<Connection>>,
+    /// Each stream's committed chunks that are not in a block yet (written by the writer,
+    /// read by readers).
+    runs: Arc<Mutex<Runs>>,
+    path: PathBuf,
+    /// Stops the checkpoint thread when the last handle goes.
+    _checkpoints: Arc<StopOnDrop>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Locks the runs (a writer that panicked mid-update left them consistent: it only changes
+/// them after a commit).
+fn lock(runs: &Mutex<Runs>) -> std::sync::MutexGuard<'_, Runs> {
+    runs.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir`, marks streams a crash left open
+    /// as `interrupted(crash)`, and starts the writer. Returns the store and how many streams
+    /// were recovered.
+    pub fn open(data_dir: &Path) -> Result<(Self, u64), StoreError> {
+        Self::open_with(data_dir, Checkpoints::default())
+    }
+
+    fn open_with(data_dir: &Path, when: Checkpoints) -> Result<(Self, u64), StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
+        let path = data_dir.join("sluice.db");
+        let mut write = Connection::open(&path)?;
+        write.pragma_update(None, "journal_mode", "WAL")?;
+        write.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints run on their own thread (below), not inside whichever commit crosses
+        // the threshold: that commit, and every chunk waiting on it, would stall for the copy.
+        write.pragma_update(None, "wal_autocheckpoint", 0)?;
+        write.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+        write.busy_timeout(Duration::from_secs(5))?;
+        write.execute_batch(SCHEMA)?;
+        fold_log(&mut write)?;
+        let recovered = write.execute(
+            "UPDATE streams SET status = 'interrupted', reason = 'crash',
+                 detail = 'the gateway process ended while the stream was running'
+             WHERE status = 'streaming'",
+            [],
+        )? as u64;
+        let read = Connection::open(&path)?;
+        read.busy_timeout(Duration::from_secs(5))?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoints = Connection::open(&path)?;
+        let stop = closed.clone();
+        let gate = Arc::new(Mutex::new(()));
+        let writer_gate = gate.clone();
+        std::thread::Builder::new()
+            .name("sluice-store-checkpoint".into())
+            .spawn(move || checkpointer(checkpoints, when, &stop, &gate))
+            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
+        let runs = Arc::new(Mutex::new(Runs::new()));
+        let writer = Arc::new(Writer {
+            tx,
+            running: AtomicBool::new(false),
+            state: Mutex::new(WriterState {
+                rx,
+                conn: write,
+                log: LogState::default(),
+            }),
+            runs: runs.clone(),
+            gate: writer_gate,
+            runtime,
+        });
+        Ok((
+            Self {
+                writer,
+                reader: Arc::new(Mutex::new(read)),
+                runs,
+                path,
+                _checkpoints: Arc::new(StopOnDrop(closed)),
+            },
+            recovered,
+        ))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Op,
+    ) -> Result<(), StoreError> {
+        let (ack, done) = oneshot::channel();
+        self.writer.send(make(ack)).await?;
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a new stream as `streaming`; returns once it is committed.
+    pub async fn begin(&self, stream: NewStream) -> Result<(), StoreError> {
+        self.call(|ack| Op::Begin(stream, ack)).await
+    }
+
+    /// Queues a chunk for the writer and returns at once (after waiting only for room in the
+    /// writer's queue). `watermark` reaches `seq` when the chunk is committed, together with
+    /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
+    /// after that, so a chunk a client has seen survives a crash of the process; not waiting
+    /// here lets one stream's chunks share a commit. (If a commit fails, the error is logged and
+    /// the watermark moves on all the same: the gateway keeps serving.)
+    pub async fn append(
+        &self,
+        id: &Arc<str>,
+        seq: u64,
+        offset: Duration,
+        data: Arc<str>,
+        content: String,
+        watermark: &Watermark,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .send(Op::Append {
+                id: id.clone(),
+                seq,
+                offset,
+                data,
+                content,
+                watermark: watermark.clone(),
+            })
+            .await
+    }
+
+    /// Writes a stream's final status; returns once it is committed (with every chunk before
+    /// it). Run this under a shield.
+    pub async fn finish(&self, finish: Finish) -> Result<(), StoreError> {
+        self.call(|ack| Op::Finish(finish, ack)).await
+    }
+
+    /// Waits until every write sent so far is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.call(Op::Flush).await
+    }
+}

@@ -1,0 +1,314 @@
+//! Reads, on their own connection (WAL: they never wait for the writer): stream lists and
+//! states, pages of chunks (from blocks, then from the stream's run), transcripts.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+use crate::store::block::{self, Decoded, LoggedChunk, Run, Runs};
+use crate::store::records::ms;
+use crate::store::{
+    ChunkRecord, StoreError, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
+    TranscriptHead,
+};
+use crate::stream::{Reason, Status};
+
+use super::{lock, Store};
+
+impl Store {
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
+    }
+
+    /// A page of `tenant`'s streams, newest first, starting after the stream `after`.
+    /// Returns the page and whether there are more.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<(Vec<StreamSummary>, bool), StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |c| {
+            let cursor: i64 = match after {
+                Some(id) => c
+                    .query_row(
+                        "SELECT seq FROM streams WHERE id = ?1 AND tenant = ?2",
+                        params![id, tenant],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(i64::MAX),
+                None => i64::MAX,
+            };
+            let mut stmt = c.prepare(
+                "SELECT id, model, created, status, reason, chunk_count FROM streams
+                 WHERE tenant = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            )?;
+            let mut rows: Vec<StreamSummary> = stmt
+                .query_map(params![tenant, cursor, (limit + 1) as i64], |r| {
+                    Ok(StreamSummary {
+                        id: r.get(0)?,
+                        object: "sluice.stream",
+                        model: r.get(1)?,
+                        created: r.get(2)?,
+                        status: Status::parse(&r.get::<_, String>(3)?).unwrap_or(Status::Failed),
+                        reason: r
+                            .get::<_, Option<String>>(4)?
+                            .as_deref()
+                            .and_then(Reason::parse),
+                        chunk_count: r.get::<_, i64>(5)? as u64,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            Ok((rows, more))
+        })
+        .await
+    }
+
+    /// Where `tenant`'s stream `id` stands.
+    pub async fn state(&self, tenant: &str, id: &str) -> Result<Option<StreamState>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        let runs = self.runs.clone();
+        self.read(move |c| {
+            // The run first, then the blocks: a run written as a block in between is then
+            // seen in the block (the other order could miss it in both).
+            let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
+            let row = c
+                .query_row(
+                    "SELECT status, reason, detail,
+                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id)
+                     FROM streams WHERE id = ?1 AND tenant = ?2",
+                    params![id, tenant],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            Ok(row.map(|(status, reason, detail, last)| StreamState {
+                status: Status::parse(&status).unwrap_or(Status::Failed),
+                reason: reason.as_deref().and_then(Reason::parse),
+                detail,
+                last_seq: (last as u64).max(in_run),
+            }))
+        })
+        .await
+    }
+
+    /// A page of stream `id`'s chunks after event id `after`, in order, as (id, JSON exactly as
+    /// relayed): up to `limit` chunks and about `max_bytes` of JSON (at least one chunk, so a
+    /// page always moves on). The caller has checked the tenant.
+    pub async fn chunks_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self
+            .chunk_page(id, after, limit, max_bytes)
+            .await?
+            .into_iter()
+            .map(|c| (c.seq, c.data))
+            .collect())
+    }
+
+    /// Like [`Store::chunks_after`], with each chunk's offset and text.
+    pub async fn chunk_page(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChunkRecord>, StoreError> {
+        let id = id.to_string();
+        let runs = self.runs.clone();
+        self.read(move |c| {
+            let chunks = read_chunks(c, &runs, &id, after, limit, max_bytes)?;
+            Ok(chunks
+                .into_iter()
+                .map(|(seq, offset_us, data, content)| ChunkRecord {
+                    seq,
+                    offset_ms: offset_us as f64 / 1000.0,
+                    data,
+                    content,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Everything about one of `tenant`'s streams but its chunks, and the id of its last chunk
+    /// now: read the chunks page by page (a transcript can be any size).
+    pub async fn head(&self, tenant: &str, id: &str) -> Result<Option<TranscriptHead>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        let runs = self.runs.clone();
+        self.read(move |c| {
+            // The run first, then the blocks (see `state`).
+            let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
+            let row = c
+                .query_row(
+                    "SELECT model, created, status, reason, detail, request, first_token_us, total_us, usage,
+                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id)
+                     FROM streams WHERE id = ?1 AND tenant = ?2",
+                    params![id, tenant],
+                    |r| {
+                        Ok((
+                            (
+                                r.get::<_, String>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, Option<String>>(3)?,
+                                r.get::<_, Option<String>>(4)?,
+                            ),
+                            (
+                                r.get::<_, String>(5)?,
+                                r.get::<_, Option<i64>>(6)?,
+                                r.get::<_, Option<i64>>(7)?,
+                                r.get::<_, Option<String>>(8)?,
+                                r.get::<_, i64>(9)?,
+                            ),
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some(((model, created, status, reason, detail), (request, first_us, total_us, usage, last))) = row else {
+                return Ok(None);
+            };
+            let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
+            Ok(Some(TranscriptHead {
+                id,
+                model,
+                created,
+                status: Status::parse(&status).unwrap_or(Status::Failed),
+                reason: reason.as_deref().and_then(Reason::parse),
+                detail,
+                request,
+                timings: Timings {
+                    time_to_first_token_ms: us(first_us),
+                    total_ms: us(total_us),
+                },
+                usage,
+                last_seq: (last as u64).max(in_run),
+            }))
+        })
+        .await
+    }
+
+    /// One of `tenant`'s streams, whole, in memory. For tools and tests: the API streams a
+    /// transcript out page by page instead (see [`Store::head`]).
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Transcript>, StoreError> {
+        let Some(head) = self.head(tenant, id).await? else {
+            return Ok(None);
+        };
+        let mut content = String::new();
+        let mut chunks = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.chunk_page(&head.id, after, 1024, 1 << 20).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for c in page {
+                content.push_str(&c.content);
+                chunks.push(StoredChunk {
+                    seq: c.seq,
+                    offset_ms: c.offset_ms,
+                    data: serde_json::from_str(&c.data).unwrap_or(Value::String(c.data)),
+                });
+            }
+        }
+        Ok(Some(Transcript {
+            id: head.id,
+            object: "sluice.stream",
+            model: head.model,
+            created: head.created,
+            status: head.status,
+            reason: head.reason,
+            detail: head.detail,
+            request: serde_json::from_str(&head.request).unwrap_or(Value::Null),
+            content,
+            chunks,
+            timings: head.timings,
+            usage: head.usage.and_then(|u| serde_json::from_str(&u).ok()),
+        }))
+    }
+}
+
+/// Up to `limit` of stream `id`'s chunks after `after`, in order: from its blocks, then from its
+/// run.
+pub(super) fn read_chunks(
+    c: &Connection,
+    runs: &Mutex<Runs>,
+    id: &str,
+    after: u64,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<Decoded>, StoreError> {
+    // The run first, then the blocks: a run written as a block in between is then seen in the
+    // block (the other order could miss it in both).
+    let in_run: Vec<LoggedChunk> = lock(runs)
+        .get(id)
+        .map(|run| {
+            run.chunks
+                .iter()
+                .filter(|c| c.seq > after)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out: Vec<Decoded> = Vec::new();
+    let mut bytes = 0usize;
+    let full = |out: &Vec<Decoded>, bytes: usize| out.len() >= limit || bytes >= max_bytes;
+    let mut last = after;
+    let mut stmt = c.prepare_cached(
+        "SELECT body FROM chunk_blocks WHERE stream_id = ?1 AND last_seq > ?2 ORDER BY first_seq",
+    )?;
+    let mut rows = stmt.query(params![id, after as i64])?;
+    'blocks: while let Some(row) = rows.next()? {
+        let body: Vec<u8> = row.get(0)?;
+        for chunk in block::decode(&body).map_err(|e| StoreError::Db(e.to_string()))? {
+            if full(&out, bytes) {
+                break 'blocks;
+            }
+            if chunk.0 > last {
+                last = chunk.0;
+                bytes += chunk.2.len() + chunk.3.len();
+                out.push(chunk);
+            }
+        }
+    }
+    for chunk in in_run {
+        if full(&out, bytes) {
+            break;
+        }
+        if chunk.seq > last {
+            last = chunk.seq;
+            bytes += chunk.data.len() + chunk.content.len();
+            out.push((
+                chunk.seq,
+                chunk.offset_us,
+                chunk.data.to_string(),
+                chunk.content,
+            ));
+        }
+    }
+    Ok(out)
+}

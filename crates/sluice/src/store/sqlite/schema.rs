@@ -1,0 +1,137 @@
+//! The tables, and what opening the database does to what an earlier process left: chunks in
+//! the log (or in the one-row-per-chunk table of earlier versions) are folded into blocks.
+
+use std::sync::Arc;
+
+use rusqlite::{params, Connection};
+
+use crate::store::block::{self, LoggedChunk, Run};
+use crate::store::StoreError;
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS streams (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    detail TEXT,
+    created INTEGER NOT NULL,
+    first_token_us INTEGER,
+    total_us INTEGER,
+    usage TEXT,
+    chunk_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS streams_by_tenant ON streams (tenant, seq);
+CREATE TABLE IF NOT EXISTS chunk_log (
+    id INTEGER PRIMARY KEY,
+    stream_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    offset_us INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    content TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunk_blocks (
+    id INTEGER PRIMARY KEY,
+    stream_id TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunk_blocks_by_stream ON chunk_blocks (stream_id, first_seq);
+";
+
+/// Folds what the log holds beyond the blocks (the runs of a process that ended) into blocks,
+/// and empties the log. Also moves chunks from the one-row-per-chunk table of earlier versions.
+pub(super) fn fold_log(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let old_table: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
+        [],
+        |r| r.get(0),
+    )?;
+    if old_table {
+        fold(
+            &tx,
+            "SELECT stream_id, seq, offset_us, data, content FROM chunks ORDER BY stream_id, seq",
+        )?;
+        tx.execute_batch("DROP TABLE chunks")?;
+    }
+    fold(
+        &tx,
+        "SELECT stream_id, seq, offset_us, data, content FROM chunk_log ORDER BY stream_id, id",
+    )?;
+    tx.execute("DELETE FROM chunk_log", [])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Writes the chunks `query` yields (grouped by stream, in order) as blocks, skipping those a
+/// block already holds.
+pub(super) fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(query)?;
+    let mut rows = stmt.query([])?;
+    // The stream being folded, the last seq its blocks already hold, and its run so far.
+    let mut current = String::new();
+    let mut blocked = 0u64;
+    let mut run = Run::default();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        if id != current {
+            write_block(tx, &current, &run.chunks)?;
+            run = Run::default();
+            blocked = tx.query_row(
+                "SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = ?1",
+                params![id],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            current = id;
+        }
+        let seq = row.get::<_, i64>(1)? as u64;
+        if seq <= blocked {
+            continue;
+        }
+        run.push(
+            0,
+            LoggedChunk {
+                seq,
+                offset_us: row.get(2)?,
+                data: Arc::from(row.get::<_, String>(3)?),
+                content: row.get(4)?,
+            },
+        );
+        if run.is_full() {
+            write_block(tx, &current, &run.chunks)?;
+            run = Run::default();
+        }
+    }
+    write_block(tx, &current, &run.chunks)
+}
+
+/// Writes `chunks` (consecutive chunks of stream `id`) as one block; nothing if empty.
+pub(super) fn write_block(
+    tx: &Connection,
+    id: &str,
+    chunks: &[LoggedChunk],
+) -> Result<(), StoreError> {
+    if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
+        insert_block(tx, id, first.seq, last.seq, block::encode(chunks))?;
+    }
+    Ok(())
+}
+
+pub(super) fn insert_block(
+    tx: &Connection,
+    id: &str,
+    first_seq: u64,
+    last_seq: u64,
+    body: Vec<u8>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO chunk_blocks (stream_id, first_seq, last_seq, body) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, first_seq as i64, last_seq as i64, body])?;
+    Ok(())
+}

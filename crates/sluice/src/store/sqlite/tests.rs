@@ -1,0 +1,412 @@
+//! The SQLite store's behaviour: round trips, crash recovery, the writer, the log, the WAL.
+
+use rusqlite::params;
+
+use crate::store::block;
+use crate::store::{NewStream, Transcript};
+use crate::stream::{Ending, Reason, Status};
+
+use super::*;
+
+/// A final record with no timings, usage or chunks.
+fn bare_finish(id: &str, ending: Ending) -> Finish {
+    Finish {
+        id: id.into(),
+        ending,
+        first_token: None,
+        total: Duration::ZERO,
+        usage: None,
+        chunks: 0,
+    }
+}
+
+/// `local`'s stream `id`, which must exist.
+async fn transcript(store: &Store, id: &str) -> Transcript {
+    store.get("local", id).await.expect("read").expect("exists")
+}
+
+fn new_stream(id: &str) -> NewStream {
+    NewStream {
+        id: id.into(),
+        tenant: "local".into(),
+        model: "sim".into(),
+        request: serde_json::json!({"model": "sim", "messages": []}),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_round_trips_with_its_chunks_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, recovered) = Store::open(dir.path()).expect("open");
+    assert_eq!(recovered, 0);
+    store.begin(new_stream("s1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("s1");
+    let watermark = Watermark::new();
+    for (seq, text) in [(1, "Hel"), (2, "lo")] {
+        let data = format!(r#"{{"choices":[{{"delta":{{"content":"{text}"}}}}]}}"#);
+        store
+            .append(
+                &id,
+                seq,
+                Duration::from_millis(seq * 10),
+                data.into(),
+                text.into(),
+                &watermark,
+            )
+            .await
+            .expect("append");
+        watermark.reached(seq).await;
+    }
+    store
+        .finish(Finish {
+            id: "s1".into(),
+            ending: Ending::Completed,
+            first_token: Some(Duration::from_millis(10)),
+            total: Duration::from_millis(25),
+            usage: Some(serde_json::json!({"total_tokens": 2})),
+            chunks: 2,
+        })
+        .await
+        .expect("finish");
+    let t = transcript(&store, "s1").await;
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!(t.content, "Hello");
+    assert_eq!(
+        t.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(t.chunks[1].offset_ms, 20.0);
+    assert_eq!(t.timings.total_ms, Some(25.0));
+    // Another tenant sees nothing.
+    assert!(store.get("other", "s1").await.expect("read").is_none());
+}
+
+/// Appends chunk `seq` of stream `id` (its text is `"{id}.{seq} "`).
+async fn append_chunk(store: &Store, id: &Arc<str>, seq: u64, watermark: &Watermark) {
+    let text = format!("{id}.{seq} ");
+    let data = serde_json::json!({"choices": [{"delta": {"content": text}}]}).to_string();
+    store
+        .append(
+            id,
+            seq,
+            Duration::from_micros(seq),
+            data.into(),
+            text,
+            watermark,
+        )
+        .await
+        .expect("append");
+}
+
+fn expected_text(id: &str, chunks: u64) -> String {
+    (1..=chunks).map(|seq| format!("{id}.{seq} ")).collect()
+}
+
+/// Every committed chunk is readable, in order and once, whether it is in the stream's run,
+/// in a block, or in both at the moment of reading.
+#[tokio::test]
+async fn interleaved_streams_read_back_whole_at_every_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let ids: Vec<Arc<str>> = (0..3).map(|i| Arc::from(format!("s{i}"))).collect();
+    let marks: Vec<Watermark> = ids.iter().map(|_| Watermark::new()).collect();
+    for id in &ids {
+        store.begin(new_stream(id)).await.expect("begin");
+    }
+    // 100 chunks each: three blocks and a run, interleaved across the streams.
+    for seq in 1..=100u64 {
+        for (id, mark) in ids.iter().zip(&marks) {
+            append_chunk(&store, id, seq, mark).await;
+        }
+        if seq % 7 == 0 || seq == 32 || seq == 33 {
+            marks[0].reached(seq).await;
+            let state = store
+                .state("local", "s0")
+                .await
+                .expect("state")
+                .expect("s0");
+            assert!(state.last_seq >= seq);
+            let all = store
+                .chunks_after("s0", 0, usize::MAX, usize::MAX)
+                .await
+                .expect("read");
+            assert!(all.len() as u64 >= seq);
+            assert!(all.iter().map(|c| c.0).eq(1..=all.len() as u64));
+            let tail = store
+                .chunks_after("s0", seq - 5, 3, usize::MAX)
+                .await
+                .expect("read");
+            assert_eq!(
+                tail.iter().map(|c| c.0).collect::<Vec<_>>(),
+                vec![seq - 4, seq - 3, seq - 2]
+            );
+        }
+    }
+    for (id, mark) in ids.iter().zip(&marks) {
+        mark.reached(100).await;
+        let t = transcript(&store, id).await;
+        assert_eq!(t.content, expected_text(id, 100), "{id} while streaming");
+    }
+    store
+        .finish(bare_finish("s1", Ending::Completed))
+        .await
+        .expect("finish");
+    let t = transcript(&store, "s1").await;
+    assert_eq!(t.content, expected_text("s1", 100));
+    assert_eq!(t.chunks[99].offset_ms, 0.1);
+    assert_eq!(
+        store
+            .chunks_after("s1", 98, 10, usize::MAX)
+            .await
+            .expect("read")
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        vec![99, 100]
+    );
+}
+
+/// A process that dies leaves chunks only in the log; opening folds them into blocks.
+#[tokio::test]
+async fn chunks_only_in_the_log_survive_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        store.begin(new_stream("a")).await.expect("begin");
+        let id: Arc<str> = Arc::from("a");
+        let mark = Watermark::new();
+        for seq in 1..=45 {
+            append_chunk(&store, &id, seq, &mark).await;
+        }
+        mark.reached(45).await;
+        // Dropped with 13 chunks in a run: like a kill, nothing more is written.
+    }
+    let (store, recovered) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(recovered, 1);
+    let t = transcript(&store, "a").await;
+    assert_eq!(
+        (t.status, t.reason),
+        (Status::Interrupted, Some(Reason::Crash))
+    );
+    assert_eq!(t.content, expected_text("a", 45));
+    let c = Connection::open(store.path()).expect("open db");
+    let logged: i64 = c
+        .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(logged, 0, "the log is emptied once folded");
+    // Opening again changes nothing.
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    let t = transcript(&store, "a").await;
+    assert_eq!(t.content, expected_text("a", 45));
+}
+
+/// Under writes that never pause, the WAL still rewinds (a passive checkpoint alone never
+/// catches up with such a writer, and the WAL would grow with everything written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_under_writes_that_never_pause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let when = Checkpoints {
+        every: Duration::from_millis(5),
+        rewind_frames: 64,
+    };
+    let (store, _) = Store::open_with(dir.path(), when).expect("open");
+    let ids: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("w{i}"))).collect();
+    for id in &ids {
+        store.begin(new_stream(id)).await.expect("begin");
+    }
+    let mark = Watermark::new();
+    let data: Arc<str> = Arc::from(format!("\"{}\"", "x".repeat(1000)));
+    let chunks: u64 = 20_000;
+    for seq in 1..=chunks {
+        // Never waits for a commit: the writer's queue is never empty.
+        for id in &ids {
+            store
+                .append(id, seq, Duration::ZERO, data.clone(), String::new(), &mark)
+                .await
+                .expect("append");
+        }
+    }
+    mark.reached(chunks).await;
+    let written = chunks * ids.len() as u64 * 1000;
+    let wal = std::fs::metadata(store.path().with_extension("db-wal"))
+        .expect("wal")
+        .len();
+    assert!(
+        wal < written / 4,
+        "the WAL is {wal} bytes after {written} bytes of chunks"
+    );
+}
+
+/// The writer stops whenever its queue is empty and the next write starts it again; no
+/// write may slip between a stopping writer and its sender (it would wait forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_write_is_stranded_while_the_writer_starts_and_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..1500 {
+                    store.flush().await.expect("flush");
+                }
+            })
+        })
+        .collect();
+    let all = futures_util::future::join_all(writers);
+    // Generous: the work takes well under a second; a stranded write never finishes.
+    let done = tokio::time::timeout(Duration::from_secs(60), all).await;
+    assert!(done.is_ok(), "a write was left waiting for a writer");
+}
+
+/// Databases of earlier versions kept one row per chunk; opening moves them into blocks.
+#[tokio::test]
+async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let c = Connection::open(dir.path().join("sluice.db")).expect("create");
+        c.execute_batch(
+                "CREATE TABLE chunks (stream_id TEXT NOT NULL, seq INTEGER NOT NULL, offset_us INTEGER NOT NULL,
+                     data TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (stream_id, seq)) WITHOUT ROWID;
+                 CREATE TABLE streams (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                     tenant TEXT NOT NULL, model TEXT NOT NULL, request TEXT NOT NULL, status TEXT NOT NULL,
+                     reason TEXT, detail TEXT, created INTEGER NOT NULL, first_token_us INTEGER,
+                     total_us INTEGER, usage TEXT, chunk_count INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO streams (id, tenant, model, request, status, created, chunk_count)
+                     VALUES ('old', 'local', 'sim', '{}', 'completed', 0, 40);",
+            )
+            .expect("old schema");
+        for seq in (1..=40).rev() {
+            c.execute(
+                "INSERT INTO chunks VALUES ('old', ?1, ?1, '{}', ?2)",
+                params![seq, format!("old.{seq} ")],
+            )
+            .expect("old chunk");
+        }
+    }
+    let (store, recovered) = Store::open(dir.path()).expect("open");
+    assert_eq!(recovered, 0);
+    let t = transcript(&store, "old").await;
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!(t.content, expected_text("old", 40));
+}
+
+/// The log is trimmed as runs become blocks, and a quiet stream's run is written as a block
+/// before it can hold the log back for long.
+#[tokio::test]
+async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let quiet: Arc<str> = Arc::from("quiet");
+    let busy: Arc<str> = Arc::from("busy");
+    let (quiet_mark, busy_mark) = (Watermark::new(), Watermark::new());
+    store.begin(new_stream(&quiet)).await.expect("begin");
+    store.begin(new_stream(&busy)).await.expect("begin");
+    append_chunk(&store, &quiet, 1, &quiet_mark).await;
+    let total = (block::LOG_SPAN + 3 * block::LOG_CHECK_EVERY) as u64;
+    for seq in 1..=total {
+        append_chunk(&store, &busy, seq, &busy_mark).await;
+    }
+    busy_mark.reached(total).await;
+    let c = Connection::open(store.path()).expect("open db");
+    let logged: i64 = c
+        .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
+        .expect("count");
+    assert!(
+        logged <= 2 * block::LOG_CHECK_EVERY,
+        "{logged} rows left in the log"
+    );
+    let quiet_blocks: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(quiet_blocks, 1, "the quiet run was written as a block");
+    let t = transcript(&store, "quiet").await;
+    assert_eq!(t.content, expected_text("quiet", 1));
+    append_chunk(&store, &quiet, 2, &quiet_mark).await;
+    quiet_mark.reached(2).await;
+    let t = transcript(&store, "quiet").await;
+    assert_eq!(t.content, expected_text("quiet", 2));
+    let busy_chunks = store
+        .chunks_after("busy", 0, usize::MAX, usize::MAX)
+        .await
+        .expect("read");
+    assert!(busy_chunks.iter().map(|c| c.0).eq(1..=total));
+}
+
+#[tokio::test]
+async fn reopening_marks_open_streams_interrupted_by_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        store.begin(new_stream("open")).await.expect("begin");
+        store.begin(new_stream("done")).await.expect("begin");
+        store
+            .finish(bare_finish("done", Ending::Completed))
+            .await
+            .expect("finish");
+    }
+    let (store, recovered) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(recovered, 1);
+    let t = transcript(&store, "open").await;
+    assert_eq!(
+        (t.status, t.reason),
+        (Status::Interrupted, Some(Reason::Crash))
+    );
+    let t = transcript(&store, "done").await;
+    assert_eq!(t.status, Status::Completed);
+}
+
+#[tokio::test]
+async fn a_final_status_is_written_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    store.begin(new_stream("s")).await.expect("begin");
+    store
+        .finish(bare_finish("s", Ending::abnormal(Reason::Idle, "idle")))
+        .await
+        .expect("finish");
+    store
+        .finish(bare_finish("s", Ending::Completed))
+        .await
+        .expect("finish");
+    let t = transcript(&store, "s").await;
+    assert_eq!(t.status, Status::TimedOut);
+}
+
+#[tokio::test]
+async fn list_is_newest_first_and_paged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    for i in 0..5 {
+        store
+            .begin(new_stream(&format!("s{i}")))
+            .await
+            .expect("begin");
+    }
+    let (page, more) = store.list("local", 2, None).await.expect("list");
+    assert_eq!(
+        page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec!["s4", "s3"]
+    );
+    assert!(more);
+    let (page, more) = store
+        .list("local", 10, Some("s3".into()))
+        .await
+        .expect("list");
+    assert_eq!(
+        page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        vec!["s2", "s1", "s0"]
+    );
+    assert!(!more);
+    assert!(store
+        .list("other", 10, None)
+        .await
+        .expect("list")
+        .0
+        .is_empty());
+}

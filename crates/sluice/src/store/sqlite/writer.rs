@@ -1,0 +1,343 @@
+//! The group-commit writer: writes arrive over a bounded channel and are committed in batches by
+//! one blocking job on the one write connection; chunks go to a log and are folded into
+//! per-stream blocks as their runs fill.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::block::{self, LoggedChunk, Run, Runs};
+use crate::store::records::now_unix;
+use crate::store::{Finish, NewStream, StoreError, Watermark};
+
+use super::lock;
+use super::schema::insert_block;
+
+/// How many writes may wait for the writer.
+pub(super) const WRITE_QUEUE: usize = 8192;
+/// The most writes committed in one transaction.
+pub(super) const MAX_BATCH: usize = 1024;
+
+pub(super) enum Op {
+    Begin(NewStream, oneshot::Sender<Result<(), StoreError>>),
+    Append {
+        id: Arc<str>,
+        seq: u64,
+        offset: Duration,
+        data: Arc<str>,
+        content: String,
+        watermark: Watermark,
+    },
+    Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The writer: a queue of writes and, while it holds any, one blocking job that commits them.
+///
+/// Why not a writer task that hands each batch to `spawn_blocking`? Every commit then costs two
+/// extra thread hand-offs (task → blocking thread → task), and on a loaded machine those
+/// wake-ups were most of a commit's latency, which a client sees twice before its first token.
+/// Here the job itself takes the writes and acks them; while writes keep coming it never stops,
+/// so a busy gateway pays no hand-off at all. It still runs under `spawn_blocking`, so it never
+/// blocks the runtime's threads, and tokio knows work is in flight (its paused test clock does
+/// not jump ahead while a batch is being written; an idle writer holds no thread).
+pub(super) struct Writer {
+    pub(super) tx: mpsc::Sender<Op>,
+    /// Whether a drain job is running (or about to).
+    pub(super) running: AtomicBool,
+    /// What the drain job works with; only the running job locks it.
+    pub(super) state: Mutex<WriterState>,
+    pub(super) runs: Arc<Mutex<Runs>>,
+    /// Held for each batch (see `checkpointer`).
+    pub(super) gate: Arc<Mutex<()>>,
+    pub(super) runtime: tokio::runtime::Handle,
+}
+
+pub(super) struct WriterState {
+    pub(super) rx: mpsc::Receiver<Op>,
+    pub(super) conn: Connection,
+    pub(super) log: LogState,
+}
+
+/// Clears `running` if a drain job ends by unwinding, so the next write starts another.
+pub(super) struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Writer {
+    /// Queues a write (waiting for room) and makes sure a drain job will see it.
+    pub(super) async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        if !self.running.swap(true, Ordering::SeqCst) {
+            let writer = self.clone();
+            // If the runtime is shutting down the job never runs; the write's ack is then
+            // dropped with the queue and its caller sees `Closed`.
+            drop(self.runtime.spawn_blocking(move || writer.drain()));
+        }
+        Ok(())
+    }
+
+    /// Commits batches until the queue is empty.
+    fn drain(&self) {
+        let _running = Running(&self.running);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let WriterState { rx, conn, log } = &mut *state;
+        let mut batch = Vec::new();
+        loop {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                // Unit tests widen the window in which a write can slip past a stopping writer,
+                // so a lost wake-up would show (see `no_write_is_stranded...`).
+                #[cfg(test)]
+                std::thread::sleep(Duration::from_micros(100));
+                self.running.store(false, Ordering::SeqCst);
+                // A write queued after the last look, whose sender still saw `running`, would
+                // otherwise wait for the next write: look once more before stopping.
+                match rx.try_recv() {
+                    Ok(op) if !self.running.swap(true, Ordering::SeqCst) => {
+                        batch.push(op);
+                        continue;
+                    }
+                    // Another job was started meanwhile: it takes over (it waits for the
+                    // lock), so this op goes first in its order.
+                    Ok(op) => {
+                        batch.push(op);
+                        self.commit(conn, log, &mut batch);
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            self.commit(conn, log, &mut batch);
+        }
+    }
+
+    /// Commits `batch` in one transaction, then acks every write in it (and empties it).
+    fn commit(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
+        let result = {
+            // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
+            let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            let started = Instant::now();
+            // A panic in a batch must not lose the batch: its acks and watermarks still have to
+            // move, or streams would wait for them forever. (The open transaction rolls back,
+            // and the runs are only changed after a commit.)
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                apply(conn, batch, &self.runs, log)
+            }));
+            metrics::histogram!("sluice_store_write_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match applied {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Db(
+                    "the store writer panicked on this batch".into(),
+                )),
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, writes = batch.len(), "store batch failed");
+        }
+        for op in batch.drain(..) {
+            match op {
+                Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
+                    let _ = ack.send(result.clone());
+                }
+                Op::Append { seq, watermark, .. } => watermark.advance(seq),
+            }
+        }
+    }
+}
+
+/// What the writer remembers about the log between batches.
+#[derive(Debug, Default)]
+pub(super) struct LogState {
+    /// Rows appended since the log's head was last trimmed.
+    appended: i64,
+}
+
+/// What a batch does to one stream's run; applied to the shared runs once committed.
+#[derive(Debug, Default)]
+pub(super) struct RunChange {
+    /// The run as it was before the batch has been written as a block.
+    written: bool,
+    /// Chunks this batch logged (after that block, if any).
+    staged: Run,
+}
+
+impl RunChange {
+    /// The run's chunks as they now stand: what is left of the shared run, then the staged ones.
+    fn chunks<'a>(&'a self, runs: &'a Runs, id: &str) -> impl Iterator<Item = &'a LoggedChunk> {
+        let base = if self.written { None } else { runs.get(id) };
+        base.into_iter()
+            .flat_map(|run| run.chunks.iter())
+            .chain(self.staged.chunks.iter())
+    }
+
+    fn is_full(&self, runs: &Runs, id: &str) -> bool {
+        let base = if self.written { None } else { runs.get(id) };
+        let (n, bytes) = base.map_or((0, 0), |run| (run.chunks.len(), run.bytes));
+        n + self.staged.chunks.len() >= block::BLOCK_CHUNKS
+            || bytes + self.staged.bytes >= block::BLOCK_BYTES
+    }
+
+    /// Writes the run as it now stands as one block.
+    fn write(&mut self, tx: &Connection, runs: &Mutex<Runs>, id: &str) -> Result<(), StoreError> {
+        let block = {
+            let runs = lock(runs);
+            let chunks: Vec<&LoggedChunk> = self.chunks(&runs, id).collect();
+            match (chunks.first(), chunks.last()) {
+                (Some(first), Some(last)) => {
+                    Some((first.seq, last.seq, block::encode(chunks.iter().copied())))
+                }
+                _ => None,
+            }
+        };
+        if let Some((first, last, body)) = block {
+            insert_block(tx, id, first, last, body)?;
+        }
+        self.written = true;
+        self.staged = Run::default();
+        Ok(())
+    }
+}
+
+pub(super) fn apply(
+    conn: &mut Connection,
+    batch: &[Op],
+    runs: &Mutex<Runs>,
+    log: &mut LogState,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let mut changes: HashMap<Arc<str>, RunChange> = HashMap::new();
+    for op in batch {
+        match op {
+            Op::Begin(s, _) => {
+                tx.execute(
+                    "INSERT INTO streams (id, tenant, model, request, status, created) VALUES (?1, ?2, ?3, ?4, 'streaming', ?5)",
+                    params![s.id, s.tenant, s.model, s.request.to_string(), now_unix()],
+                )?;
+            }
+            Op::Append {
+                id,
+                seq,
+                offset,
+                data,
+                content,
+                ..
+            } => {
+                let offset_us = offset.as_micros() as i64;
+                tx.prepare_cached("INSERT INTO chunk_log (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![&**id, *seq as i64, offset_us, &**data, content])?;
+                log.appended += 1;
+                let change = changes.entry(id.clone()).or_default();
+                change.staged.push(
+                    tx.last_insert_rowid(),
+                    LoggedChunk {
+                        seq: *seq,
+                        offset_us,
+                        data: data.clone(),
+                        content: content.clone(),
+                    },
+                );
+                if change.is_full(&lock(runs), id) {
+                    change.write(&tx, runs, id)?;
+                }
+            }
+            Op::Finish(f, _) => {
+                let id: Arc<str> = Arc::from(f.id.as_str());
+                changes
+                    .entry(id.clone())
+                    .or_default()
+                    .write(&tx, runs, &id)?;
+                tx.execute(
+                    "UPDATE streams SET status = ?2, reason = ?3, detail = ?4, first_token_us = ?5, total_us = ?6,
+                         usage = ?7, chunk_count = ?8
+                     WHERE id = ?1 AND status = 'streaming'",
+                    params![
+                        f.id,
+                        f.ending.status().as_str(),
+                        f.ending.reason().map(|r| r.as_str()),
+                        f.ending.detail(),
+                        f.first_token.map(|d| d.as_micros() as i64),
+                        f.total.as_micros() as i64,
+                        f.usage.as_ref().map(Value::to_string),
+                        f.chunks as i64,
+                    ],
+                )?;
+            }
+            Op::Flush(_) => {}
+        }
+    }
+    if log.appended >= block::LOG_CHECK_EVERY {
+        trim_log(&tx, runs, &mut changes)?;
+        log.appended = 0;
+    }
+    tx.commit()?;
+    let mut runs = lock(runs);
+    for (id, change) in changes {
+        if change.written {
+            runs.remove(&id);
+        }
+        if !change.staged.chunks.is_empty() {
+            runs.entry(id).or_default().append(change.staged);
+        }
+    }
+    Ok(())
+}
+
+/// Writes runs that started too far back in the log as blocks, then deletes the log rows that
+/// no run needs any more.
+pub(super) fn trim_log(
+    tx: &Connection,
+    runs: &Mutex<Runs>,
+    changes: &mut HashMap<Arc<str>, RunChange>,
+) -> Result<(), StoreError> {
+    let newest: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunk_log", [], |r| {
+        r.get(0)
+    })?;
+    let old: Vec<Arc<str>> = lock(runs)
+        .iter()
+        .filter(|(id, run)| {
+            run.first_log < newest - block::LOG_SPAN && !changes.get(*id).is_some_and(|c| c.written)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in old {
+        changes
+            .entry(id.clone())
+            .or_default()
+            .write(tx, runs, &id)?;
+    }
+    let still_shared = lock(runs)
+        .iter()
+        .filter(|(id, _)| !changes.get(*id).is_some_and(|c| c.written))
+        .map(|(_, run)| run.first_log)
+        .min();
+    let staged = changes
+        .values()
+        .filter(|c| !c.staged.chunks.is_empty())
+        .map(|c| c.staged.first_log)
+        .min();
+    let keep_from = [still_shared, staged]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(newest + 1);
+    tx.execute("DELETE FROM chunk_log WHERE id < ?1", params![keep_from])?;
+    Ok(())
+}
