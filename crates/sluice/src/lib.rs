@@ -20,6 +20,7 @@
 //! - [`store`] persists streams and chunks;
 //! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
 //! - [`hub`] lets resumers follow, and the cancel API stop, a running stream;
+//! - [`follow`] reads a stream from any point: replay from the store, then the live feed;
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
 //! - [`redact`] keeps upstream keys out of everything that leaves the process;
 //! - [`config`], [`metrics`], [`stream`], [`mock_upstream`], [`cli`] do what they say.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 
+pub mod follow;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hub;

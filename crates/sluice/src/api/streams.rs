@@ -3,20 +3,20 @@
 
 use std::time::Duration;
 
-use async_stream::stream;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Json;
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::follow::{follow, Followed};
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
-use crate::stream::Terminal;
 
 use super::error::not_found;
 use super::sse::{encode_terminal, sse_event, sse_response};
@@ -66,22 +66,14 @@ pub(super) fn stream_id(path: Result<Path<String>, PathRejection>) -> Result<Str
     })
 }
 
-/// How many stored chunks a transcript read or a replay reads at a time, at most.
-pub(super) const PAGE_CHUNKS: usize = 256;
-/// About how many bytes of chunks a transcript read or a replay reads at a time (at least one
-/// chunk): what a read holds in memory, whatever the transcript's size.
-pub(super) const PAGE_BYTES: usize = 256 * 1024;
-
 #[derive(Debug, Deserialize)]
 pub(super) struct EventsQuery {
     after: Option<u64>,
 }
 
-/// `GET /v1/streams/{id}/events`: replays the stored chunks after `Last-Event-ID` (or
-/// `?after=N`), then follows the live stream to its end, finishing with the same terminal event
-/// as the original. No gap and no duplicate at the seam: the live feed is subscribed *before*
-/// the replay, live chunks already replayed are skipped, and anything the live feed skipped
-/// (a slow reader) is refilled from the store, which has every chunk before it is published.
+/// `GET /v1/streams/{id}/events`: the stream after `Last-Event-ID` (or `?after=N`), as
+/// [`follow`] reads it, in SSE. If the store fails midway, the body is cut off: a client never
+/// mistakes part of a stream for all of it.
 pub(super) async fn stream_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -101,97 +93,25 @@ pub(super) async fn stream_events(
             })?,
         None => q.after.unwrap_or(0),
     };
-    let store = state.relay.store.clone();
-    // Subscribe first, then look in the store: a chunk published after this point is either
-    // in the replay or in the live feed (or both: skipped by id).
-    let live = state.relay.hub.subscribe(&caller.tenant, &id);
-    let found = store
-        .state(&caller.tenant, &id)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    if found.is_none() {
-        return Err(not_found(&id));
-    }
-    let tenant = caller.tenant.clone();
+    let followed = follow(
+        &state.relay.hub,
+        &state.relay.store,
+        &caller.tenant,
+        &id,
+        after,
+    )
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .ok_or_else(|| not_found(&id))?;
     let stream_id = id.clone();
-    let body = stream! {
-        let mut last = after;
-        macro_rules! replay {
-            () => {
-                loop {
-                    let page = match store.chunks_after(&stream_id, last, PAGE_CHUNKS, PAGE_BYTES).await {
-                        Ok(page) => page,
-                        Err(e) => {
-                            tracing::error!(stream = %stream_id, error = %e, "replay failed");
-                            return;
-                        }
-                    };
-                    if page.is_empty() {
-                        break;
-                    }
-                    for (seq, data) in page {
-                        last = seq;
-                        yield Ok::<_, std::convert::Infallible>(sse_event(seq, &data));
-                    }
-                }
-            };
+    let body = followed.map(move |item| match item {
+        Ok(Followed::Chunk { seq, data }) => Ok(sse_event(seq, &data)),
+        Ok(Followed::End(terminal)) => Ok(encode_terminal(&terminal)),
+        Err(e) => {
+            tracing::error!(stream = %stream_id, error = %e, "following a stream failed");
+            Err(std::io::Error::other(e.to_string()))
         }
-        replay!();
-        let Some(mut live) = live else {
-            // Not running here: finished. Its terminal event, from the store.
-            if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
-                if let Some(ending) = st.ending() {
-                    if st.last_seq + 1 > after {
-                        yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
-                    }
-                }
-            }
-            return;
-        };
-        loop {
-            match live.recv().await {
-                Ok(Live::Chunk { seq, data }) => {
-                    if seq <= last {
-                        continue; // already replayed
-                    }
-                    if seq > last + 1 {
-                        replay!(); // the feed skipped some: the store has them
-                        if seq <= last {
-                            continue;
-                        }
-                    }
-                    last = seq;
-                    yield Ok(sse_event(seq, &data));
-                }
-                Ok(Live::Large { seq }) => {
-                    if seq > last {
-                        replay!(); // committed before it was published: the store has it
-                    }
-                }
-                Ok(Live::End(terminal)) => {
-                    replay!();
-                    if terminal.seq > after {
-                        yield Ok(encode_terminal(&terminal));
-                    }
-                    return;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("sluice_resume_refills_total").increment(1);
-                    replay!();
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    // The relay went away without its terminal event: report what the store says.
-                    replay!();
-                    if let Ok(Some(st)) = store.state(&tenant, &stream_id).await {
-                        if let Some(ending) = st.ending() {
-                            yield Ok(encode_terminal(&Terminal { seq: st.last_seq + 1, ending }));
-                        }
-                    }
-                    return;
-                }
-            }
-        }
-    };
+    });
     Ok(sse_response(Body::from_stream(body), &id))
 }
 

@@ -10,10 +10,11 @@ use axum::response::Response;
 
 use crate::auth::Caller;
 use crate::store::TranscriptHead;
+use crate::store::{PAGE_BYTES, PAGE_CHUNKS};
 use crate::stream::{Reason, Status};
 
 use super::error::not_found;
-use super::streams::{stream_id, PAGE_BYTES, PAGE_CHUNKS};
+use super::streams::stream_id;
 use super::{ApiError, AppState};
 
 /// `GET /v1/streams/{id}`: the transcript, streamed out page by page, so reading one costs

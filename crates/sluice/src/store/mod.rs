@@ -44,3 +44,9 @@ pub use records::{
 };
 pub use sqlite::Store;
 pub use watermark::Watermark;
+
+/// How many stored chunks a reader (a transcript read, a replay) takes at a time, at most.
+pub const PAGE_CHUNKS: usize = 256;
+/// About how many bytes of chunks a reader takes at a time (at least one chunk): what a read
+/// holds in memory, whatever the transcript's size.
+pub const PAGE_BYTES: usize = 256 * 1024;
