@@ -18,7 +18,8 @@
 //! - [`relay`] composes the `sluice-flow` patterns for one stream;
 //! - [`upstream`] turns a provider into a stream of chunks;
 //! - [`store`] persists streams and chunks;
-//! - [`server`] owns the lifecycle (graceful shutdown, crash recovery);
+//! - [`server`] owns the lifecycle (start, crash recovery, serving connections);
+//! - [`shutdown`] is how the server stops: phases, each bounded, no transcript lost;
 //! - [`hub`] lets resumers follow, and the cancel API stop, a running stream;
 //! - [`follow`] reads a stream from any point: replay from the store, then the live feed;
 //! - [`auth`] maps API keys to tenants and enforces per-key limits;
@@ -39,6 +40,7 @@ pub mod mock_upstream;
 pub mod redact;
 pub mod relay;
 pub mod server;
+pub mod shutdown;
 pub mod store;
 pub mod stream;
 pub mod upstream;

@@ -1,24 +1,14 @@
 //! The server's lifecycle: start, serve, shut down without losing a transcript.
 //!
-//! Shutdown, in order (the shape of mini-redis' `shutdown.rs`, with the patterns of `flow`):
-//! 1. stop accepting connections; idle keep-alive connections are closed;
-//! 2. give in-flight streams `shutdown_grace` to finish on their own;
-//! 3. cancel the rest with cause `shutdown`: each ends with `interrupted(shutdown)` and an SSE
-//!    error event (never `[DONE]`);
-//! 4. wait, with a bound, for every tracked task, so every shielded final write has landed;
-//! 5. flush the store.
-//!
-//! Connections that still have not finished a short while after step 3 (a client that stopped
-//! reading) are dropped, so a stuck client cannot hold the process up.
+//! Shutdown is its own concept, with its phases and their bounds: see [`crate::shutdown`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_flow::{CancelCause, CancelToken, Drained, Tasks};
+use sluice_flow::{Drained, Tasks};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
@@ -26,17 +16,13 @@ use crate::auth::Keys;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::relay::RelayContext;
+use crate::shutdown::{Bounds, Shutdown};
 use crate::store::{Store, StoreError};
 
-/// How long, after in-flight streams are cancelled, connections get to deliver their last event.
-const LAST_WORDS: Duration = Duration::from_secs(2);
 /// The largest request head (request line and headers) accepted. It also caps each
 /// connection's read buffer, which hyper otherwise grows to 16 KB and keeps while the
 /// connection idles: at 10,000 open streams that is 80 MB.
 const MAX_HEAD_BYTES: usize = 8192;
-
-/// How long shutdown waits for shielded writes.
-const WRITES_BOUND: Duration = Duration::from_secs(10);
 
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -70,14 +56,20 @@ pub struct ShutdownReport {
     pub drained: Drained,
 }
 
-/// A running gateway.
+/// A running gateway. Dropping it begins its shutdown.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
     store: Store,
     recovered: u64,
-    trigger: Option<oneshot::Sender<()>>,
+    shutdown: Shutdown,
     task: JoinHandle<Result<ShutdownReport, ServeError>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.begin();
+    }
 }
 
 impl Server {
@@ -108,11 +100,11 @@ impl Server {
         }
         crate::metrics::handle();
         let tasks = Tasks::new();
-        let cancel = CancelToken::new();
+        let shutdown = Shutdown::new(Bounds::with_grace(config.shutdown_grace));
         let relay = RelayContext {
             store: store.clone(),
             tasks: tasks.clone(),
-            shutdown: cancel.clone(),
+            shutdown: shutdown.streams().clone(),
             hub: Arc::new(Hub::default()),
             buffer_chunks: config.buffer_chunks,
             buffer_bytes: config.buffer_bytes,
@@ -121,21 +113,17 @@ impl Server {
             keep_alive: config.keep_alive,
             record_chunks: config.record_chunks,
         };
-        let grace = config.shutdown_grace;
         let send_buffer = config.send_buffer_bytes;
         let app = api::router(AppState {
             config: Arc::new(config),
             relay,
             keys,
         });
-        let (trigger, triggered) = oneshot::channel::<()>();
         let task = tokio::spawn(run(
             listener,
             app,
-            triggered,
-            grace,
             send_buffer,
-            cancel,
+            shutdown.clone(),
             tasks,
             store.clone(),
         ));
@@ -144,7 +132,7 @@ impl Server {
             addr,
             store,
             recovered,
-            trigger: Some(trigger),
+            shutdown,
             task,
         })
     }
@@ -166,9 +154,7 @@ impl Server {
 
     /// Shuts down (see the module docs) and waits until it is done.
     pub async fn shutdown(mut self) -> Result<ShutdownReport, ServeError> {
-        if let Some(t) = self.trigger.take() {
-            let _ = t.send(());
-        }
+        self.shutdown.begin();
         self.wait().await
     }
 
@@ -188,47 +174,21 @@ impl Server {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Serves until shutdown begins, then runs its phases and flushes the store.
 async fn run(
     listener: TcpListener,
     app: axum::Router,
-    triggered: oneshot::Receiver<()>,
-    grace: Duration,
     send_buffer: Option<usize>,
-    cancel: CancelToken,
+    shutdown: Shutdown,
     tasks: Tasks,
     store: Store,
 ) -> Result<ShutdownReport, ServeError> {
-    let stopping = CancelToken::new();
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            // A dropped trigger (the Server handle is gone) also means: stop.
-            let _ = triggered.await;
-            tracing::info!(
-                ?grace,
-                "shutting down: no new connections; in-flight streams get the grace period"
-            );
-            stopping.cancel(CancelCause::Shutdown);
-        }
+    let stop_accepting = {
+        let shutdown = shutdown.clone();
+        async move { shutdown.begun().await }
     };
-    let serve = serve_connections(listener, app, send_buffer, signal);
-    let ending = async {
-        stopping.cancelled().await;
-        tokio::time::sleep(grace).await;
-        tracing::info!("grace period over: ending in-flight streams as interrupted(shutdown)");
-        cancel.cancel(CancelCause::Shutdown);
-        tokio::time::sleep(LAST_WORDS).await;
-    };
-    tokio::select! {
-        served = serve => served?,
-        () = ending => tracing::warn!("connections still open after shutdown; dropping them"),
-    }
-    cancel.cancel(CancelCause::Shutdown);
-    let drained = tasks.shutdown(WRITES_BOUND).await;
-    if let Drained::TimedOut { still_running } = drained {
-        tracing::error!(still_running, "tasks still running at exit");
-    }
+    let connections = serve_connections(listener, app, send_buffer, stop_accepting);
+    let drained = shutdown.drive(connections, &tasks).await?;
     store.flush().await?;
     tracing::info!("shutdown complete");
     Ok(ShutdownReport { drained })
@@ -262,9 +222,13 @@ async fn serve_connections(
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot turn off Nagle's algorithm: small chunks may wait");
+        }
         if let Some(bytes) = send_buffer {
-            let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes);
+            if let Err(e) = socket2::SockRef::from(&tcp).set_send_buffer_size(bytes) {
+                tracing::warn!(error = %e, bytes, "cannot set send_buffer_bytes on a connection");
+            }
         }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection =
