@@ -36,6 +36,10 @@ use crate::store::{Finish, NewStream, Store, StoreError, Watermark};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{Upstream, UpstreamRequest};
 
+use departure::Departure;
+
+mod departure;
+
 /// What the relay hands the client side, in order.
 #[derive(Debug)]
 pub enum Frame {
@@ -273,8 +277,8 @@ async fn relay(
     let mut seq = 0u64;
     // The original client; `None` once it has gone and the policy keeps the stream running.
     let mut client = Some(tx);
-    // Under `grace_ms`: when the stream ends unless someone follows it through the hub.
-    let mut grace: Option<Instant> = None;
+    // What the stream does once the client has left.
+    let mut departure = Departure::new(req.on_disconnect);
     // Chunks queued for commit but not yet published to the hub, in order.
     let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
     let watermark = Watermark::new();
@@ -283,12 +287,6 @@ async fn relay(
         .buffer_bytes
         .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let room = Arc::new(Semaphore::new(byte_limit));
-    let left = || {
-        Ending::abnormal(
-            Reason::ClientDisconnected,
-            "the client closed the connection",
-        )
-    };
 
     let ending = 'relay: loop {
         let waiting = Instant::now();
@@ -296,13 +294,9 @@ async fn relay(
             biased;
             () = departed(&client) => {
                 client = None;
-                match req.on_disconnect {
-                    OnDisconnect::Cancel => break left(),
-                    OnDisconnect::Continue => continue,
-                    OnDisconnect::GraceMs(ms) => {
-                        grace = Some(Instant::now() + Duration::from_millis(ms));
-                        continue;
-                    }
+                match departure.client_left() {
+                    Some(ending) => break ending,
+                    None => continue,
                 }
             }
             cause = cancel.cancelled() => break cancelled(cause),
@@ -310,18 +304,11 @@ async fn relay(
                 publish_committed(&mut unpublished, &watermark, publisher);
                 continue;
             }
-            () = until(grace) => {
-                if publisher.readers() == 0 {
-                    break Ending::abnormal(
-                        Reason::ClientDisconnected,
-                        "the client closed the connection and nobody resumed the stream within grace_ms",
-                    );
+            () = departure.grace_over() => {
+                match departure.look_for_followers(publisher.readers()) {
+                    Some(ending) => break ending,
+                    None => continue,
                 }
-                // Someone follows it: look again one grace period later.
-                if let OnDisconnect::GraceMs(ms) = req.on_disconnect {
-                    grace = Some(Instant::now() + Duration::from_millis(ms));
-                }
-                continue;
             }
             next = limited.next() => next,
         };
@@ -437,12 +424,8 @@ async fn relay(
             Timed::Completed(true) => {}
             Timed::Completed(false) => {
                 client = None;
-                match req.on_disconnect {
-                    OnDisconnect::Cancel => break 'relay left(),
-                    OnDisconnect::Continue => {}
-                    OnDisconnect::GraceMs(ms) => {
-                        grace = Some(Instant::now() + Duration::from_millis(ms))
-                    }
+                if let Some(ending) = departure.client_left() {
+                    break 'relay ending;
                 }
             }
             Timed::Expired(_) => {
@@ -505,14 +488,6 @@ fn publish_committed(
         if let Some((seq, data)) = unpublished.pop_front() {
             publisher.publish(Live::Chunk { seq, data });
         }
-    }
-}
-
-/// Resolves at `at`; never if `None`.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
