@@ -11,6 +11,10 @@
 //! Absolute times on a shared machine drift, so the report leads with differences and ratios to
 //! direct and to the peer. This is a program that prints figures, not a test: nothing here
 //! passes or fails a build.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a benchmark client: each task it spawns is joined before its figures are printed"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

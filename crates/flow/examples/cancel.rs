@@ -12,6 +12,10 @@
 //! ```text
 //! cargo run -p sluice-flow --example cancel
 //! ```
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the lesson's example shows the raw tokio call"
+)]
 
 use std::time::Duration;
 

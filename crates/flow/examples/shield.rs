@@ -10,6 +10,10 @@
 //! ```text
 //! cargo run -p sluice-flow --example shield
 //! ```
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the lesson's example shows the raw tokio call"
+)]
 
 use std::time::Duration;
 

@@ -240,7 +240,8 @@ where
             self.token.cancel(cause);
             let stopped_at = self.started.elapsed();
             if !self.grace.is_zero() {
-                let _ = tokio::time::timeout(self.grace, async {
+                // Those still running when the grace ends are aborted just below.
+                let _in_time_or_not: crate::Timed<()> = crate::timeout(self.grace, async {
                     while self.set.join_next().await.is_some() {}
                 })
                 .await;
@@ -304,6 +305,10 @@ impl<T, E> TaskOutcome<T, E> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -224,6 +224,10 @@ pub enum QueueError<E> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use futures_util::StreamExt;

@@ -87,6 +87,10 @@ pub enum ShieldError {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use crate::{CancelCause, CancelToken, Cancellable, Drained};

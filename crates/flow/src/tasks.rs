@@ -105,9 +105,9 @@ impl Tasks {
     /// running and counted in the result.
     pub async fn shutdown(&self, bound: Duration) -> Drained {
         self.tracker.close();
-        match tokio::time::timeout(bound, self.tracker.wait()).await {
-            Ok(()) => Drained::Complete,
-            Err(_) => Drained::TimedOut {
+        match crate::timeout(bound, self.tracker.wait()).await {
+            crate::Timed::Completed(()) => Drained::Complete,
+            crate::Timed::Expired(_) => Drained::TimedOut {
                 still_running: self.tracker.len(),
             },
         }
@@ -176,6 +176,10 @@ impl std::fmt::Debug for CleanupGuard {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};

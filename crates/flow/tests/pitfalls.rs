@@ -6,6 +6,10 @@
 //! Rust, and that `StreamLimits` does not make them.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+#![allow(
+    clippy::disallowed_methods,
+    reason = "demonstrations: they show the raw tokio calls that make the lesson's mistakes"
+)]
 
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! Property tests: over random arrival schedules, stream limits and the bounded queue never lose,
 //! duplicate or reorder an item, and end with exactly one terminal outcome.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 use std::sync::atomic::{AtomicUsize, Ordering};

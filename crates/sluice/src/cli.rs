@@ -143,8 +143,10 @@ pub async fn chat(
                             spinner.finish_and_clear();
                             first = false;
                         }
-                        let _ = out.write_all(chunk.content.as_bytes());
-                        let _ = out.flush();
+                        // A closed output (`sluice chat | head`) ends the chat: the
+                        // response is dropped, which cancels the stream upstream.
+                        write_answer(out, &chunk.content)
+                            .map_err(|e| format!("{e} (stream {id})"))?;
                     }
                     Err(e) => return Err(format!("{e} (stream {id})")),
                 }
@@ -162,6 +164,13 @@ pub async fn chat(
     spinner.finish_and_clear();
     let _ = writeln!(out);
     outcome
+}
+
+/// Writes a piece of the answer and flushes it, so it shows at once.
+fn write_answer(out: &mut (impl Write + ?Sized), text: &str) -> Result<(), String> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write the answer: {e}"))
 }
 
 async fn call_json(target: &Target, method: reqwest::Method, path: &str) -> Result<Value, String> {
@@ -317,8 +326,7 @@ pub async fn streams_tail(target: &Target, id: &str, out: &mut (dyn Write + Send
                     match Payload::parse(&event.data) {
                         Ok(Payload::Done) => return Ok(()),
                         Ok(Payload::Chunk(chunk)) => {
-                            let _ = out.write_all(chunk.content.as_bytes());
-                            let _ = out.flush();
+                            write_answer(out, &chunk.content).map_err(|e| (false, e))?;
                         }
                         Err(e) => return Err((false, e.to_string())),
                     }

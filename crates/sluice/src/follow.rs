@@ -150,6 +150,10 @@ pub async fn follow(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use std::time::Duration;
 

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -169,13 +170,14 @@ impl TargetArgs {
     }
 }
 
-fn exit_with(outcome: sluice::cli::ChatOutcome) -> ! {
+/// Says how a chat ended (on stderr) and turns it into the process's exit code.
+fn exit_with(outcome: sluice::cli::ChatOutcome) -> ExitCode {
     match &outcome {
         sluice::cli::ChatOutcome::Completed => {}
         sluice::cli::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
         sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
     }
-    std::process::exit(outcome.exit_code());
+    ExitCode::from(u8::try_from(outcome.exit_code()).unwrap_or(1))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -215,8 +217,17 @@ fn init_tracing(format: LogFormat) {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve {
             listen,
@@ -232,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
             if let sluice_flow::Drained::TimedOut { still_running } = report.drained {
                 anyhow::bail!("{still_running} tasks were still running at exit");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::MockUpstream {
             listen,
@@ -264,7 +275,7 @@ async fn main() -> anyhow::Result<()> {
                 () = mock.wait() => {},
                 () = stop_signal() => {},
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Chat {
             target,
@@ -277,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await;
-            exit_with(outcome)
+            Ok(exit_with(outcome))
         }
         Command::Keys {
             command: KeysCommand::New { tenant },
@@ -287,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
                 "key: {key}\n\nAdd to the config file:\n\n{}",
                 sluice::auth::config_lines(&tenant, &key)
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Streams { command } => {
             let out = match command {
@@ -307,13 +318,13 @@ async fn main() -> anyhow::Result<()> {
                         outcome = sluice::cli::streams_tail(&target, &id, &mut stdout) => outcome,
                         _ = tokio::signal::ctrl_c() => sluice::cli::ChatOutcome::Interrupted,
                     };
-                    exit_with(outcome)
+                    return Ok(exit_with(outcome));
                 }
             };
             match out {
                 Ok(text) => {
                     print!("{text}");
-                    Ok(())
+                    Ok(ExitCode::SUCCESS)
                 }
                 Err(reason) => anyhow::bail!(reason),
             }

@@ -114,6 +114,10 @@ impl MockUpstream {
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "a test peer's server: `wait` joins it, or it ends with the runtime"
+        )]
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "mock upstream stopped");
@@ -139,7 +143,9 @@ impl MockUpstream {
 
     /// Serves until the process ends.
     pub async fn wait(self) {
-        let _ = self.task.await;
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "mock upstream task failed");
+        }
     }
 }
 

@@ -119,6 +119,10 @@ impl Server {
             relay,
             keys,
         });
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the serving task: `Server::shutdown` joins it, and dropping the Server begins its shutdown"
+        )]
         let task = tokio::spawn(run(
             listener,
             app,
@@ -233,6 +237,10 @@ async fn serve_connections(
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection =
             graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "one connection: `graceful` (hyper's GracefulShutdown) waits for each, and shutdown bounds that wait"
+        )]
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -4,7 +4,10 @@
 //!
 //! The misbehaving upstreams here are hand-made test peers over real TCP: they send exactly the
 //! bytes a broken or malicious server would.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 mod common;

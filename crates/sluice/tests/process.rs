@@ -1,7 +1,10 @@
 //! The `sluice` binary as a user runs it: crash recovery after `kill -9`, SIGTERM mid-stream,
 //! a bad config, and the CLI client (`chat`, Ctrl-C, `streams ls/show`). Real processes on the
 //! real clock; waiting is only for readiness, bounded, and nothing asserts on elapsed time.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 mod common;
@@ -86,6 +89,25 @@ impl Serve {
             .success();
         assert!(ok, "kill -{name} failed");
     }
+}
+
+/// `sluice streams ls --limit 1` once the newest stream has ended (polled for up to 5 s).
+async fn newest_once_ended(url: &str) -> String {
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let out = Command::new(BIN)
+            .args(["streams", "ls", "--url", url, "--limit", "1"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        listed = String::from_utf8_lossy(&out.stdout).to_string();
+        if !listed.contains("streaming") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    listed
 }
 
 /// Writes a config with one tenant `acme` holding `key`, and the `sim` model; returns its path.
@@ -277,20 +299,7 @@ async fn the_cli_chats_fails_with_a_reason_and_cancels_on_ctrl_c() {
     assert_eq!(status.code(), Some(130));
 
     // `streams ls` and `streams show` report it.
-    let mut listed = String::new();
-    for _ in 0..100 {
-        let out = Command::new(BIN)
-            .args(["streams", "ls", "--url", &serve.url, "--limit", "1"])
-            .output()
-            .await
-            .unwrap();
-        assert!(out.status.success());
-        listed = String::from_utf8_lossy(&out.stdout).to_string();
-        if !listed.contains("streaming") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let listed = newest_once_ended(&serve.url).await;
     assert!(
         listed.contains("slow")
             && listed.contains("cancelled")
@@ -548,4 +557,40 @@ async fn the_access_log_is_json_lines_without_keys_prompts_or_colours() {
         .expect("an access line for the refused request");
     assert_eq!(denied["status"], 401);
     assert_eq!(denied["tenant"], "-");
+}
+
+#[tokio::test]
+async fn a_closed_output_ends_the_chat_and_cancels_the_stream() {
+    // `sluice chat | head -c 20`: once the reader is gone the chat stops, says why, and the
+    // stream is cancelled instead of running on for its 10,000 tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, "sluice.toml", "[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = { tokens = 10000, first_token_ms = 10, token_interval_ms = 100 }\n");
+    let serve = Serve::start(&dir.path().join("data"), Some(&config)).await;
+    let mut chat = Command::new(BIN)
+        .args(["chat", "--url", &serve.url, "--model", "slow", "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = chat.stdout.take().unwrap();
+    let mut buf = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_exact(&mut buf))
+        .await
+        .expect("output")
+        .unwrap();
+    drop(stdout);
+    let out = tokio::time::timeout(Duration::from_secs(30), chat.wait_with_output())
+        .await
+        .expect("the chat stops once its output is closed")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot write the answer"), "{stderr}");
+
+    let listed = newest_once_ended(&serve.url).await;
+    assert!(
+        listed.contains("cancelled") && listed.contains("client_disconnected"),
+        "{listed}"
+    );
 }

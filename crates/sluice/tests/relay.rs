@@ -1,7 +1,10 @@
 //! The relay over real HTTP with the built-in `sim` model: every timer before and after the first
 //! token, keep-alives, client disconnects, a slow client, shutdown. Timing runs on tokio's paused
 //! clock; the transcript invariants are checked after every scenario.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 mod common;

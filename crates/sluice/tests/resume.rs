@@ -1,7 +1,10 @@
 //! Streams you can come back to: resume at every seam, many readers and random resume points
 //! under concurrency, cancel (racing resumers), the disconnect policies, and a restart.
 //! Paused clock; real HTTP and SQLite.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 mod common;

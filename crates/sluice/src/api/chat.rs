@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use sluice_flow::QueueError;
+use sluice_flow::{QueueError, Timed};
 use tokio::time::Instant;
 
 use crate::auth::Caller;
@@ -170,9 +170,9 @@ async fn read_body(
         }
         Ok(out.freeze())
     };
-    match tokio::time::timeout(time, read).await {
-        Ok(read) => read,
-        Err(_) => Err(ApiError::new(
+    match sluice_flow::timeout(time, read).await {
+        Timed::Completed(read) => read,
+        Timed::Expired(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             format!("the body was not received within {time:?} (body_timeout_ms)"),

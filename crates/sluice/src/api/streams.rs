@@ -12,6 +12,7 @@ use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sluice_flow::Timed;
 
 use crate::auth::Caller;
 use crate::follow::{follow, Followed};
@@ -115,6 +116,9 @@ pub(super) async fn stream_events(
     Ok(sse_response(Body::from_stream(body), &id))
 }
 
+/// How long a cancel request waits for the stream's final status to be written.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
 /// `POST /v1/streams/{id}/cancel`: stops a running stream (`cancelled(requested)`; the original
 /// client and every resumer get the terminal error event) and answers with its final status.
 /// Idempotent: on a finished stream it changes nothing and answers with the final status.
@@ -138,7 +142,9 @@ pub(super) async fn cancel_stream(
                     }
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_secs(30), ended).await;
+            if let Timed::Expired(_) = sluice_flow::timeout(CANCEL_WAIT, ended).await {
+                tracing::warn!(stream = %id, "a cancelled stream had not ended after {CANCEL_WAIT:?}; answering with its status so far");
+            }
         }
     }
     let st = state

@@ -72,6 +72,10 @@ impl Departure {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
 

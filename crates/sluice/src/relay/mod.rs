@@ -196,7 +196,7 @@ async fn run(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            let _ = store
+            let written = store
                 .finish(finish(
                     &id,
                     Ending::abnormal(Reason::Shutdown, "the relay was stopped"),
@@ -204,6 +204,10 @@ async fn run(
                     started.elapsed(),
                 ))
                 .await;
+            if let Err(e) = written {
+                // The next start marks it interrupted(crash) instead.
+                tracing::error!(stream = %id, error = %e, "the stopped relay's final status was not written");
+            }
         })
     };
 
@@ -525,6 +529,10 @@ fn record_metrics(ending: &Ending) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use crate::auth::Keys;

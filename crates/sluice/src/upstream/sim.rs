@@ -327,6 +327,10 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use super::*;
     use crate::upstream::Chunk;

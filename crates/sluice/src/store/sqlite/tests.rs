@@ -1,4 +1,8 @@
 //! The SQLite store's behaviour: round trips, crash recovery, the writer, the log, the WAL.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 
 use rusqlite::params;
 
