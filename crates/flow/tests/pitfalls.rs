@@ -4,6 +4,12 @@
 //! generator when a timer fires, and the stream ends instead of recovering. The fix is a timer
 //! around the whole streaming operation. These tests show what the same mistakes look like in
 //! Rust, and that `StreamLimits` does not make them.
+//!
+//! Two kinds of test live here, each labelled:
+//! - **Demonstration**: exercises only tokio or async-stream, to show a pitfall (or a property
+//!   of the platform sluice relies on). It checks the platform, not this crate; it would fail
+//!   only if tokio or async-stream changed.
+//! - **Check**: exercises `sluice-flow` and fails if it makes the mistake.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 #![allow(
@@ -33,7 +39,7 @@ fn trickle() -> impl Stream<Item = u32> {
     }
 }
 
-/// Pitfall 1: a per-item timeout is not a total timeout. Each `next()` finishes inside its 1 s
+/// Demonstration. Pitfall 1: a per-item timeout is not a total timeout. Each `next()` finishes inside its 1 s
 /// timeout, so the loop never stops on its own; only our artificial cap of 100 items ends it,
 /// 90 s in, far past the 5 s the caller wanted.
 #[tokio::test(start_paused = true)]
@@ -52,7 +58,7 @@ async fn per_item_timeout_never_ends_a_trickling_stream() {
     assert_eq!(start.elapsed(), ms(90_000));
 }
 
-/// The right shape: one total limit around the whole stream ends it at 5 s, with one terminal
+/// Check. The right shape: one total limit around the whole stream ends it at 5 s, with one terminal
 /// error naming the limit, and every item that arrived before it.
 #[tokio::test(start_paused = true)]
 async fn total_limit_ends_a_trickling_stream_on_time() {
@@ -75,7 +81,7 @@ async fn total_limit_ends_a_trickling_stream_on_time() {
     assert_eq!((last.limit, last.items), (Limit::Total, 5));
 }
 
-/// Unlike Python's `wait_for(__anext__())`, a timed-out `next()` does not kill an async-stream
+/// Demonstration. Unlike Python's `wait_for(__anext__())`, a timed-out `next()` does not kill an async-stream
 /// generator: `Next` only borrows the stream, so the generator resumes where it was. (It is
 /// still the wrong tool: see the test above.)
 #[tokio::test(start_paused = true)]
@@ -114,7 +120,7 @@ fn spawn_sender() -> mpsc::Receiver<u32> {
     rx
 }
 
-/// Pitfall 2: a keep-alive timer in `select!` beside a non-cancel-safe read. Whenever the timer
+/// Demonstration. Pitfall 2: a keep-alive timer in `select!` beside a non-cancel-safe read. Whenever the timer
 /// wins between the two halves of a frame, the half already read is dropped with the future.
 #[tokio::test(start_paused = true)]
 async fn select_drops_a_half_read_frame() {
@@ -136,7 +142,7 @@ async fn select_drops_a_half_read_frame() {
     assert!(keep_alives > 0);
 }
 
-/// The right shape: the frames are a stream (the generator keeps its half-read state across
+/// Check. The right shape: the frames are a stream (the generator keeps its half-read state across
 /// polls), and the keep-alive is `StreamLimits`' soft threshold, which never drops the inner
 /// stream's `next()`. Every frame arrives whole, and the keep-alives still happen.
 #[tokio::test(start_paused = true)]

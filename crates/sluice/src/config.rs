@@ -95,6 +95,20 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data-dir` / `SLUICE_DATA_DIR`.
     pub data_dir: Option<PathBuf>,
+    /// Where the variables that `api_key_env` names are looked up: `None` is the process's
+    /// environment; a map stands in for it (tests, which must not change the environment of a
+    /// process whose other threads read it).
+    pub env: Option<std::collections::HashMap<String, String>>,
+}
+
+impl Overrides {
+    /// The value of environment variable `name`, as [`env`](Self::env) says.
+    fn env_var(&self, name: &str) -> Option<String> {
+        match &self.env {
+            None => std::env::var(name).ok(),
+            Some(vars) => vars.get(name).cloned(),
+        }
+    }
 }
 
 /// Why the configuration cannot be used. Names the file and the key.
@@ -308,7 +322,7 @@ impl Config {
                     }
                     let api_key = match &m.api_key_env {
                         None => None,
-                        Some(var) => Some(std::env::var(var).map_err(|_| {
+                        Some(var) => Some(overrides.env_var(var).ok_or_else(|| {
                             invalid(
                                 &key("api_key_env"),
                                 format!("the environment variable {var} is not set"),
@@ -468,7 +482,19 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("sluice.toml"), &Overrides::default())
+        Config::parse(text, Path::new("sluice.toml"), &with_env(&[]))
+    }
+
+    /// Overrides whose environment holds only `vars`.
+    fn with_env(vars: &[(&str, &str)]) -> Overrides {
+        Overrides {
+            env: Some(
+                vars.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Overrides::default()
+        }
     }
 
     #[test]
@@ -482,8 +508,7 @@ mod tests {
 
     #[test]
     fn the_issue_example_parses() {
-        std::env::set_var("SLUICE_TEST_KEY_1", "sk-test");
-        let c = parse(
+        let c = Config::parse(
             r#"
 listen = "127.0.0.1:9999"
 [[models]]
@@ -501,6 +526,8 @@ kind = "sim"
 sim = { first_token_ms = 2000, token_interval_ms = 20, tokens = 40 }
 on_disconnect = { grace_ms = 5000 }
 "#,
+            Path::new("sluice.toml"),
+            &with_env(&[("SLUICE_TEST_KEY_1", "sk-test")]),
         )
         .expect("valid");
         assert_eq!(
@@ -573,6 +600,7 @@ on_disconnect = { grace_ms = 5000 }
         let o = Overrides {
             listen: Some("127.0.0.1:1".parse().expect("addr")),
             data_dir: Some("elsewhere".into()),
+            env: None,
         };
         let c = Config::parse(
             "listen = \"127.0.0.1:2\"\ndata_dir = \"here\"",
@@ -586,12 +614,11 @@ on_disconnect = { grace_ms = 5000 }
 
     #[test]
     fn the_documented_example_config_is_valid() {
-        std::env::set_var("LOCAL_API_KEY", "sk-example");
         let text = include_str!("../../../docs/sluice.example.toml");
         let c = Config::parse(
             text,
             Path::new("docs/sluice.example.toml"),
-            &Overrides::default(),
+            &with_env(&[("LOCAL_API_KEY", "sk-example")]),
         )
         .expect("docs/sluice.example.toml must parse");
         assert!(c.model("local").is_some() && c.model("slow-sim").is_some());

@@ -236,7 +236,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             init_tracing(cli.log_format);
             return_freed_memory();
-            let overrides = Overrides { listen, data_dir };
+            let overrides = Overrides {
+                listen,
+                data_dir,
+                env: None,
+            };
             let config = Config::load(config.as_deref(), &overrides)?;
             let server = Server::bind(config).await?;
             let report = server.serve_until(stop_signal()).await?;

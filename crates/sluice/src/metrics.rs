@@ -14,6 +14,7 @@
 //! | `sluice_time_to_first_token_seconds` | histogram | |
 //! | `sluice_inter_chunk_seconds` | histogram | |
 //! | `sluice_store_write_seconds` | histogram | (one observation per committed batch) |
+//! | `sluice_store_write_errors_total` | counter | (writes in batches that failed: chunks or statuses not stored) |
 //! | `sluice_store_wal_frames` | gauge | (SQLite WAL size in 4 KB pages after each checkpoint) |
 //! | `sluice_gateway_overhead_seconds` | histogram | (total time minus time waiting on the upstream and the client) |
 //!

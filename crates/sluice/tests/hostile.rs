@@ -186,7 +186,6 @@ async fn a_success_that_is_not_an_event_stream_is_a_protocol_error() {
 #[tokio::test]
 async fn upstream_keys_echoed_back_never_reach_clients_or_transcripts() {
     let secret = "sk-hostile-test-0123456789abcdef";
-    std::env::set_var("SLUICE_HOSTILE_KEY", secret);
     // An upstream that refuses the key and quotes it back, with 64 KiB of padding.
     let refusing = raw_upstream(Arc::new(|head| {
         let auth = head
@@ -203,7 +202,11 @@ async fn upstream_keys_echoed_back_never_reach_clients_or_transcripts() {
         (head, Box::new(std::iter::once(body.into_bytes())))
     }))
     .await;
-    let g = gateway(&up_model(&refusing, "api_key_env = \"SLUICE_HOSTILE_KEY\"")).await;
+    let g = gateway_with_env(
+        &up_model(&refusing, "api_key_env = \"SLUICE_HOSTILE_KEY\""),
+        &[("SLUICE_HOSTILE_KEY", secret)],
+    )
+    .await;
     let (mut r, t) = run_stream(&g.url, &chat_body("up", true, json!(null), json!(null))).await;
     assert_eq!(r.status, 502);
     let e = r.error_body().await.to_string();
@@ -233,7 +236,11 @@ async fn upstream_keys_echoed_back_never_reach_clients_or_transcripts() {
         (sse_head(), Box::new(events.into_iter()))
     }))
     .await;
-    let g = gateway(&up_model(&echoing, "api_key_env = \"SLUICE_HOSTILE_KEY\"")).await;
+    let g = gateway_with_env(
+        &up_model(&echoing, "api_key_env = \"SLUICE_HOSTILE_KEY\""),
+        &[("SLUICE_HOSTILE_KEY", secret)],
+    )
+    .await;
     let (r, t) = run_stream(&g.url, &chat_body("up", true, json!(null), json!(null))).await;
     assert_eq!(ending(&t).0, "completed");
     assert!(!r.raw.contains(secret), "{}", r.raw);

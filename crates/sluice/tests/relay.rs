@@ -465,7 +465,7 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_chunk_write_is_logged_and_never_hangs_the_stream() {
+async fn a_failing_chunk_write_is_counted_and_never_hangs_the_stream() {
     let g = gateway("").await;
     // Break chunk writes behind the server's back: every append batch now fails.
     let db = rusqlite::Connection::open(g.server.store().path()).unwrap();
@@ -476,10 +476,18 @@ async fn a_failing_chunk_write_is_logged_and_never_hangs_the_stream() {
     )
     .await;
     assert_eq!(r.status, 200);
-    r.finish().await;
+    within("the stream's end", r.finish()).await;
     assert_eq!(r.content(), "Hello from sluice");
     assert_eq!(r.events.last().unwrap().data, "[DONE]");
-    // The stream's own record still lands (streams is intact); its chunks could not be kept.
+    // The stream's own record still lands (streams is intact); its chunks could not be kept,
+    // and that is counted, not silent.
     let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
     assert_eq!(list[0].status, sluice::stream::Status::Completed);
+    let metrics = get_text(&format!("{}/metrics", g.url)).await;
+    let failed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_store_write_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(failed >= 1.0, "no failed write counted:\n{metrics}");
 }

@@ -162,7 +162,11 @@ async fn a_client_that_leaves_closes_the_upstream_connection_at_once() {
     r.next().await.expect("a chunk");
     let closed = tokio::time::Instant::now();
     r.disconnect();
-    m.stats().wait_disconnected(1).await;
+    within(
+        "the upstream connection closing",
+        m.stats().wait_disconnected(1),
+    )
+    .await;
     let delay = closed.elapsed();
     assert!(
         delay < Duration::from_millis(50),
@@ -193,18 +197,21 @@ async fn a_deadline_closes_the_upstream_connection() {
     .await;
     assert_eq!(error_event(&r.events).expect("error event")["code"], "idle");
     assert_eq!(ending(&t), ("timed_out".into(), Some("idle".into())));
-    m.stats().wait_disconnected(1).await;
+    within(
+        "the upstream connection closing",
+        m.stats().wait_disconnected(1),
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_upstream_key_never_reaches_transcripts_errors_or_metrics() {
     let secret = "sk-sluice-test-SECRET-4f9a";
-    std::env::set_var("SLUICE_TEST_UPSTREAM_KEY", secret);
     let m = mock(MockOptions::default()).await;
-    let g = gateway(&openai_model(
-        &m,
-        "api_key_env = \"SLUICE_TEST_UPSTREAM_KEY\"",
-    ))
+    let g = gateway_with_env(
+        &openai_model(&m, "api_key_env = \"SLUICE_TEST_UPSTREAM_KEY\""),
+        &[("SLUICE_TEST_UPSTREAM_KEY", secret)],
+    )
     .await;
     let (_, ok) = run_stream(
         &g.url,

@@ -20,15 +20,34 @@ pub struct Gateway {
 
 /// Starts a gateway with `toml` as its config file.
 pub async fn gateway(toml: &str) -> Gateway {
+    gateway_with_env(toml, &[]).await
+}
+
+/// A gateway whose config sees only the environment variables `env` (for `api_key_env`).
+pub async fn gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: Some(dir.path().join("data")),
+        env: Some(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
     };
     let config = Config::parse(toml, Path::new("test.toml"), &overrides).expect("config");
     let server = Server::bind(config).await.expect("server");
     let url = format!("http://{}", server.addr());
     Gateway { server, url, dir }
+}
+
+/// Waits for `what` to happen, for at most a minute: a regression fails instead of hanging.
+/// (On the paused clock, a wait that can never end fails at once.)
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match sluice_flow::timeout(std::time::Duration::from_secs(60), fut).await {
+        sluice_flow::Timed::Completed(v) => v,
+        sluice_flow::Timed::Expired(_) => panic!("{what} did not happen within 60 s"),
+    }
 }
 
 /// Starts a mock upstream on an ephemeral port.

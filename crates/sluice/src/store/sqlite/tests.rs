@@ -242,8 +242,39 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
     );
 }
 
-/// The writer stops whenever its queue is empty and the next write starts it again; no
-/// write may slip between a stopping writer and its sender (it would wait forever).
+/// A write queued just as the writer stops, by a sender that saw it still running (so started
+/// no other), is committed all the same: the writer looks once more before it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_slips_in_as_the_writer_stops_is_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let writer = store.writer.clone();
+    // A job is running (a sender starts no other) and is about to stop.
+    writer
+        .running
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ack, committed) = oneshot::channel();
+    let ack = Mutex::new(Some(ack));
+    let job = tokio::task::spawn_blocking(move || {
+        writer.drain_with(|| {
+            if let Some(ack) = ack.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                writer
+                    .tx
+                    .try_send(Op::Flush(ack))
+                    .expect("room in the queue");
+            }
+        })
+    });
+    job.await.expect("the job ends");
+    let done = tokio::time::timeout(Duration::from_secs(10), committed).await;
+    assert!(
+        matches!(done, Ok(Ok(Ok(())))),
+        "the write was left waiting for a writer"
+    );
+}
+
+/// The writer stops whenever its queue is empty and the next write starts it again: under
+/// many writers starting and stopping it, no write is left waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_is_stranded_while_the_writer_starts_and_stops() {
     let dir = tempfile::tempdir().expect("tempdir");

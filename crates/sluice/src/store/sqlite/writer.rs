@@ -90,6 +90,12 @@ impl Writer {
 
     /// Commits batches until the queue is empty.
     fn drain(&self) {
+        self.drain_with(|| {});
+    }
+
+    /// [`drain`](Self::drain), calling `before_stop` each time it finds the queue empty, just
+    /// before it stops: the moment a write can slip in unseen by it (a test puts one there).
+    pub(super) fn drain_with(&self, before_stop: impl Fn()) {
         let _running = Running(&self.running);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let WriterState { rx, conn, log } = &mut *state;
@@ -102,10 +108,7 @@ impl Writer {
                 }
             }
             if batch.is_empty() {
-                // Unit tests widen the window in which a write can slip past a stopping writer,
-                // so a lost wake-up would show (see `no_write_is_stranded...`).
-                #[cfg(test)]
-                std::thread::sleep(Duration::from_micros(100));
+                before_stop();
                 self.running.store(false, Ordering::SeqCst);
                 // A write queued after the last look, whose sender still saw `running`, would
                 // otherwise wait for the next write: look once more before stopping.
@@ -151,10 +154,12 @@ impl Writer {
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "store batch failed");
+            metrics::counter!("sluice_store_write_errors_total").increment(batch.len() as u64);
         }
         for op in batch.drain(..) {
             match op {
                 Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
+                    // A caller that stopped waiting needs no answer.
                     let _ = ack.send(result.clone());
                 }
                 Op::Append { seq, watermark, .. } => watermark.advance(seq),
