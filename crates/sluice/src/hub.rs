@@ -160,16 +160,6 @@ impl Hub {
             None => CancelResult::NotRunning,
         }
     }
-
-    /// How many streams are running.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no stream is running.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -208,7 +198,7 @@ mod tests {
         assert_eq!(token.cause(), Some(CancelCause::Requested));
 
         drop(publisher);
-        assert!(hub.is_empty());
+        assert!(hub.lock().is_empty());
         assert!(hub.subscribe("acme", "s1").is_none());
         assert_eq!(hub.cancel("acme", "s1"), CancelResult::NotRunning);
     }

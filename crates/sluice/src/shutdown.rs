@@ -59,11 +59,6 @@ impl Shutdown {
         }
     }
 
-    /// Its bounds.
-    pub fn bounds(&self) -> Bounds {
-        self.bounds
-    }
-
     /// Begins shutting down (phase 1). Calling it again changes nothing.
     pub fn begin(&self) {
         if !self.begun.is_cancelled() {

@@ -56,6 +56,7 @@ pub enum Frame {
         data: Arc<str>,
         /// The chunk's share of the stream's byte buffer, given back when the frame is dropped
         /// (written out, or abandoned).
+        #[allow(dead_code, reason = "held, not read: dropping it gives the room back")]
         room: BufferShare,
     },
     /// The upstream has been silent past the keep-alive threshold.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+
+mod client;
 use clap::{Parser, Subcommand};
 use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sim::SimDefaults;
@@ -162,8 +164,8 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
-    fn target(self) -> sluice::cli::Target {
-        sluice::cli::Target {
+    fn target(self) -> client::Target {
+        client::Target {
             url: self.url,
             key: self.key,
         }
@@ -171,11 +173,11 @@ impl TargetArgs {
 }
 
 /// Says how a chat ended (on stderr) and turns it into the process's exit code.
-fn exit_with(outcome: sluice::cli::ChatOutcome) -> ExitCode {
+fn exit_with(outcome: client::ChatOutcome) -> ExitCode {
     match &outcome {
-        sluice::cli::ChatOutcome::Completed => {}
-        sluice::cli::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
-        sluice::cli::ChatOutcome::Interrupted => eprintln!("cancelled"),
+        client::ChatOutcome::Completed => {}
+        client::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
+        client::ChatOutcome::Interrupted => eprintln!("cancelled"),
     }
     ExitCode::from(u8::try_from(outcome.exit_code()).unwrap_or(1))
 }
@@ -287,11 +289,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prompt,
         } => {
             let mut stdout = std::io::stdout();
-            let outcome =
-                sluice::cli::chat(&target.target(), &model, &prompt, &mut stdout, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await;
+            let outcome = client::chat(&target.target(), &model, &prompt, &mut stdout, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await;
             Ok(exit_with(outcome))
         }
         Command::Keys {
@@ -307,20 +308,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Streams { command } => {
             let out = match command {
                 StreamsCommand::Ls { target, limit } => {
-                    sluice::cli::streams_ls(&target.target(), limit).await
+                    client::streams_ls(&target.target(), limit).await
                 }
                 StreamsCommand::Show { target, json, id } => {
-                    sluice::cli::streams_show(&target.target(), &id, json).await
+                    client::streams_show(&target.target(), &id, json).await
                 }
                 StreamsCommand::Cancel { target, id } => {
-                    sluice::cli::streams_cancel(&target.target(), &id).await
+                    client::streams_cancel(&target.target(), &id).await
                 }
                 StreamsCommand::Tail { target, id } => {
                     let target = target.target();
                     let mut stdout = std::io::stdout();
                     let outcome = tokio::select! {
-                        outcome = sluice::cli::streams_tail(&target, &id, &mut stdout) => outcome,
-                        _ = tokio::signal::ctrl_c() => sluice::cli::ChatOutcome::Interrupted,
+                        outcome = client::streams_tail(&target, &id, &mut stdout) => outcome,
+                        _ = tokio::signal::ctrl_c() => client::ChatOutcome::Interrupted,
                     };
                     return Ok(exit_with(outcome));
                 }

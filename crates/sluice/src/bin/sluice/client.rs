@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::upstream::sse::SseParser;
-use crate::upstream::{error_message, Payload};
+use sluice::upstream::sse::SseParser;
+use sluice::upstream::{error_message, Payload};
 
 /// How a `chat` ended, for the exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +109,7 @@ pub async fn chat(
             .map_err(|e| format!("cannot reach sluice at {url}: {}", e.without_url()))?;
         let id = response
             .headers()
-            .get(crate::api::STREAM_ID_HEADER)
+            .get(sluice::STREAM_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("?")
             .to_string();
