@@ -27,8 +27,8 @@ const MAX_HEAD_BYTES: usize = 8192;
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The store could not be opened.
-    #[error("store: {0}")]
+    /// The store could not be opened or flushed.
+    #[error("the store failed")]
     Store(#[from] StoreError),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {reason}")]

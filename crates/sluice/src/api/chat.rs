@@ -275,7 +275,9 @@ pub(super) async fn chat_completions(
     };
     let frames = relay::start(&state.relay, request, permit)
         .await
-        .map_err(|e| ApiError::internal(format!("the stream could not be recorded: {e}")))?;
+        .map_err(|e| {
+            ApiError::internal(format!("the stream could not be recorded: {}", e.report()))
+        })?;
     if chat.stream {
         stream_response(frames, id, &model.name).await
     } else {

@@ -47,7 +47,7 @@ pub(super) async fn list_streams(
         .store
         .list(&caller.tenant, limit, q.after)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| ApiError::internal(e.report()))?;
     let last_id = data.last().map(|s| s.id.clone());
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": has_more, "last_id": last_id}),
@@ -102,15 +102,15 @@ pub(super) async fn stream_events(
         after,
     )
     .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| ApiError::internal(e.report()))?
     .ok_or_else(|| not_found(&id))?;
     let stream_id = id.clone();
     let body = followed.map(move |item| match item {
         Ok(Followed::Chunk { seq, data }) => Ok(sse_event(seq, &data)),
         Ok(Followed::End(terminal)) => Ok(encode_terminal(&terminal)),
         Err(e) => {
-            tracing::error!(stream = %stream_id, error = %e, "following a stream failed");
-            Err(std::io::Error::other(e.to_string()))
+            tracing::error!(stream = %stream_id, error = %e.report(), "following a stream failed");
+            Err(std::io::Error::other(e.report()))
         }
     });
     Ok(sse_response(Body::from_stream(body), &id))
@@ -152,7 +152,7 @@ pub(super) async fn cancel_stream(
         .store
         .state(&caller.tenant, &id)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.report()))?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(json!({
         "id": id,

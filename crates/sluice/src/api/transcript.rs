@@ -31,7 +31,7 @@ pub(super) async fn show_stream(
     let head = store
         .head(&caller.tenant, &id)
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.report()))?
         .ok_or_else(|| not_found(&id))?;
     let body = stream! {
         yield Ok::<_, std::io::Error>(Bytes::from(transcript_prefix(&head)));
@@ -43,7 +43,7 @@ pub(super) async fn show_stream(
                 let page = store
                     .chunk_page(&head.id, after, PAGE_CHUNKS, PAGE_BYTES)
                     .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    .map_err(|e| std::io::Error::other(e.report()))?;
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 let mut out = String::new();

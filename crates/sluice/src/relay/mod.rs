@@ -141,8 +141,11 @@ pub async fn start(
     permit: StreamPermit,
 ) -> Result<Frames, StoreError> {
     let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req, permit));
-    job.await
-        .unwrap_or_else(|e| Err(StoreError::Db(format!("starting the stream failed: {e}"))))
+    job.await.unwrap_or_else(|e| {
+        Err(StoreError::Internal(format!(
+            "starting the stream failed: {e}"
+        )))
+    })
 }
 
 async fn record_and_spawn(
@@ -207,7 +210,7 @@ async fn run(
                 .await;
             if let Err(e) = written {
                 // The next start marks it interrupted(crash) instead.
-                tracing::error!(stream = %id, error = %e, "the stopped relay's final status was not written");
+                tracing::error!(stream = %id, error = %e.report(), "the stopped relay's final status was not written");
             }
         })
     };
@@ -227,7 +230,7 @@ async fn run(
         async move { store.finish(fin).await }
     });
     if let Ok(Err(e)) = job.await {
-        tracing::error!(stream = %req.id, error = %e, "final status not written");
+        tracing::error!(stream = %req.id, error = %e.report(), "final status not written");
     }
     // Now that the transcript says how it ended, tell the client and every other reader.
     publisher.publish(Live::End(Terminal {
@@ -380,7 +383,7 @@ async fn relay(
             {
                 Ok(()) => Some(watermark.clone()),
                 Err(e) => {
-                    tracing::error!(stream = %req.id, error = %e, "chunk not recorded");
+                    tracing::error!(stream = %req.id, error = %e.report(), "chunk not recorded");
                     None
                 }
             }

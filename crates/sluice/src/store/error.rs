@@ -1,18 +1,71 @@
-//! [`StoreError`]: why a store operation failed.
+//! [`StoreError`]: why a store operation failed, with what caused it.
 
-/// Why a store operation failed.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why a store operation failed. Cheap to clone (one failed batch answers every write in it);
+/// each variant keeps its cause as [`source`](std::error::Error::source).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// SQLite said no.
-    #[error("database error: {0}")]
-    Db(String),
+    #[error("database error")]
+    Db(#[source] Arc<rusqlite::Error>),
+    /// The data directory or a thread of the store could not be made.
+    #[error("{what}")]
+    Io {
+        /// What could not be done.
+        what: String,
+        /// Why.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A stored block of chunks could not be read back.
+    #[error("a stored block of stream {stream} is damaged")]
+    Damaged {
+        /// The stream whose block it is.
+        stream: String,
+        /// What is wrong with it.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store's own machinery failed (a panic in a batch, a lost task, no runtime).
+    #[error("{0}")]
+    Internal(String),
     /// The writer has stopped (the store was closed).
     #[error("the store is closed")]
     Closed,
 }
 
+impl StoreError {
+    /// An I/O failure while doing `what`.
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            what: what.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The error and every cause under it, on one line: what a log line or an error message
+    /// shows (`Display` alone is only the outermost).
+    pub fn report(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            cause = e.source();
+        }
+        out
+    }
+
+    /// The data directory that could not be created.
+    pub(crate) fn data_dir(dir: PathBuf, source: std::io::Error) -> Self {
+        Self::io(format!("cannot create {}", dir.display()), source)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(e.to_string())
+        StoreError::Db(Arc::new(e))
     }
 }

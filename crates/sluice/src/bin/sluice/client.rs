@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use anyhow::{anyhow, Context};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -16,12 +17,12 @@ use sluice::upstream::sse::SseParser;
 use sluice::upstream::{error_message, Payload};
 
 /// How a `chat` ended, for the exit code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ChatOutcome {
     /// `[DONE]` arrived.
     Completed,
-    /// The server or the stream failed; the reason.
-    Failed(String),
+    /// The server or the stream failed; why.
+    Failed(anyhow::Error),
     /// The user pressed Ctrl-C.
     Interrupted,
 }
@@ -50,11 +51,17 @@ fn ended_with(data: &str) -> Option<String> {
     ))
 }
 
-fn client() -> Result<reqwest::Client, String> {
+fn client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .tcp_nodelay(true)
         .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+        .context("cannot build an HTTP client")
+}
+
+/// A request that got no answer: says where it was going, keeps why (without the URL, which
+/// the message already names).
+fn unreachable(url: &str, e: reqwest::Error) -> anyhow::Error {
+    anyhow::Error::new(e.without_url()).context(format!("cannot reach sluice at {url}"))
 }
 
 fn endpoint(url: &str, path: &str) -> String {
@@ -106,7 +113,7 @@ pub async fn chat(
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("cannot reach sluice at {url}: {}", e.without_url()))?;
+            .map_err(|e| unreachable(url, e))?;
         let id = response
             .headers()
             .get(sluice::STREAM_ID_HEADER)
@@ -120,7 +127,7 @@ pub async fn chat(
                 .ok()
                 .and_then(|v| v.get("error").map(error_message))
                 .unwrap_or(text);
-            return Err(format!("HTTP {status}: {message} (stream {id})"));
+            return Err(anyhow!("HTTP {status}: {message} (stream {id})"));
         }
         let mut parser = SseParser::new();
         let mut events = Vec::new();
@@ -128,13 +135,14 @@ pub async fn chat(
         let mut first = true;
         while let Some(next) = bytes.next().await {
             let next = next
-                .map_err(|e| format!("the connection broke: {} (stream {id})", e.without_url()))?;
+                .map_err(|e| anyhow::Error::new(e.without_url()))
+                .with_context(|| format!("the connection broke (stream {id})"))?;
             parser
                 .push(&next, &mut events)
-                .map_err(|e| format!("{e} (stream {id})"))?;
+                .with_context(|| format!("stream {id}"))?;
             for event in events.drain(..) {
                 if let Some(reason) = ended_with(&event.data) {
-                    return Err(format!("{reason} (stream {id})"));
+                    return Err(anyhow!("{reason} (stream {id})"));
                 }
                 match Payload::parse(&event.data) {
                     Ok(Payload::Done) => return Ok(()),
@@ -146,13 +154,13 @@ pub async fn chat(
                         // A closed output (`sluice chat | head`) ends the chat: the
                         // response is dropped, which cancels the stream upstream.
                         write_answer(out, &chunk.content)
-                            .map_err(|e| format!("{e} (stream {id})"))?;
+                            .with_context(|| format!("stream {id}"))?;
                     }
-                    Err(e) => return Err(format!("{e} (stream {id})")),
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("stream {id}"))),
                 }
             }
         }
-        Err(format!("the stream ended without [DONE] (stream {id})"))
+        Err(anyhow!("the stream ended without [DONE] (stream {id})"))
     };
     let outcome = tokio::select! {
         result = run => match result {
@@ -162,40 +170,41 @@ pub async fn chat(
         () = interrupt => ChatOutcome::Interrupted,
     };
     spinner.finish_and_clear();
+    // Best effort: the output may be what failed.
     let _ = writeln!(out);
     outcome
 }
 
 /// Writes a piece of the answer and flushes it, so it shows at once.
-fn write_answer(out: &mut (impl Write + ?Sized), text: &str) -> Result<(), String> {
+fn write_answer(out: &mut (impl Write + ?Sized), text: &str) -> anyhow::Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
-        .map_err(|e| format!("cannot write the answer: {e}"))
+        .context("cannot write the answer")
 }
 
-async fn call_json(target: &Target, method: reqwest::Method, path: &str) -> Result<Value, String> {
+async fn call_json(target: &Target, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
     let response = target
         .request(&client()?, method, path)
         .send()
         .await
-        .map_err(|e| format!("cannot reach sluice: {}", e.without_url()))?;
+        .map_err(|e| unreachable(&target.url, e))?;
     let status = response.status();
     let value: Value = response
         .json()
         .await
-        .map_err(|e| format!("invalid answer: {}", e.without_url()))?;
+        .map_err(|e| anyhow::Error::new(e.without_url()).context("invalid answer"))?;
     if !status.is_success() {
         let message = value
             .get("error")
             .map(error_message)
             .unwrap_or_else(|| value.to_string());
-        return Err(format!("HTTP {status}: {message}"));
+        return Err(anyhow!("HTTP {status}: {message}"));
     }
     Ok(value)
 }
 
 /// `sluice streams ls`: the newest streams, one a line.
-pub async fn streams_ls(target: &Target, limit: usize) -> Result<String, String> {
+pub async fn streams_ls(target: &Target, limit: usize) -> anyhow::Result<String> {
     let list = call_json(
         target,
         reqwest::Method::GET,
@@ -226,10 +235,10 @@ pub async fn streams_ls(target: &Target, limit: usize) -> Result<String, String>
 }
 
 /// `sluice streams show ID`: a transcript, readable (or as JSON).
-pub async fn streams_show(target: &Target, id: &str, as_json: bool) -> Result<String, String> {
+pub async fn streams_show(target: &Target, id: &str, as_json: bool) -> anyhow::Result<String> {
     let t = call_json(target, reqwest::Method::GET, &format!("/v1/streams/{id}")).await?;
     if as_json {
-        return serde_json::to_string_pretty(&t).map_err(|e| e.to_string());
+        return Ok(serde_json::to_string_pretty(&t)?);
     }
     let field = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     let timing = |k: &str| {
@@ -258,7 +267,7 @@ pub async fn streams_show(target: &Target, id: &str, as_json: bool) -> Result<St
 }
 
 /// `sluice streams cancel ID`: stops a running stream; prints its final status.
-pub async fn streams_cancel(target: &Target, id: &str) -> Result<String, String> {
+pub async fn streams_cancel(target: &Target, id: &str) -> anyhow::Result<String> {
     let v = call_json(
         target,
         reqwest::Method::POST,
@@ -272,6 +281,14 @@ pub async fn streams_cancel(target: &Target, id: &str) -> Result<String, String>
         field("status"),
         field("reason")
     ))
+}
+
+/// Why one connection of `tail` ended early.
+enum Attempt {
+    /// The connection or the server failed: reconnecting may help.
+    Retry(anyhow::Error),
+    /// The stream itself failed, or the output did: reconnecting would not help.
+    Fatal(anyhow::Error),
 }
 
 /// How many times in a row `tail` reconnects before it gives up.
@@ -297,59 +314,65 @@ pub async fn streams_tail(target: &Target, id: &str, out: &mut (dyn Write + Send
                 .header("last-event-id", last.to_string())
                 .send()
                 .await
-                .map_err(|e| (true, format!("cannot reach sluice: {}", e.without_url())))?;
+                .map_err(|e| Attempt::Retry(unreachable(&target.url, e)))?;
             if !response.status().is_success() {
                 let status = response.status();
                 let v: Value = response.json().await.unwrap_or(Value::Null);
                 let message = v.get("error").map(error_message).unwrap_or_default();
-                return Err((
-                    status.is_server_error(),
-                    format!("HTTP {status}: {message}"),
-                ));
+                let e = anyhow!("HTTP {status}: {message}");
+                return Err(if status.is_server_error() {
+                    Attempt::Retry(e)
+                } else {
+                    Attempt::Fatal(e)
+                });
             }
             let mut parser = SseParser::new();
             let mut events = Vec::new();
             let mut bytes = response.bytes_stream();
             while let Some(next) = bytes.next().await {
-                let next =
-                    next.map_err(|e| (true, format!("the connection broke: {}", e.without_url())))?;
+                let next = next.map_err(|e| {
+                    Attempt::Retry(
+                        anyhow::Error::new(e.without_url()).context("the connection broke"),
+                    )
+                })?;
                 parser
                     .push(&next, &mut events)
-                    .map_err(|e| (false, e.to_string()))?;
+                    .map_err(|e| Attempt::Fatal(e.into()))?;
                 for event in events.drain(..) {
                     if let Some(seq) = event.id.as_deref().and_then(|i| i.parse::<u64>().ok()) {
                         last = last.max(seq);
                     }
                     if let Some(reason) = ended_with(&event.data) {
-                        return Err((false, reason));
+                        return Err(Attempt::Fatal(anyhow!(reason)));
                     }
                     match Payload::parse(&event.data) {
                         Ok(Payload::Done) => return Ok(()),
                         Ok(Payload::Chunk(chunk)) => {
-                            write_answer(out, &chunk.content).map_err(|e| (false, e))?;
+                            write_answer(out, &chunk.content).map_err(Attempt::Fatal)?;
                         }
-                        Err(e) => return Err((false, e.to_string())),
+                        Err(e) => return Err(Attempt::Fatal(e.into())),
                     }
                 }
             }
-            Err((
-                true,
-                "the connection ended before the stream did".to_string(),
-            ))
+            Err(Attempt::Retry(anyhow!(
+                "the connection ended before the stream did"
+            )))
         };
         match attempt.await {
             Ok(()) => {
+                // Best effort: the answer is out; only its final newline could be lost.
                 let _ = writeln!(out);
                 return ChatOutcome::Completed;
             }
-            Err((retry, reason)) if retry && failures < TAIL_RETRIES => {
+            Err(Attempt::Retry(reason)) if failures < TAIL_RETRIES => {
                 failures += 1;
-                eprintln!("({reason}; resuming after event {last})");
+                eprintln!("({reason:#}; resuming after event {last})");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
             }
-            Err((_, reason)) => {
+            Err(Attempt::Retry(reason) | Attempt::Fatal(reason)) => {
+                // Best effort: the output may be what failed.
                 let _ = writeln!(out);
-                return ChatOutcome::Failed(format!("{reason} (stream {id})"));
+                return ChatOutcome::Failed(reason.context(format!("stream {id}")));
             }
         }
     }

@@ -176,7 +176,7 @@ impl TargetArgs {
 fn exit_with(outcome: client::ChatOutcome) -> ExitCode {
     match &outcome {
         client::ChatOutcome::Completed => {}
-        client::ChatOutcome::Failed(reason) => eprintln!("error: {reason}"),
+        client::ChatOutcome::Failed(reason) => eprintln!("error: {reason:#}"),
         client::ChatOutcome::Interrupted => eprintln!("cancelled"),
     }
     ExitCode::from(u8::try_from(outcome.exit_code()).unwrap_or(1))
@@ -326,13 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(exit_with(outcome));
                 }
             };
-            match out {
-                Ok(text) => {
-                    print!("{text}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(reason) => anyhow::bail!(reason),
-            }
+            print!("{}", out?);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

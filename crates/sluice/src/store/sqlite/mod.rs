@@ -64,7 +64,7 @@ impl Store {
 
     fn open_with(data_dir: &Path, when: Checkpoints) -> Result<(Self, u64), StoreError> {
         std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", data_dir.display())))?;
+            .map_err(|e| StoreError::data_dir(data_dir.to_path_buf(), e))?;
         let path = data_dir.join("sluice.db");
         let mut write = Connection::open(&path)?;
         write.pragma_update(None, "journal_mode", "WAL")?;
@@ -92,10 +92,10 @@ impl Store {
         std::thread::Builder::new()
             .name("sluice-store-checkpoint".into())
             .spawn(move || checkpointer(checkpoints, when, &stop, &gate))
-            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the checkpoint thread", e))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| StoreError::Db("the store needs a tokio runtime".into()))?;
+            .map_err(|_| StoreError::Internal("the store needs a tokio runtime".into()))?;
         let runs = Arc::new(Mutex::new(Runs::new()));
         let writer = Arc::new(Writer {
             tx,

@@ -28,7 +28,7 @@ impl Store {
             f(&conn)
         })
         .await
-        .map_err(|e| StoreError::Db(format!("read task failed: {e}")))?
+        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
     }
 
     /// A page of `tenant`'s streams, newest first, starting after the stream `after`.
@@ -284,7 +284,10 @@ pub(super) fn read_chunks(
     let mut rows = stmt.query(params![id, after as i64])?;
     'blocks: while let Some(row) = rows.next()? {
         let body: Vec<u8> = row.get(0)?;
-        for chunk in block::decode(&body).map_err(|e| StoreError::Db(e.to_string()))? {
+        for chunk in block::decode(&body).map_err(|e| StoreError::Damaged {
+            stream: id.to_string(),
+            source: std::sync::Arc::new(e),
+        })? {
             if full(&out, bytes) {
                 break 'blocks;
             }

@@ -147,13 +147,13 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             match applied {
                 Ok(r) => r,
-                Err(_) => Err(StoreError::Db(
+                Err(_) => Err(StoreError::Internal(
                     "the store writer panicked on this batch".into(),
                 )),
             }
         };
         if let Err(e) = &result {
-            tracing::error!(error = %e, writes = batch.len(), "store batch failed");
+            tracing::error!(error = %e.report(), writes = batch.len(), "store batch failed");
             metrics::counter!("sluice_store_write_errors_total").increment(batch.len() as u64);
         }
         for op in batch.drain(..) {
