@@ -13,11 +13,11 @@
 //! per minute (a token bucket that refills continuously).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// The tenant of a gateway without keys.
@@ -59,7 +59,8 @@ pub fn config_lines(tenant: &str, key: &str) -> String {
 #[derive(Debug)]
 struct KeyState {
     config: KeyConfig,
-    active: AtomicU32,
+    /// Places among the key's concurrent streams (`None`: unlimited).
+    streams: Option<Arc<Semaphore>>,
     bucket: Mutex<Bucket>,
 }
 
@@ -97,15 +98,7 @@ pub enum Refused {
 /// Held while a stream runs; frees its place in the concurrency limit when dropped.
 #[derive(Debug)]
 pub struct StreamPermit {
-    key: Option<Arc<KeyState>>,
-}
-
-impl Drop for StreamPermit {
-    fn drop(&mut self) {
-        if let Some(k) = &self.key {
-            k.active.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 impl Caller {
@@ -113,7 +106,7 @@ impl Caller {
     /// streams.
     pub fn admit(&self) -> Result<StreamPermit, Refused> {
         let Some(key) = &self.key else {
-            return Ok(StreamPermit { key: None });
+            return Ok(StreamPermit { _place: None });
         };
         if let Some(per_minute) = key.config.requests_per_minute {
             let rate = f64::from(per_minute) / 60.0;
@@ -131,21 +124,16 @@ impl Caller {
             }
             b.tokens -= 1.0;
         }
-        if let Some(limit) = key.config.max_concurrent_streams {
-            let taken = key
-                .active
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n < limit).then_some(n + 1)
-                });
-            if taken.is_err() {
-                return Err(Refused::Concurrency { limit });
-            }
-        } else {
-            key.active.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(StreamPermit {
-            key: Some(key.clone()),
-        })
+        let place = match (&key.streams, key.config.max_concurrent_streams) {
+            (Some(places), Some(limit)) => Some(
+                places
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Refused::Concurrency { limit })?,
+            ),
+            _ => None,
+        };
+        Ok(StreamPermit { _place: place })
     }
 }
 
@@ -174,7 +162,9 @@ impl Keys {
             .map(|k| {
                 let state = KeyState {
                     config: k.clone(),
-                    active: AtomicU32::new(0),
+                    streams: k
+                        .max_concurrent_streams
+                        .map(|n| Arc::new(Semaphore::new(n as usize))),
                     bucket: Mutex::new(Bucket {
                         tokens: f64::from(k.requests_per_minute.unwrap_or(0)),
                         updated: now,
