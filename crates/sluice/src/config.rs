@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::KeyConfig;
 use crate::redact::Redactor;
-use crate::stream::{OnDisconnect, Timeouts};
+use crate::stream::{millis_or, Millis, OnDisconnect, Timeouts};
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
 use crate::upstream::{Upstream, UpstreamLimits};
@@ -140,15 +140,15 @@ struct FileConfig {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     max_body_bytes: Option<usize>,
-    body_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<Millis>,
     buffer_chunks: Option<usize>,
     buffer_bytes: Option<usize>,
     max_event_bytes: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
     #[serde(default)]
     cors_origins: Vec<String>,
-    slow_client_timeout_ms: Option<u64>,
-    keep_alive_ms: Option<u64>,
+    slow_client_timeout_ms: Option<Millis>,
+    keep_alive_ms: Option<Millis>,
     shutdown_grace_ms: Option<u64>,
     send_buffer_bytes: Option<usize>,
     record_chunks: Option<bool>,
@@ -177,9 +177,9 @@ struct FileModel {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     upstream_model: Option<String>,
-    first_token_timeout_ms: Option<u64>,
-    idle_timeout_ms: Option<u64>,
-    total_timeout_ms: Option<u64>,
+    first_token_timeout_ms: Option<Millis>,
+    idle_timeout_ms: Option<Millis>,
+    total_timeout_ms: Option<Millis>,
     on_disconnect: Option<OnDisconnect>,
     sim: Option<SimDefaults>,
 }
@@ -243,11 +243,6 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("listen", "the built-in default is invalid".into()))?,
         };
-        let positive = |key: &str, value: Option<u64>, default: u64| match value {
-            Some(0) => Err(invalid(key, "must be greater than 0".into())),
-            Some(v) => Ok(v),
-            None => Ok(default),
-        };
         let upstream_limits = UpstreamLimits {
             max_event_bytes: match file.max_event_bytes {
                 Some(0) => return Err(invalid("max_event_bytes", "must be greater than 0".into())),
@@ -270,23 +265,10 @@ impl Config {
                 ));
             }
             let defaults = Timeouts::default();
-            let ms = |d: Duration| d.as_millis() as u64;
             let timeouts = Timeouts {
-                first_token: Duration::from_millis(positive(
-                    &key("first_token_timeout_ms"),
-                    m.first_token_timeout_ms,
-                    ms(defaults.first_token),
-                )?),
-                idle: Duration::from_millis(positive(
-                    &key("idle_timeout_ms"),
-                    m.idle_timeout_ms,
-                    ms(defaults.idle),
-                )?),
-                total: Duration::from_millis(positive(
-                    &key("total_timeout_ms"),
-                    m.total_timeout_ms,
-                    ms(defaults.total),
-                )?),
+                first_token: millis_or(m.first_token_timeout_ms, defaults.first_token),
+                idle: millis_or(m.idle_timeout_ms, defaults.idle),
+                total: millis_or(m.total_timeout_ms, defaults.total),
             };
             let upstream = match m.kind {
                 Kind::Sim => {
@@ -428,11 +410,7 @@ impl Config {
                 .into_iter()
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
-            body_timeout: Duration::from_millis(positive(
-                "body_timeout_ms",
-                file.body_timeout_ms,
-                30_000,
-            )?),
+            body_timeout: millis_or(file.body_timeout_ms, Duration::from_secs(30)),
             buffer_bytes: file.buffer_bytes.unwrap_or(1 << 20).max(1),
             record_chunks: file.record_chunks.unwrap_or(true),
             listen,
@@ -443,16 +421,8 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             max_body_bytes: file.max_body_bytes.unwrap_or(1 << 20).max(1),
             buffer_chunks: file.buffer_chunks.unwrap_or(64).max(1),
-            slow_client_timeout: Duration::from_millis(positive(
-                "slow_client_timeout_ms",
-                file.slow_client_timeout_ms,
-                30_000,
-            )?),
-            keep_alive: Duration::from_millis(positive(
-                "keep_alive_ms",
-                file.keep_alive_ms,
-                15_000,
-            )?),
+            slow_client_timeout: millis_or(file.slow_client_timeout_ms, Duration::from_secs(30)),
+            keep_alive: millis_or(file.keep_alive_ms, Duration::from_secs(15)),
             shutdown_grace: Duration::from_millis(file.shutdown_grace_ms.unwrap_or(10_000)),
             send_buffer_bytes: file.send_buffer_bytes,
             models,

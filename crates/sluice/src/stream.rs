@@ -22,6 +22,34 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_flow::Limit;
 
+/// A timer's length as configured: whole milliseconds, never zero (a zero timer fires before
+/// anything can happen). It deserializes from a positive integer and refuses zero there, so the
+/// config file and the per-request `"sluice"` options reject it the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u64")]
+pub struct Millis(std::num::NonZeroU64);
+
+impl TryFrom<u64> for Millis {
+    type Error = &'static str;
+
+    fn try_from(ms: u64) -> Result<Self, Self::Error> {
+        std::num::NonZeroU64::new(ms)
+            .map(Millis)
+            .ok_or("must be greater than 0")
+    }
+}
+
+impl From<Millis> for Duration {
+    fn from(ms: Millis) -> Self {
+        Duration::from_millis(ms.0.get())
+    }
+}
+
+/// `value` as a duration, or `default` if it is not given.
+pub fn millis_or(value: Option<Millis>, default: Duration) -> Duration {
+    value.map_or(default, Duration::from)
+}
+
 /// The three stream timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::auth::Caller;
 use crate::redact::truncate;
 use crate::relay::{self, Frame, Frames, StreamRequest};
-use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
+use crate::stream::{millis_or, Ending, Millis, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
 use super::error::refused;
@@ -31,9 +31,9 @@ use super::{ApiError, AppState, MAX_ECHO, STREAM_ID_HEADER};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SluiceOptions {
-    first_token_timeout_ms: Option<u64>,
-    idle_timeout_ms: Option<u64>,
-    total_timeout_ms: Option<u64>,
+    first_token_timeout_ms: Option<Millis>,
+    idle_timeout_ms: Option<Millis>,
+    total_timeout_ms: Option<Millis>,
     on_disconnect: Option<OnDisconnect>,
 }
 
@@ -110,18 +110,6 @@ pub(crate) fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
             ApiError::bad_request(param, format!("invalid gateway option: {}", e.inner()))
         })?,
     };
-    for (name, value) in [
-        ("first_token_timeout_ms", options.first_token_timeout_ms),
-        ("idle_timeout_ms", options.idle_timeout_ms),
-        ("total_timeout_ms", options.total_timeout_ms),
-    ] {
-        if value == Some(0) {
-            return Err(ApiError::bad_request(
-                format!("sluice.{name}"),
-                "must be greater than 0",
-            ));
-        }
-    }
     Ok(ChatRequest {
         model,
         stream,
@@ -250,14 +238,13 @@ pub(super) async fn chat_completions(
     if let Some(name) = &model.upstream_model {
         upstream_body.insert("model".into(), Value::String(name.clone()));
     }
-    let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
     let timeouts = Timeouts {
-        first_token: ms(
+        first_token: millis_or(
             chat.options.first_token_timeout_ms,
             model.timeouts.first_token,
         ),
-        idle: ms(chat.options.idle_timeout_ms, model.timeouts.idle),
-        total: ms(chat.options.total_timeout_ms, model.timeouts.total),
+        idle: millis_or(chat.options.idle_timeout_ms, model.timeouts.idle),
+        total: millis_or(chat.options.total_timeout_ms, model.timeouts.total),
     };
     let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
     let request = StreamRequest {
@@ -445,7 +432,10 @@ mod tests {
         )
         .expect("valid");
         assert!(ok.stream);
-        assert_eq!(ok.options.idle_timeout_ms, Some(5));
+        assert_eq!(
+            ok.options.idle_timeout_ms.map(Duration::from),
+            Some(Duration::from_millis(5))
+        );
         assert!(
             !ok.body.contains_key("sluice"),
             "gateway options are stripped before forwarding"
