@@ -21,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::hub::{Hub, Live};
 use crate::store::{Store, StoreError, PAGE_BYTES, PAGE_CHUNKS};
-use crate::stream::Terminal;
+use crate::stream::{StreamId, Tenant, Terminal};
 
 /// What a follower reads, in order: chunks with increasing ids, then at most one end.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,8 +53,8 @@ enum Then {
 pub async fn follow(
     hub: &Hub,
     store: &Store,
-    tenant: &str,
-    id: &str,
+    tenant: Tenant<'_>,
+    id: StreamId<'_>,
     after: u64,
 ) -> Result<Option<impl Stream<Item = Result<Followed, StoreError>> + Send + 'static>, StoreError> {
     // Subscribe first, then look in the store (see the module docs).
@@ -62,7 +62,7 @@ pub async fn follow(
     if store.state(tenant, id).await?.is_none() {
         return Ok(None);
     }
-    let (store, tenant, id) = (store.clone(), tenant.to_string(), id.to_string());
+    let (store, tenant, id) = (store.clone(), tenant.0.to_string(), id.0.to_string());
     Ok(Some(stream! {
         let mut last = after;
         let mut catch_up = true;
@@ -103,7 +103,7 @@ pub async fn follow(
                     return;
                 }
                 Then::StoredEnd => {
-                    match store.state(&tenant, &id).await {
+                    match store.state(Tenant(&tenant), StreamId(&id)).await {
                         Ok(Some(st)) => {
                             let seq = st.last_seq + 1;
                             if let Some(ending) = st.ending().filter(|_| seq > after) {
@@ -247,7 +247,7 @@ mod tests {
         f.store_chunks("s1", 1..=3).await;
         f.finish("s1", Ending::abnormal(Reason::Idle, "idle"), 3)
             .await;
-        let s = follow(&f.hub, &f.store, "acme", "s1", 1)
+        let s = follow(&f.hub, &f.store, Tenant("acme"), StreamId("s1"), 1)
             .await
             .expect("read")
             .expect("found");
@@ -260,7 +260,7 @@ mod tests {
             vec![Some(chunk_item(2)), Some(chunk_item(3)), Some(end)]
         );
         // Past the terminal event: nothing more to say.
-        let s = follow(&f.hub, &f.store, "acme", "s1", 4)
+        let s = follow(&f.hub, &f.store, Tenant("acme"), StreamId("s1"), 4)
             .await
             .expect("read")
             .expect("found");
@@ -271,14 +271,16 @@ mod tests {
     async fn another_tenants_stream_is_not_found() {
         let f = fixture();
         f.begin("s1").await;
-        assert!(follow(&f.hub, &f.store, "other", "s1", 0)
+        assert!(follow(&f.hub, &f.store, Tenant("other"), StreamId("s1"), 0)
             .await
             .expect("read")
             .is_none());
-        assert!(follow(&f.hub, &f.store, "acme", "nope", 0)
-            .await
-            .expect("read")
-            .is_none());
+        assert!(
+            follow(&f.hub, &f.store, Tenant("acme"), StreamId("nope"), 0)
+                .await
+                .expect("read")
+                .is_none()
+        );
     }
 
     /// Polls `s` until it waits on the live feed: the paused clock only moves on once the
@@ -305,7 +307,7 @@ mod tests {
             .hub
             .register("s1".into(), "acme".into(), CancelToken::new());
         f.store_chunks("s1", [1]).await;
-        let s = follow(&f.hub, &f.store, "acme", "s1", 0)
+        let s = follow(&f.hub, &f.store, Tenant("acme"), StreamId("s1"), 0)
             .await
             .expect("read")
             .expect("found");
@@ -357,7 +359,7 @@ mod tests {
         let publisher = f
             .hub
             .register("s1".into(), "acme".into(), CancelToken::new());
-        let s = follow(&f.hub, &f.store, "acme", "s1", 0)
+        let s = follow(&f.hub, &f.store, Tenant("acme"), StreamId("s1"), 0)
             .await
             .expect("read")
             .expect("found");

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use sluice_flow::{CancelCause, CancelToken};
 use tokio::sync::broadcast;
 
-use crate::stream::Terminal;
+use crate::stream::{StreamId, Tenant, Terminal};
 
 /// How many live events a reader may fall behind before it refills from the store.
 pub const LIVE_BUFFER: usize = 256;
@@ -139,10 +139,10 @@ impl Hub {
     }
 
     /// Follows `tenant`'s running stream `id`, if there is one.
-    pub fn subscribe(&self, tenant: &str, id: &str) -> Option<broadcast::Receiver<Live>> {
+    pub fn subscribe(&self, tenant: Tenant, id: StreamId) -> Option<broadcast::Receiver<Live>> {
         self.lock()
-            .get(id)
-            .filter(|e| &*e.tenant == tenant)
+            .get(id.0)
+            .filter(|e| &*e.tenant == tenant.0)
             .map(|e| {
                 e.live
                     .get_or_init(|| broadcast::channel(LIVE_BUFFER).0)
@@ -151,8 +151,8 @@ impl Hub {
     }
 
     /// Asks `tenant`'s running stream `id` to stop (cause: `requested`).
-    pub fn cancel(&self, tenant: &str, id: &str) -> CancelResult {
-        match self.lock().get(id).filter(|e| &*e.tenant == tenant) {
+    pub fn cancel(&self, tenant: Tenant, id: StreamId) -> CancelResult {
+        match self.lock().get(id.0).filter(|e| &*e.tenant == tenant.0) {
             Some(e) => {
                 e.cancel.cancel(CancelCause::Requested);
                 CancelResult::Cancelling
@@ -172,8 +172,10 @@ mod tests {
         let hub = Arc::new(Hub::default());
         let token = CancelToken::new();
         let publisher = hub.register("s1".into(), "acme".into(), token.clone());
-        assert!(hub.subscribe("other", "s1").is_none());
-        let mut rx = hub.subscribe("acme", "s1").expect("running");
+        assert!(hub.subscribe(Tenant("other"), StreamId("s1")).is_none());
+        let mut rx = hub
+            .subscribe(Tenant("acme"), StreamId("s1"))
+            .expect("running");
         assert_eq!(publisher.readers(), 1);
         publisher.publish(Live::Chunk {
             seq: 1,
@@ -192,14 +194,23 @@ mod tests {
         });
         assert_eq!(rx.try_recv(), Ok(Live::Large { seq: 3 }));
 
-        assert_eq!(hub.cancel("other", "s1"), CancelResult::NotRunning);
+        assert_eq!(
+            hub.cancel(Tenant("other"), StreamId("s1")),
+            CancelResult::NotRunning
+        );
         assert!(!token.is_cancelled());
-        assert_eq!(hub.cancel("acme", "s1"), CancelResult::Cancelling);
+        assert_eq!(
+            hub.cancel(Tenant("acme"), StreamId("s1")),
+            CancelResult::Cancelling
+        );
         assert_eq!(token.cause(), Some(CancelCause::Requested));
 
         drop(publisher);
         assert!(hub.lock().is_empty());
-        assert!(hub.subscribe("acme", "s1").is_none());
-        assert_eq!(hub.cancel("acme", "s1"), CancelResult::NotRunning);
+        assert!(hub.subscribe(Tenant("acme"), StreamId("s1")).is_none());
+        assert_eq!(
+            hub.cancel(Tenant("acme"), StreamId("s1")),
+            CancelResult::NotRunning
+        );
     }
 }

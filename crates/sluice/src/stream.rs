@@ -22,6 +22,16 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_flow::Limit;
 
+/// A tenant, in a lookup of its streams. Every tenant-scoped lookup (the store's and the hub's)
+/// takes a [`Tenant`] and a [`StreamId`] rather than two `&str`s, so the two cannot be swapped
+/// by mistake: tenant isolation is a security invariant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tenant<'a>(pub &'a str);
+
+/// A stream's id, in a lookup (see [`Tenant`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId<'a>(pub &'a str);
+
 /// A timer's length as configured: whole milliseconds, never zero (a zero timer fires before
 /// anything can happen). It deserializes from a positive integer and refuses zero there, so the
 /// config file and the per-request `"sluice"` options reject it the same way.

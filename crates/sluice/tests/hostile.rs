@@ -551,7 +551,16 @@ async fn a_transcript_streamed_in_pages_is_the_whole_transcript() {
     )
     .await;
     let id = t["id"].as_str().unwrap();
-    let whole = g.server.store().get("local", id).await.unwrap().unwrap();
+    let whole = g
+        .server
+        .store()
+        .get(
+            sluice::stream::Tenant("local"),
+            sluice::stream::StreamId(id),
+        )
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(t, serde_json::to_value(&whole).unwrap());
     assert_eq!(t["chunks"].as_array().unwrap().len(), 701);
     let r = client()

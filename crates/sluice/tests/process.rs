@@ -177,7 +177,10 @@ async fn sigterm_interrupts_running_streams_and_exits_zero() {
     assert_eq!(recovered, 0);
     let t = serde_json::to_value(
         store
-            .get("local", r.stream_id.as_deref().unwrap())
+            .get(
+                sluice::stream::Tenant("local"),
+                sluice::stream::StreamId(r.stream_id.as_deref().unwrap()),
+            )
             .await
             .unwrap()
             .unwrap(),

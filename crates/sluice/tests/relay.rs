@@ -255,7 +255,7 @@ async fn a_client_that_leaves_before_the_first_token_cancels_it() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     request.abort();
     let _ = request.await;
-    let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
+    let list = g.newest(1).await;
     let id = list[0].id.clone();
     let t = final_transcript(&g.url, &id).await;
     assert_eq!(
@@ -348,7 +348,10 @@ async fn shutdown_ends_running_streams_as_interrupted_after_the_grace() {
         (&b, ("interrupted", Some("shutdown"))),
     ] {
         let t = store
-            .get("local", reader.stream_id.as_deref().unwrap())
+            .get(
+                sluice::stream::Tenant("local"),
+                sluice::stream::StreamId(reader.stream_id.as_deref().unwrap()),
+            )
             .await
             .unwrap()
             .unwrap();
@@ -403,7 +406,7 @@ async fn bad_requests_get_openai_errors_and_leave_no_stream() {
         (status, e["error"]["param"].as_str()),
         (400, Some("sluice.idle_timeout_ms"))
     );
-    let (list, _) = g.server.store().list("local", 10, None).await.unwrap();
+    let list = g.newest(10).await;
     assert!(
         list.is_empty(),
         "no stream was recorded for a rejected request"
@@ -481,7 +484,7 @@ async fn a_failing_chunk_write_is_counted_and_never_hangs_the_stream() {
     assert_eq!(r.events.last().unwrap().data, "[DONE]");
     // The stream's own record still lands (streams is intact); its chunks could not be kept,
     // and that is counted, not silent.
-    let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
+    let list = g.newest(1).await;
     assert_eq!(list[0].status, sluice::stream::Status::Completed);
     let metrics = get_text(&format!("{}/metrics", g.url)).await;
     let failed: f64 = metrics

@@ -66,7 +66,7 @@ async fn resume_before_the_first_chunk_gets_everything() {
     .await;
     // The original's headers come with its first chunk; find the stream in the list before.
     let id = loop {
-        let (list, _) = g.server.store().list("local", 1, None).await.unwrap();
+        let list = g.newest(1).await;
         if let Some(s) = list.first() {
             break s.id.clone();
         }

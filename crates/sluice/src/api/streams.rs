@@ -18,6 +18,7 @@ use crate::auth::Caller;
 use crate::follow::{follow, Followed};
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
+use crate::stream::{StreamId, Tenant};
 
 use super::error::not_found;
 use super::sse::{encode_terminal, sse_event, sse_response};
@@ -45,7 +46,7 @@ pub(super) async fn list_streams(
     let (data, has_more) = state
         .relay
         .store
-        .list(&caller.tenant, limit, q.after)
+        .list(Tenant(&caller.tenant), limit, q.after)
         .await
         .map_err(|e| ApiError::internal(e.report()))?;
     let last_id = data.last().map(|s| s.id.clone());
@@ -97,8 +98,8 @@ pub(super) async fn stream_events(
     let followed = follow(
         &state.relay.hub,
         &state.relay.store,
-        &caller.tenant,
-        &id,
+        Tenant(&caller.tenant),
+        StreamId(&id),
         after,
     )
     .await
@@ -129,8 +130,8 @@ pub(super) async fn cancel_stream(
 ) -> Result<Json<Value>, ApiError> {
     let id = stream_id(path)?;
     let hub = &state.relay.hub;
-    let live = hub.subscribe(&caller.tenant, &id);
-    if hub.cancel(&caller.tenant, &id) == CancelResult::Cancelling {
+    let live = hub.subscribe(Tenant(&caller.tenant), StreamId(&id));
+    if hub.cancel(Tenant(&caller.tenant), StreamId(&id)) == CancelResult::Cancelling {
         if let Some(mut live) = live {
             // Wait for the final status to be written: the relay publishes its end after that.
             let ended = async {
@@ -150,7 +151,7 @@ pub(super) async fn cancel_stream(
     let st = state
         .relay
         .store
-        .state(&caller.tenant, &id)
+        .state(Tenant(&caller.tenant), StreamId(&id))
         .await
         .map_err(|e| ApiError::internal(e.report()))?
         .ok_or_else(|| not_found(&id))?;

@@ -11,7 +11,7 @@ use axum::response::Response;
 use crate::auth::Caller;
 use crate::store::TranscriptHead;
 use crate::store::{PAGE_BYTES, PAGE_CHUNKS};
-use crate::stream::{Reason, Status};
+use crate::stream::{Reason, Status, StreamId, Tenant};
 
 use super::error::not_found;
 use super::streams::stream_id;
@@ -29,7 +29,7 @@ pub(super) async fn show_stream(
     let id = stream_id(path)?;
     let store = state.relay.store.clone();
     let head = store
-        .head(&caller.tenant, &id)
+        .head(Tenant(&caller.tenant), StreamId(&id))
         .await
         .map_err(|e| ApiError::internal(e.report()))?
         .ok_or_else(|| not_found(&id))?;

@@ -541,6 +541,7 @@ mod tests {
     use super::*;
     use crate::auth::Keys;
     use crate::stream::Status;
+    use crate::stream::{StreamId, Tenant};
     use crate::upstream::sim::SimDefaults;
 
     #[tokio::test(start_paused = true)]
@@ -588,7 +589,7 @@ mod tests {
             sluice_flow::Drained::Complete
         );
         let t = store
-            .get("local", "s1")
+            .get(Tenant("local"), StreamId("s1"))
             .await
             .expect("read")
             .expect("recorded");

@@ -50,6 +50,19 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     }
 }
 
+impl Gateway {
+    /// The newest `n` streams of the keyless tenant, newest first, from the store.
+    pub async fn newest(&self, n: usize) -> Vec<sluice::store::StreamSummary> {
+        let (list, _) = self
+            .server
+            .store()
+            .list(sluice::stream::Tenant(sluice::auth::LOCAL_TENANT), n, None)
+            .await
+            .expect("the store lists streams");
+        list
+    }
+}
+
 /// Starts a mock upstream on an ephemeral port.
 pub async fn mock(options: MockOptions) -> MockUpstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -13,7 +13,7 @@ use crate::store::{
     ChunkRecord, StoreError, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
     TranscriptHead,
 };
-use crate::stream::{Reason, Status};
+use crate::stream::{Reason, Status, StreamId, Tenant};
 
 use super::{lock, Store};
 
@@ -35,11 +35,11 @@ impl Store {
     /// Returns the page and whether there are more.
     pub async fn list(
         &self,
-        tenant: &str,
+        tenant: Tenant<'_>,
         limit: usize,
         after: Option<String>,
     ) -> Result<(Vec<StreamSummary>, bool), StoreError> {
-        let tenant = tenant.to_string();
+        let tenant = tenant.0.to_string();
         self.read(move |c| {
             let cursor: i64 = match after {
                 Some(id) => c
@@ -80,8 +80,12 @@ impl Store {
     }
 
     /// Where `tenant`'s stream `id` stands.
-    pub async fn state(&self, tenant: &str, id: &str) -> Result<Option<StreamState>, StoreError> {
-        let (tenant, id) = (tenant.to_string(), id.to_string());
+    pub async fn state(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<StreamState>, StoreError> {
+        let (tenant, id) = (tenant.0.to_string(), id.0.to_string());
         let runs = self.runs.clone();
         self.read(move |c| {
             // The run first, then the blocks: a run written as a block in between is then
@@ -158,8 +162,12 @@ impl Store {
 
     /// Everything about one of `tenant`'s streams but its chunks, and the id of its last chunk
     /// now: read the chunks page by page (a transcript can be any size).
-    pub async fn head(&self, tenant: &str, id: &str) -> Result<Option<TranscriptHead>, StoreError> {
-        let (tenant, id) = (tenant.to_string(), id.to_string());
+    pub async fn head(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<TranscriptHead>, StoreError> {
+        let (tenant, id) = (tenant.0.to_string(), id.0.to_string());
         let runs = self.runs.clone();
         self.read(move |c| {
             // The run first, then the blocks (see `state`).
@@ -215,7 +223,11 @@ impl Store {
 
     /// One of `tenant`'s streams, whole, in memory. For tools and tests: the API streams a
     /// transcript out page by page instead (see [`Store::head`]).
-    pub async fn get(&self, tenant: &str, id: &str) -> Result<Option<Transcript>, StoreError> {
+    pub async fn get(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<Transcript>, StoreError> {
         let Some(head) = self.head(tenant, id).await? else {
             return Ok(None);
         };

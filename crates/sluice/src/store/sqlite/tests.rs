@@ -8,7 +8,7 @@ use rusqlite::params;
 
 use crate::store::block;
 use crate::store::{NewStream, Transcript};
-use crate::stream::{Ending, Reason, Status};
+use crate::stream::{Ending, Reason, Status, StreamId, Tenant};
 
 use super::*;
 
@@ -26,7 +26,11 @@ fn bare_finish(id: &str, ending: Ending) -> Finish {
 
 /// `local`'s stream `id`, which must exist.
 async fn transcript(store: &Store, id: &str) -> Transcript {
-    store.get("local", id).await.expect("read").expect("exists")
+    store
+        .get(Tenant("local"), StreamId(id))
+        .await
+        .expect("read")
+        .expect("exists")
 }
 
 fn new_stream(id: &str) -> NewStream {
@@ -82,7 +86,11 @@ async fn a_stream_round_trips_with_its_chunks_in_order() {
     assert_eq!(t.chunks[1].offset_ms, 20.0);
     assert_eq!(t.timings.total_ms, Some(25.0));
     // Another tenant sees nothing.
-    assert!(store.get("other", "s1").await.expect("read").is_none());
+    assert!(store
+        .get(Tenant("other"), StreamId("s1"))
+        .await
+        .expect("read")
+        .is_none());
 }
 
 /// Appends chunk `seq` of stream `id` (its text is `"{id}.{seq} "`).
@@ -125,7 +133,7 @@ async fn interleaved_streams_read_back_whole_at_every_point() {
         if seq % 7 == 0 || seq == 32 || seq == 33 {
             marks[0].reached(seq).await;
             let state = store
-                .state("local", "s0")
+                .state(Tenant("local"), StreamId("s0"))
                 .await
                 .expect("state")
                 .expect("s0");
@@ -423,14 +431,14 @@ async fn list_is_newest_first_and_paged() {
             .await
             .expect("begin");
     }
-    let (page, more) = store.list("local", 2, None).await.expect("list");
+    let (page, more) = store.list(Tenant("local"), 2, None).await.expect("list");
     assert_eq!(
         page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
         vec!["s4", "s3"]
     );
     assert!(more);
     let (page, more) = store
-        .list("local", 10, Some("s3".into()))
+        .list(Tenant("local"), 10, Some("s3".into()))
         .await
         .expect("list");
     assert_eq!(
@@ -439,7 +447,7 @@ async fn list_is_newest_first_and_paged() {
     );
     assert!(!more);
     assert!(store
-        .list("other", 10, None)
+        .list(Tenant("other"), 10, None)
         .await
         .expect("list")
         .0
