@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::{client, rss_kb};
+use crate::measure::{client, rss_kb};
 
 /// RSS around one scenario, MB.
 #[derive(Debug, Clone, Serialize)]
