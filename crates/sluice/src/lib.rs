@@ -26,6 +26,8 @@
 //! - [`redact`] keeps upstream keys out of everything that leaves the process;
 //! - [`config`], [`metrics`], [`stream`], [`mock_upstream`] do what they say.
 //!
+//! `docs/design.md` in the repository draws the module graph and says which module owns what.
+//!
 //! The command line (`src/bin/sluice`: `serve`, `chat`, `streams`, `keys`) is built on this
 //! library; its HTTP client for a running gateway lives there too.
 #![allow(
