@@ -91,7 +91,10 @@ impl Server {
         if !keys.enabled() && !addr.ip().is_loopback() {
             return Err(ServeError::Insecure { addr });
         }
-        let (store, recovered) = Store::open(&config.data_dir)?;
+        let (store, recovered) = match &config.store_url {
+            Some(url) => Store::connect(url).await?,
+            None => Store::open(&config.data_dir)?,
+        };
         if recovered > 0 {
             tracing::warn!(
                 streams = recovered,

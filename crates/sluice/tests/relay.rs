@@ -471,7 +471,13 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
 async fn a_failing_chunk_write_is_counted_and_never_hangs_the_stream() {
     let g = gateway("").await;
     // Break chunk writes behind the server's back: every append batch now fails.
-    let db = rusqlite::Connection::open(g.server.store().path()).unwrap();
+    let db = rusqlite::Connection::open(
+        g.server
+            .store()
+            .path()
+            .expect("the default store is SQLite"),
+    )
+    .unwrap();
     db.execute_batch("DROP TABLE chunk_log").unwrap();
     let mut r = Reader::open(
         &g.url,

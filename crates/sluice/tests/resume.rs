@@ -375,7 +375,7 @@ async fn replay_works_after_a_restart_and_ids_are_not_reused() {
         &sluice::Overrides {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: Some(data_dir),
-            env: None,
+            ..Default::default()
         },
     )
     .unwrap();

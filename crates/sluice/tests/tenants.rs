@@ -217,7 +217,7 @@ async fn without_keys_sluice_refuses_a_non_loopback_address() {
     let overrides = sluice::Overrides {
         listen: Some("0.0.0.0:0".parse().unwrap()),
         data_dir: Some(dir.path().to_path_buf()),
-        env: None,
+        ..Default::default()
     };
     let config = sluice::Config::parse("", std::path::Path::new("t.toml"), &overrides).unwrap();
     let err = sluice::Server::bind(config).await.expect_err("must refuse");

@@ -31,6 +31,14 @@ pub(super) struct FileConfig {
     pub(super) models: Vec<FileModel>,
     #[serde(default)]
     pub(super) keys: Vec<FileKey>,
+    pub(super) store: Option<FileStore>,
+}
+
+/// `[store]`: where streams are kept when not in the SQLite file of `data_dir`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileStore {
+    pub(super) url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,6 +37,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the SQLite database lives.
     pub data_dir: PathBuf,
+    /// The PostgreSQL store (`postgres://user@host:port/db`); `None`: SQLite in `data_dir`.
+    /// Never logged: it may hold a password.
+    pub store_url: Option<String>,
     /// The largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
     /// How long a client may take to send a request body (longer: 408).
@@ -97,6 +100,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data-dir` / `SLUICE_DATA_DIR`.
     pub data_dir: Option<PathBuf>,
+    /// `--store-url` / `SLUICE_STORE_URL`.
+    pub store_url: Option<String>,
     /// Where the variables that `api_key_env` names are looked up: `None` is the process's
     /// environment; a map stands in for it (tests, which must not change the environment of a
     /// process whose other threads read it).
@@ -359,6 +364,22 @@ impl Config {
             buffer_bytes: file.buffer_bytes.unwrap_or(1 << 20).max(1),
             record_chunks: file.record_chunks.unwrap_or(true),
             listen,
+            store_url: match overrides
+                .store_url
+                .clone()
+                .or(file.store.and_then(|s| s.url))
+            {
+                Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                    Some(url)
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        "store.url",
+                        "must be a postgres:// or postgresql:// URL".into(),
+                    ))
+                }
+                None => None,
+            },
             data_dir: overrides
                 .data_dir
                 .clone()

@@ -121,7 +121,7 @@ fn overrides_win_over_the_file() {
     let o = Overrides {
         listen: Some("127.0.0.1:1".parse().expect("addr")),
         data_dir: Some("elsewhere".into()),
-        env: None,
+        ..Overrides::default()
     };
     let c = Config::parse(
         "listen = \"127.0.0.1:2\"\ndata_dir = \"here\"",

@@ -10,6 +10,9 @@ pub enum StoreError {
     /// SQLite said no.
     #[error("database error")]
     Db(#[source] Arc<rusqlite::Error>),
+    /// PostgreSQL said no, or could not be reached.
+    #[error("PostgreSQL error")]
+    Postgres(#[source] Arc<tokio_postgres::Error>),
     /// The data directory or a thread of the store could not be made.
     #[error("{what}")]
     Io {
@@ -37,6 +40,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A PostgreSQL failure.
+    pub(crate) fn postgres(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(Arc::new(e))
+    }
+
     /// An I/O failure while doing `what`.
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io {

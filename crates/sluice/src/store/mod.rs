@@ -31,18 +31,21 @@
 
 mod block;
 mod error;
+mod handle;
+mod postgres;
 mod records;
 mod sqlite;
 mod watermark;
+mod write;
 
 /// The block codec, for the fuzz entry points in [`crate::fuzzing`].
 pub(crate) use block::{decode as decode_block, encode as encode_block, LoggedChunk};
 pub use error::StoreError;
+pub use handle::Store;
 pub use records::{
     ChunkRecord, Finish, NewStream, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
     TranscriptHead,
 };
-pub use sqlite::Store;
 pub use watermark::Watermark;
 
 /// How many stored chunks a reader (a transcript read, a replay) takes at a time, at most.

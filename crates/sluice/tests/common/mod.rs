@@ -34,6 +34,7 @@ pub async fn gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         ),
+        ..Default::default()
     };
     let config = Config::parse(toml, Path::new("test.toml"), &overrides).expect("config");
     let server = Server::bind(config).await.expect("server");

@@ -62,6 +62,18 @@ enum Command {
         /// TOML config file (models, timeouts, limits); see docs/config.md
         #[arg(long, env = "SLUICE_CONFIG")]
         config: Option<PathBuf>,
+        /// PostgreSQL store instead of SQLite: postgres://user@host:port/db (see docs/scale-out.md)
+        #[arg(long, env = "SLUICE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
+    },
+    /// Apply the PostgreSQL store's migrations and exit (`serve` also applies them at start).
+    Migrate {
+        /// The PostgreSQL store: postgres://user@host:port/db
+        #[arg(long, env = "SLUICE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
+        /// TOML config file whose `[store] url` to use
+        #[arg(long, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Serve the simulated model over HTTP as an OpenAI-compatible upstream (for tests and
     /// benchmarks). GET /stats reports request counters.
@@ -231,16 +243,32 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Migrate { store_url, config } => {
+            init_tracing(cli.log_format);
+            let overrides = Overrides {
+                store_url,
+                ..Overrides::default()
+            };
+            let config = Config::load(config.as_deref(), &overrides)?;
+            let url = config.store_url.as_deref().context(
+                "no PostgreSQL store to migrate: give --store-url, SLUICE_STORE_URL or [store] url",
+            )?;
+            let applied = sluice::store::Store::migrate(url).await?;
+            eprintln!("the store's schema is up to date ({applied} migrations applied)");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             listen,
             data_dir,
             config,
+            store_url,
         } => {
             init_tracing(cli.log_format);
             return_freed_memory();
             let overrides = Overrides {
                 listen,
                 data_dir,
+                store_url,
                 env: None,
             };
             let config = Config::load(config.as_deref(), &overrides)?;

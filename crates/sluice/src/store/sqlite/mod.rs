@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::store::block::Runs;
-use crate::store::{Finish, NewStream, StoreError, Watermark};
+use crate::store::StoreError;
 
+use crate::store::write::{Op, WRITE_QUEUE};
 use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
 use schema::{fold_log, SCHEMA};
-use writer::{LogState, Op, Writer, WriterState, WRITE_QUEUE};
+use writer::{LogState, Writer, WriterState};
 
 mod checkpoint;
 mod read;
@@ -31,7 +32,7 @@ mod writer;
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: Arc<Writer>,
     reader: Arc<Mutex<Connection>>,
     /// Each stream's committed chunks that are not in a block yet (written by the writer,
@@ -42,9 +43,11 @@ pub struct Store {
     _checkpoints: Arc<StopOnDrop>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -54,7 +57,7 @@ fn lock(runs: &Mutex<Runs>) -> std::sync::MutexGuard<'_, Runs> {
     runs.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir`, marks streams a crash left open
     /// as `interrupted(crash)`, and starts the writer. Returns the store and how many streams
     /// were recovered.
@@ -126,55 +129,8 @@ impl Store {
         &self.path
     }
 
-    async fn call(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Op,
-    ) -> Result<(), StoreError> {
-        let (ack, done) = oneshot::channel();
-        self.writer.send(make(ack)).await?;
-        done.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Records a new stream as `streaming`; returns once it is committed.
-    pub async fn begin(&self, stream: NewStream) -> Result<(), StoreError> {
-        self.call(|ack| Op::Begin(stream, ack)).await
-    }
-
-    /// Queues a chunk for the writer and returns at once (after waiting only for room in the
-    /// writer's queue). `watermark` reaches `seq` when the chunk is committed, together with
-    /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
-    /// after that, so a chunk a client has seen survives a crash of the process; not waiting
-    /// here lets one stream's chunks share a commit. (If a commit fails, the error is logged and
-    /// the watermark moves on all the same: the gateway keeps serving.)
-    pub async fn append(
-        &self,
-        id: &Arc<str>,
-        seq: u64,
-        offset: Duration,
-        data: Arc<str>,
-        content: String,
-        watermark: &Watermark,
-    ) -> Result<(), StoreError> {
-        self.writer
-            .send(Op::Append {
-                id: id.clone(),
-                seq,
-                offset,
-                data,
-                content,
-                watermark: watermark.clone(),
-            })
-            .await
-    }
-
-    /// Writes a stream's final status; returns once it is committed (with every chunk before
-    /// it). Run this under a shield.
-    pub async fn finish(&self, finish: Finish) -> Result<(), StoreError> {
-        self.call(|ack| Op::Finish(finish, ack)).await
-    }
-
-    /// Waits until every write sent so far is committed.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.call(Op::Flush).await
+    /// Queues a write for the writer (waiting for room) and makes sure a writer job will see it.
+    pub(crate) async fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.writer.send(op).await
     }
 }

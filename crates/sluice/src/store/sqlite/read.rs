@@ -5,19 +5,15 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::Value;
 
 use crate::store::block::{self, Decoded, LoggedChunk, Run, Runs};
 use crate::store::records::ms;
-use crate::store::{
-    ChunkRecord, StoreError, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
-    TranscriptHead,
-};
+use crate::store::{ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead};
 use crate::stream::{Reason, Status, StreamId, Tenant};
 
-use super::{lock, Store};
+use super::{lock, SqliteStore};
 
-impl Store {
+impl SqliteStore {
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -117,25 +113,9 @@ impl Store {
         .await
     }
 
-    /// A page of stream `id`'s chunks after event id `after`, in order, as (id, JSON exactly as
-    /// relayed): up to `limit` chunks and about `max_bytes` of JSON (at least one chunk, so a
-    /// page always moves on). The caller has checked the tenant.
-    pub async fn chunks_after(
-        &self,
-        id: &str,
-        after: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(u64, String)>, StoreError> {
-        Ok(self
-            .chunk_page(id, after, limit, max_bytes)
-            .await?
-            .into_iter()
-            .map(|c| (c.seq, c.data))
-            .collect())
-    }
-
-    /// Like [`Store::chunks_after`], with each chunk's offset and text.
+    /// A page of stream `id`'s chunks after event id `after`, in order: up to `limit` chunks and
+    /// about `max_bytes` of JSON (at least one chunk, so a page always moves on). The caller
+    /// has checked the tenant.
     pub async fn chunk_page(
         &self,
         id: &str,
@@ -219,48 +199,6 @@ impl Store {
             }))
         })
         .await
-    }
-
-    /// One of `tenant`'s streams, whole, in memory. For tools and tests: the API streams a
-    /// transcript out page by page instead (see [`Store::head`]).
-    pub async fn get(
-        &self,
-        tenant: Tenant<'_>,
-        id: StreamId<'_>,
-    ) -> Result<Option<Transcript>, StoreError> {
-        let Some(head) = self.head(tenant, id).await? else {
-            return Ok(None);
-        };
-        let mut content = String::new();
-        let mut chunks = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = self.chunk_page(&head.id, after, 1024, 1 << 20).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for c in page {
-                content.push_str(&c.content);
-                chunks.push(StoredChunk {
-                    seq: c.seq,
-                    offset_ms: c.offset_ms,
-                    data: serde_json::from_str(&c.data).unwrap_or(Value::String(c.data)),
-                });
-            }
-        }
-        Ok(Some(Transcript {
-            id: head.id,
-            object: "sluice.stream",
-            model: head.model,
-            created: head.created,
-            status: head.status,
-            reason: head.reason,
-            detail: head.detail,
-            request: serde_json::from_str(&head.request).unwrap_or(Value::Null),
-            content,
-            chunks,
-            timings: head.timings,
-            usage: head.usage.and_then(|u| serde_json::from_str(&u).ok()),
-        }))
     }
 }
 

@@ -7,7 +7,8 @@
 use rusqlite::params;
 
 use crate::store::block;
-use crate::store::{NewStream, Transcript};
+use crate::store::write::Op;
+use crate::store::{Finish, NewStream, Transcript, Watermark};
 use crate::stream::{Ending, Reason, Status, StreamId, Tenant};
 
 use super::*;
@@ -25,7 +26,7 @@ fn bare_finish(id: &str, ending: Ending) -> Finish {
 }
 
 /// `local`'s stream `id`, which must exist.
-async fn transcript(store: &Store, id: &str) -> Transcript {
+async fn transcript(store: &crate::store::Store, id: &str) -> Transcript {
     store
         .get(Tenant("local"), StreamId(id))
         .await
@@ -45,7 +46,7 @@ fn new_stream(id: &str) -> NewStream {
 #[tokio::test]
 async fn a_stream_round_trips_with_its_chunks_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, recovered) = Store::open(dir.path()).expect("open");
+    let (store, recovered) = crate::store::Store::open(dir.path()).expect("open");
     assert_eq!(recovered, 0);
     store.begin(new_stream("s1")).await.expect("begin");
     let id: Arc<str> = Arc::from("s1");
@@ -94,7 +95,7 @@ async fn a_stream_round_trips_with_its_chunks_in_order() {
 }
 
 /// Appends chunk `seq` of stream `id` (its text is `"{id}.{seq} "`).
-async fn append_chunk(store: &Store, id: &Arc<str>, seq: u64, watermark: &Watermark) {
+async fn append_chunk(store: &crate::store::Store, id: &Arc<str>, seq: u64, watermark: &Watermark) {
     let text = format!("{id}.{seq} ");
     let data = serde_json::json!({"choices": [{"delta": {"content": text}}]}).to_string();
     store
@@ -119,7 +120,7 @@ fn expected_text(id: &str, chunks: u64) -> String {
 #[tokio::test]
 async fn interleaved_streams_read_back_whole_at_every_point() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     let ids: Vec<Arc<str>> = (0..3).map(|i| Arc::from(format!("s{i}"))).collect();
     let marks: Vec<Watermark> = ids.iter().map(|_| Watermark::new()).collect();
     for id in &ids {
@@ -183,7 +184,7 @@ async fn interleaved_streams_read_back_whole_at_every_point() {
 async fn chunks_only_in_the_log_survive_a_crash() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let (store, _) = Store::open(dir.path()).expect("open");
+        let (store, _) = crate::store::Store::open(dir.path()).expect("open");
         store.begin(new_stream("a")).await.expect("begin");
         let id: Arc<str> = Arc::from("a");
         let mark = Watermark::new();
@@ -193,7 +194,7 @@ async fn chunks_only_in_the_log_survive_a_crash() {
         mark.reached(45).await;
         // Dropped with 13 chunks in a run: like a kill, nothing more is written.
     }
-    let (store, recovered) = Store::open(dir.path()).expect("reopen");
+    let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
     assert_eq!(recovered, 1);
     let t = transcript(&store, "a").await;
     assert_eq!(
@@ -201,14 +202,14 @@ async fn chunks_only_in_the_log_survive_a_crash() {
         (Status::Interrupted, Some(Reason::Crash))
     );
     assert_eq!(t.content, expected_text("a", 45));
-    let c = Connection::open(store.path()).expect("open db");
+    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
     let logged: i64 = c
         .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
         .expect("count");
     assert_eq!(logged, 0, "the log is emptied once folded");
     // Opening again changes nothing.
     drop(store);
-    let (store, _) = Store::open(dir.path()).expect("reopen");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("reopen");
     let t = transcript(&store, "a").await;
     assert_eq!(t.content, expected_text("a", 45));
 }
@@ -222,7 +223,9 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
         every: Duration::from_millis(5),
         rewind_frames: 64,
     };
-    let (store, _) = Store::open_with(dir.path(), when).expect("open");
+    let (sqlite, _) = SqliteStore::open_with(dir.path(), when).expect("open");
+    let path = sqlite.path().to_path_buf();
+    let store = crate::store::Store::from_sqlite(sqlite);
     let ids: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("w{i}"))).collect();
     for id in &ids {
         store.begin(new_stream(id)).await.expect("begin");
@@ -241,7 +244,7 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
     }
     mark.reached(chunks).await;
     let written = chunks * ids.len() as u64 * 1000;
-    let wal = std::fs::metadata(store.path().with_extension("db-wal"))
+    let wal = std::fs::metadata(path.with_extension("db-wal"))
         .expect("wal")
         .len();
     assert!(
@@ -255,13 +258,13 @@ async fn the_wal_stays_bounded_under_writes_that_never_pause() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_slips_in_as_the_writer_stops_is_committed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = SqliteStore::open(dir.path()).expect("open");
     let writer = store.writer.clone();
     // A job is running (a sender starts no other) and is about to stop.
     writer
         .running
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let (ack, committed) = oneshot::channel();
+    let (ack, committed) = tokio::sync::oneshot::channel();
     let ack = Mutex::new(Some(ack));
     let job = tokio::task::spawn_blocking(move || {
         writer.drain_with(|| {
@@ -286,7 +289,7 @@ async fn a_write_that_slips_in_as_the_writer_stops_is_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_is_stranded_while_the_writer_starts_and_stops() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     let writers: Vec<_> = (0..8)
         .map(|_| {
             let store = store.clone();
@@ -328,7 +331,7 @@ async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
             .expect("old chunk");
         }
     }
-    let (store, recovered) = Store::open(dir.path()).expect("open");
+    let (store, recovered) = crate::store::Store::open(dir.path()).expect("open");
     assert_eq!(recovered, 0);
     let t = transcript(&store, "old").await;
     assert_eq!(t.status, Status::Completed);
@@ -340,7 +343,7 @@ async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
 #[tokio::test]
 async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     let quiet: Arc<str> = Arc::from("quiet");
     let busy: Arc<str> = Arc::from("busy");
     let (quiet_mark, busy_mark) = (Watermark::new(), Watermark::new());
@@ -352,7 +355,7 @@ async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
         append_chunk(&store, &busy, seq, &busy_mark).await;
     }
     busy_mark.reached(total).await;
-    let c = Connection::open(store.path()).expect("open db");
+    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
     let logged: i64 = c
         .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
         .expect("count");
@@ -385,7 +388,7 @@ async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
 async fn reopening_marks_open_streams_interrupted_by_a_crash() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let (store, _) = Store::open(dir.path()).expect("open");
+        let (store, _) = crate::store::Store::open(dir.path()).expect("open");
         store.begin(new_stream("open")).await.expect("begin");
         store.begin(new_stream("done")).await.expect("begin");
         store
@@ -393,7 +396,7 @@ async fn reopening_marks_open_streams_interrupted_by_a_crash() {
             .await
             .expect("finish");
     }
-    let (store, recovered) = Store::open(dir.path()).expect("reopen");
+    let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
     assert_eq!(recovered, 1);
     let t = transcript(&store, "open").await;
     assert_eq!(
@@ -407,7 +410,7 @@ async fn reopening_marks_open_streams_interrupted_by_a_crash() {
 #[tokio::test]
 async fn a_final_status_is_written_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     store.begin(new_stream("s")).await.expect("begin");
     store
         .finish(bare_finish("s", Ending::abnormal(Reason::Idle, "idle")))
@@ -424,7 +427,7 @@ async fn a_final_status_is_written_once() {
 #[tokio::test]
 async fn list_is_newest_first_and_paged() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("open");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     for i in 0..5 {
         store
             .begin(new_stream(&format!("s{i}")))

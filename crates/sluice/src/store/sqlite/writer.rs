@@ -5,37 +5,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rusqlite::{params, Connection};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::store::block::{self, LoggedChunk, Run, Runs};
 use crate::store::records::now_unix;
-use crate::store::{Finish, NewStream, StoreError, Watermark};
+use crate::store::write::{settle, Op, MAX_BATCH};
+use crate::store::StoreError;
 
 use super::lock;
 use super::schema::insert_block;
-
-/// How many writes may wait for the writer.
-pub(super) const WRITE_QUEUE: usize = 8192;
-/// The most writes committed in one transaction.
-pub(super) const MAX_BATCH: usize = 1024;
-
-pub(super) enum Op {
-    Begin(NewStream, oneshot::Sender<Result<(), StoreError>>),
-    Append {
-        id: Arc<str>,
-        seq: u64,
-        offset: Duration,
-        data: Arc<str>,
-        content: String,
-        watermark: Watermark,
-    },
-    Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
-    Flush(oneshot::Sender<Result<(), StoreError>>),
-}
 
 /// The writer: a queue of writes and, while it holds any, one blocking job that commits them.
 ///
@@ -152,19 +134,7 @@ impl Writer {
                 )),
             }
         };
-        if let Err(e) = &result {
-            tracing::error!(error = %e.report(), writes = batch.len(), "store batch failed");
-            metrics::counter!("sluice_store_write_errors_total").increment(batch.len() as u64);
-        }
-        for op in batch.drain(..) {
-            match op {
-                Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
-                    // A caller that stopped waiting needs no answer.
-                    let _ = ack.send(result.clone());
-                }
-                Op::Append { seq, watermark, .. } => watermark.advance(seq),
-            }
-        }
+        settle(batch, &result);
     }
 }
 

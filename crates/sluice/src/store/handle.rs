@@ -1,0 +1,237 @@
+//! [`Store`]: one interface over the backends. Callers never know which one they talk to; what
+//! is the same for every backend (a whole transcript, built from pages) is written once here.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use super::write::Op;
+use super::{
+    ChunkRecord, Finish, NewStream, StoreError, StoredChunk, StreamState, StreamSummary,
+    Transcript, TranscriptHead, Watermark,
+};
+use crate::stream::{StreamId, Tenant};
+
+/// A handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store(Backend);
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+/// Runs the same call on whichever backend this is.
+macro_rules! on_backend {
+    ($store:expr, $b:ident => $call:expr) => {
+        match &$store.0 {
+            Backend::Sqlite($b) => $call,
+            Backend::Postgres($b) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database in `data_dir`, marks streams a crash left
+    /// open as `interrupted(crash)`, and starts the writer. Returns the store and how many
+    /// streams were recovered.
+    pub fn open(data_dir: &Path) -> Result<(Self, u64), StoreError> {
+        SqliteStore::open(data_dir).map(|(s, n)| (Store(Backend::Sqlite(s)), n))
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`), applies
+    /// its migrations, marks the streams of nodes that died `interrupted(crash)`, and starts the
+    /// writer. Returns the store and how many streams were recovered.
+    pub async fn connect(url: &str) -> Result<(Self, u64), StoreError> {
+        PgStore::connect(url)
+            .await
+            .map(|(s, n)| (Store(Backend::Postgres(s)), n))
+    }
+
+    /// Applies the PostgreSQL store's migrations at `url` and returns how many it applied
+    /// (`sluice migrate`).
+    pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+        PgStore::migrate(url).await
+    }
+
+    /// A handle on a SQLite store opened by hand (tests that tune it).
+    #[cfg(test)]
+    pub(super) fn from_sqlite(store: SqliteStore) -> Self {
+        Store(Backend::Sqlite(store))
+    }
+
+    /// The SQLite database file (`None` on PostgreSQL).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.0 {
+            Backend::Sqlite(s) => Some(s.path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Which backend this is: `"sqlite"` or `"postgres"`.
+    pub fn backend(&self) -> &'static str {
+        match &self.0 {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Sends `make(ack)` to the writer and waits for its answer (once committed).
+    async fn call(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Op,
+    ) -> Result<(), StoreError> {
+        let (ack, done) = oneshot::channel();
+        let op = make(ack);
+        on_backend!(self, b => b.send(op).await)?;
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a new stream as `streaming`; returns once it is committed.
+    pub async fn begin(&self, stream: NewStream) -> Result<(), StoreError> {
+        self.call(|ack| Op::Begin(stream, ack)).await
+    }
+
+    /// Queues a chunk for the writer and returns at once (after waiting only for room in the
+    /// writer's queue). `watermark` reaches `seq` when the chunk is committed, together with
+    /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
+    /// after that, so a chunk a client has seen survives a crash of the process. (If a commit
+    /// fails, the error is logged and counted, and the watermark moves on all the same.)
+    pub async fn append(
+        &self,
+        id: &Arc<str>,
+        seq: u64,
+        offset: Duration,
+        data: Arc<str>,
+        content: String,
+        watermark: &Watermark,
+    ) -> Result<(), StoreError> {
+        let op = Op::Append {
+            id: id.clone(),
+            seq,
+            offset,
+            data,
+            content,
+            watermark: watermark.clone(),
+        };
+        on_backend!(self, b => b.send(op).await)
+    }
+
+    /// Writes a stream's final status; returns once it is committed (with every chunk before
+    /// it). Run this under a shield.
+    pub async fn finish(&self, finish: Finish) -> Result<(), StoreError> {
+        self.call(|ack| Op::Finish(finish, ack)).await
+    }
+
+    /// Waits until every write sent so far is committed.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.call(Op::Flush).await
+    }
+
+    /// A page of `tenant`'s streams, newest first, starting after the stream `after`.
+    /// Returns the page and whether there are more.
+    pub async fn list(
+        &self,
+        tenant: Tenant<'_>,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<(Vec<StreamSummary>, bool), StoreError> {
+        on_backend!(self, b => b.list(tenant, limit, after).await)
+    }
+
+    /// Where `tenant`'s stream `id` stands.
+    pub async fn state(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<StreamState>, StoreError> {
+        on_backend!(self, b => b.state(tenant, id).await)
+    }
+
+    /// Everything about one of `tenant`'s streams but its chunks, and the id of its last chunk
+    /// now: read the chunks page by page (a transcript can be any size).
+    pub async fn head(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<TranscriptHead>, StoreError> {
+        on_backend!(self, b => b.head(tenant, id).await)
+    }
+
+    /// A page of stream `id`'s chunks after event id `after`, in order: up to `limit` chunks and
+    /// about `max_bytes` of JSON (at least one chunk, so a page always moves on). The caller
+    /// has checked the tenant.
+    pub async fn chunk_page(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChunkRecord>, StoreError> {
+        on_backend!(self, b => b.chunk_page(id, after, limit, max_bytes).await)
+    }
+
+    /// Like [`Store::chunk_page`], as (id, JSON exactly as relayed).
+    pub async fn chunks_after(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        Ok(self
+            .chunk_page(id, after, limit, max_bytes)
+            .await?
+            .into_iter()
+            .map(|c| (c.seq, c.data))
+            .collect())
+    }
+
+    /// One of `tenant`'s streams, whole, in memory. For tools and tests: the API streams a
+    /// transcript out page by page instead (see [`Store::head`]).
+    pub async fn get(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<Transcript>, StoreError> {
+        let Some(head) = self.head(tenant, id).await? else {
+            return Ok(None);
+        };
+        let mut content = String::new();
+        let mut chunks = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.chunk_page(&head.id, after, 1024, 1 << 20).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for c in page {
+                content.push_str(&c.content);
+                chunks.push(StoredChunk {
+                    seq: c.seq,
+                    offset_ms: c.offset_ms,
+                    data: serde_json::from_str(&c.data).unwrap_or(Value::String(c.data)),
+                });
+            }
+        }
+        Ok(Some(Transcript {
+            id: head.id,
+            object: "sluice.stream",
+            model: head.model,
+            created: head.created,
+            status: head.status,
+            reason: head.reason,
+            detail: head.detail,
+            request: serde_json::from_str(&head.request).unwrap_or(Value::Null),
+            content,
+            chunks,
+            timings: head.timings,
+            usage: head.usage.and_then(|u| serde_json::from_str(&u).ok()),
+        }))
+    }
+}

@@ -1,0 +1,106 @@
+//! The PostgreSQL schema, as numbered migrations. Each runs once, in order, in its own
+//! transaction, recorded in `sluice_migrations`; an advisory lock makes nodes that start together
+//! take turns, so the second finds the work done. Never edit a migration that has shipped: add
+//! the next one. The tables are described in docs/scale-out.md.
+
+use tokio_postgres::Client;
+
+use crate::store::StoreError;
+
+/// The advisory lock key that serializes migrations (any fixed number, the same on every node).
+const LOCK: i64 = 0x5_11CE;
+
+/// The migrations, in order; a migration's version is its position plus one.
+const MIGRATIONS: &[&str] = &[
+    // 1: streams, their chunks, and the nodes that run them.
+    "CREATE TABLE streams (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        request TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        detail TEXT,
+        created BIGINT NOT NULL,
+        first_token_us BIGINT,
+        total_us BIGINT,
+        usage TEXT,
+        chunk_count BIGINT NOT NULL DEFAULT 0,
+        node TEXT
+    );
+    CREATE INDEX streams_by_tenant ON streams (tenant, seq);
+    CREATE INDEX streams_running ON streams (node) WHERE status = 'streaming';
+    CREATE TABLE chunks (
+        stream_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        offset_us BIGINT NOT NULL,
+        data TEXT NOT NULL,
+        content TEXT NOT NULL,
+        PRIMARY KEY (stream_id, seq)
+    );
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        lease_until TIMESTAMPTZ NOT NULL
+    );",
+];
+
+/// The schema version this build expects.
+pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Applies every migration the database lacks; returns how many it applied.
+pub(crate) async fn apply(client: &mut Client) -> Result<usize, StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
+        .await
+        .map_err(StoreError::postgres)?;
+    let applied = apply_locked(client).await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+        .await
+        .map_err(StoreError::postgres);
+    let applied = applied?;
+    unlocked?;
+    Ok(applied)
+}
+
+async fn apply_locked(client: &mut Client) -> Result<usize, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS sluice_migrations (
+                version BIGINT PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+    let current: i64 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM sluice_migrations",
+            &[],
+        )
+        .await
+        .map_err(StoreError::postgres)?
+        .get(0);
+    if current > VERSION {
+        return Err(StoreError::Internal(format!(
+            "the database's schema is version {current}, newer than this sluice knows ({VERSION}): upgrade sluice"
+        )));
+    }
+    let mut applied = 0;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i64 + 1;
+        let tx = client.transaction().await.map_err(StoreError::postgres)?;
+        tx.batch_execute(sql).await.map_err(StoreError::postgres)?;
+        tx.execute(
+            "INSERT INTO sluice_migrations (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+        tx.commit().await.map_err(StoreError::postgres)?;
+        tracing::info!(version, "applied a store migration");
+        applied += 1;
+    }
+    Ok(applied)
+}

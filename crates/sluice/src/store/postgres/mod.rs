@@ -1,0 +1,385 @@
+//! The PostgreSQL backend: several sluice nodes on one database.
+//!
+//! - **Schema**: versioned migrations (`migrations`), applied at connect under an advisory lock,
+//!   so nodes starting together migrate once. `sluice migrate` runs them alone.
+//! - **Writes**: one writer task per node owns a connection and commits whatever is queued in one
+//!   transaction (group commit); the chunks of every stream in a batch go in with one multi-row
+//!   insert. A watermark moves only after the commit: no client is sent a chunk that is not
+//!   durable (invariant 1).
+//! - **Reads**: a second connection, shared (tokio-postgres pipelines concurrent queries).
+//! - **Nodes**: each node has a row in `nodes` and renews its lease every third of
+//!   [`LEASE`]; any node marks the running streams of a node whose lease has expired
+//!   `interrupted(crash)`, at connect and then periodically, so no stream stays `streaming`
+//!   after its process is gone (invariant 2).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+
+use crate::store::records::{ms, now_unix};
+use crate::store::write::{settle, Op, MAX_BATCH, WRITE_QUEUE};
+use crate::store::{ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead};
+use crate::stream::{Reason, Status, StreamId, Tenant};
+
+mod migrations;
+
+/// How long a node's lease lasts without renewal before the others take it for dead.
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// A handle to the PostgreSQL store; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct PgStore {
+    writer: mpsc::Sender<Op>,
+    reader: Arc<Client>,
+    node: Arc<str>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("node", &self.node).finish()
+    }
+}
+
+/// Opens one connection to `url`; its driver runs until the client is dropped.
+async fn open_connection(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(StoreError::postgres)?;
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "a connection's driver: it ends when its client is dropped, and holds no work of its own"
+    )]
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(error = %e, "PostgreSQL connection lost");
+        }
+    });
+    Ok(client)
+}
+
+impl PgStore {
+    /// Connects, migrates, registers this node, marks the streams of dead nodes
+    /// `interrupted(crash)`, and starts the writer and the lease task. Returns the store and how
+    /// many streams were recovered.
+    pub(crate) async fn connect(url: &str) -> Result<(Self, u64), StoreError> {
+        let mut writer_conn = open_connection(url).await?;
+        migrations::apply(&mut writer_conn).await?;
+        let reader = Arc::new(open_connection(url).await?);
+        let node: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+        renew_lease(&reader, &node).await?;
+        let recovered = sweep(&reader).await?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the writer: it ends when the last handle (and so its queue) is dropped, after the server has flushed it"
+        )]
+        tokio::spawn(write_loop(writer_conn, rx, node.clone()));
+        let lease = (Arc::downgrade(&reader), node.clone());
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the lease: it ends when the store's last handle is dropped"
+        )]
+        tokio::spawn(async move {
+            let (reader, node) = lease;
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                let Some(client) = reader.upgrade() else {
+                    return;
+                };
+                let renewed = async {
+                    renew_lease(&client, &node).await?;
+                    sweep(&client).await
+                };
+                if let Err(e) = renewed.await {
+                    tracing::warn!(error = %e.report(), "node lease not renewed");
+                }
+            }
+        });
+        Ok((
+            Self {
+                writer: tx,
+                reader,
+                node,
+            },
+            recovered,
+        ))
+    }
+
+    /// Applies the migrations the database lacks; returns how many.
+    pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
+        migrations::apply(&mut open_connection(url).await?).await
+    }
+
+    /// Queues a write for the writer task (waiting for room).
+    pub(crate) async fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.writer.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    pub(crate) async fn list(
+        &self,
+        tenant: Tenant<'_>,
+        limit: usize,
+        after: Option<String>,
+    ) -> Result<(Vec<StreamSummary>, bool), StoreError> {
+        let cursor: i64 = match after {
+            Some(id) => self
+                .reader
+                .query_opt(
+                    "SELECT seq FROM streams WHERE id = $1 AND tenant = $2",
+                    &[&id, &tenant.0],
+                )
+                .await
+                .map_err(StoreError::postgres)?
+                .map_or(i64::MAX, |r| r.get(0)),
+            None => i64::MAX,
+        };
+        let rows = self
+            .reader
+            .query(
+                "SELECT id, model, created, status, reason, chunk_count FROM streams
+                 WHERE tenant = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                &[&tenant.0, &cursor, &((limit + 1) as i64)],
+            )
+            .await
+            .map_err(StoreError::postgres)?;
+        let mut out: Vec<StreamSummary> = rows
+            .iter()
+            .map(|r| StreamSummary {
+                id: r.get(0),
+                object: "sluice.stream",
+                model: r.get(1),
+                created: r.get(2),
+                status: Status::parse(r.get(3)).unwrap_or(Status::Failed),
+                reason: r.get::<_, Option<&str>>(4).and_then(Reason::parse),
+                chunk_count: r.get::<_, i64>(5) as u64,
+            })
+            .collect();
+        let more = out.len() > limit;
+        out.truncate(limit);
+        Ok((out, more))
+    }
+
+    pub(crate) async fn state(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<StreamState>, StoreError> {
+        let row = self
+            .reader
+            .query_opt(
+                "SELECT status, reason, detail,
+                    (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
+                 FROM streams WHERE id = $1 AND tenant = $2",
+                &[&id.0, &tenant.0],
+            )
+            .await
+            .map_err(StoreError::postgres)?;
+        Ok(row.map(|r| StreamState {
+            status: Status::parse(r.get(0)).unwrap_or(Status::Failed),
+            reason: r.get::<_, Option<&str>>(1).and_then(Reason::parse),
+            detail: r.get(2),
+            last_seq: r.get::<_, i64>(3) as u64,
+        }))
+    }
+
+    pub(crate) async fn head(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<Option<TranscriptHead>, StoreError> {
+        let row = self
+            .reader
+            .query_opt(
+                "SELECT model, created, status, reason, detail, request, first_token_us, total_us,
+                    usage, (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
+                 FROM streams WHERE id = $1 AND tenant = $2",
+                &[&id.0, &tenant.0],
+            )
+            .await
+            .map_err(StoreError::postgres)?;
+        let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
+        Ok(row.map(|r| TranscriptHead {
+            id: id.0.to_string(),
+            model: r.get(0),
+            created: r.get(1),
+            status: Status::parse(r.get(2)).unwrap_or(Status::Failed),
+            reason: r.get::<_, Option<&str>>(3).and_then(Reason::parse),
+            detail: r.get(4),
+            request: r.get(5),
+            timings: Timings {
+                time_to_first_token_ms: us(r.get(6)),
+                total_ms: us(r.get(7)),
+            },
+            usage: r.get(8),
+            last_seq: r.get::<_, i64>(9) as u64,
+        }))
+    }
+
+    pub(crate) async fn chunk_page(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ChunkRecord>, StoreError> {
+        // The running total stops the page at about `max_bytes` in the database, so a page of
+        // large chunks is never fetched whole (at least one chunk, so a page always moves on).
+        let rows = self
+            .reader
+            .query(
+                "SELECT seq, offset_us, data, content FROM (
+                    SELECT seq, offset_us, data, content,
+                        SUM(octet_length(data) + octet_length(content)) OVER (ORDER BY seq)
+                            - (octet_length(data) + octet_length(content)) AS before
+                    FROM chunks WHERE stream_id = $1 AND seq > $2 ORDER BY seq LIMIT $3
+                 ) page WHERE before < $4 ORDER BY seq",
+                &[&id, &(after as i64), &clamp(limit), &clamp(max_bytes)],
+            )
+            .await
+            .map_err(StoreError::postgres)?;
+        Ok(rows
+            .iter()
+            .map(|r| ChunkRecord {
+                seq: r.get::<_, i64>(0) as u64,
+                offset_ms: r.get::<_, i64>(1) as f64 / 1000.0,
+                data: r.get(2),
+                content: r.get(3),
+            })
+            .collect())
+    }
+}
+
+/// A count as PostgreSQL's BIGINT (`usize::MAX` means "no bound": the largest BIGINT).
+fn clamp(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Renews `node`'s lease (registering it the first time).
+async fn renew_lease(client: &Client, node: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO nodes (id, lease_until) VALUES ($1, now() + make_interval(secs => $2))
+             ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+            &[&node, &LEASE.as_secs_f64()],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+    Ok(())
+}
+
+/// Marks the running streams of every node whose lease has expired `interrupted(crash)`, and
+/// forgets those nodes. Returns how many streams it marked.
+async fn sweep(client: &Client) -> Result<u64, StoreError> {
+    let marked = client
+        .execute(
+            "UPDATE streams SET status = 'interrupted', reason = 'crash',
+                 detail = 'the gateway node running the stream stopped renewing its lease'
+             WHERE status = 'streaming'
+               AND (node IS NULL OR node NOT IN (SELECT id FROM nodes WHERE lease_until > now()))",
+            &[],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+    client
+        .execute(
+            "DELETE FROM nodes WHERE lease_until < now() - make_interval(secs => $1)",
+            &[&LEASE.as_secs_f64()],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+    Ok(marked)
+}
+
+/// Commits whatever is queued, batch by batch, until every handle is gone.
+async fn write_loop(mut client: Client, mut rx: mpsc::Receiver<Op>, node: Arc<str>) {
+    let mut batch = Vec::new();
+    while let Some(op) = rx.recv().await {
+        batch.push(op);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        let result = apply(&mut client, &batch, &node).await;
+        metrics::histogram!("sluice_store_write_seconds").record(started.elapsed().as_secs_f64());
+        settle(&mut batch, &result);
+    }
+}
+
+/// One batch in one transaction: new streams, then every chunk (one insert), then endings.
+async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(StoreError::postgres)?;
+    let (mut ids, mut seqs, mut offsets, mut datas, mut contents) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for op in batch {
+        match op {
+            Op::Begin(s, _) => {
+                tx.execute(
+                    "INSERT INTO streams (id, tenant, model, request, status, created, node)
+                     VALUES ($1, $2, $3, $4, 'streaming', $5, $6)",
+                    &[
+                        &s.id,
+                        &s.tenant,
+                        &s.model,
+                        &s.request.to_string(),
+                        &now_unix(),
+                        &node,
+                    ],
+                )
+                .await
+                .map_err(StoreError::postgres)?;
+            }
+            Op::Append {
+                id,
+                seq,
+                offset,
+                data,
+                content,
+                ..
+            } => {
+                ids.push(id.as_ref());
+                seqs.push(*seq as i64);
+                offsets.push(offset.as_micros() as i64);
+                datas.push(data.as_ref());
+                contents.push(content.as_str());
+            }
+            Op::Finish(..) | Op::Flush(_) => {}
+        }
+    }
+    if !ids.is_empty() {
+        tx.execute(
+            "INSERT INTO chunks (stream_id, seq, offset_us, data, content)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING",
+            &[&ids, &seqs, &offsets, &datas, &contents],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
+    }
+    for op in batch {
+        if let Op::Finish(f, _) = op {
+            tx.execute(
+                "UPDATE streams SET status = $2, reason = $3, detail = $4, first_token_us = $5,
+                     total_us = $6, usage = $7, chunk_count = $8
+                 WHERE id = $1 AND status = 'streaming'",
+                &[
+                    &f.id,
+                    &f.ending.status().as_str(),
+                    &f.ending.reason().map(|r| r.as_str()),
+                    &f.ending.detail(),
+                    &f.first_token.map(|d| d.as_micros() as i64),
+                    &(f.total.as_micros() as i64),
+                    &f.usage.as_ref().map(serde_json::Value::to_string),
+                    &(f.chunks as i64),
+                ],
+            )
+            .await
+            .map_err(StoreError::postgres)?;
+        }
+    }
+    tx.commit().await.map_err(StoreError::postgres)
+}

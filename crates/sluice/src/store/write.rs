@@ -1,0 +1,48 @@
+//! What a backend's writer is asked to do, in order: the same for every backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::{Finish, NewStream, StoreError, Watermark};
+
+/// After a batch: a failure is logged and counted, every waiting write gets the batch's result,
+/// and every appended chunk's watermark moves on (a failed chunk is lost, said so, and never
+/// holds its stream up).
+pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
+    if let Err(e) = result {
+        tracing::error!(error = %e.report(), writes = batch.len(), "store batch failed");
+        metrics::counter!("sluice_store_write_errors_total").increment(batch.len() as u64);
+    }
+    for op in batch.drain(..) {
+        match op {
+            Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
+                // A caller that stopped waiting needs no answer.
+                let _ = ack.send(result.clone());
+            }
+            Op::Append { seq, watermark, .. } => watermark.advance(seq),
+        }
+    }
+}
+
+/// How many writes may wait for the writer.
+pub(super) const WRITE_QUEUE: usize = 8192;
+/// The most writes committed in one transaction.
+pub(super) const MAX_BATCH: usize = 1024;
+
+/// One write. `Begin`, `Finish` and `Flush` are answered once committed; an `Append` moves its
+/// stream's watermark instead.
+pub(super) enum Op {
+    Begin(NewStream, oneshot::Sender<Result<(), StoreError>>),
+    Append {
+        id: Arc<str>,
+        seq: u64,
+        offset: Duration,
+        data: Arc<str>,
+        content: String,
+        watermark: Watermark,
+    },
+    Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}

@@ -1,0 +1,341 @@
+//! One behaviour suite for every store backend: each check runs against a fresh SQLite file and
+//! a fresh schema of the real PostgreSQL on 127.0.0.1:5432 (database `test`, trust auth;
+//! `scripts/ensure-postgres` starts it; `SLUICE_TEST_POSTGRES` names another). Nothing passes on
+//! one backend only.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use sluice::store::{Finish, NewStream, Store, Watermark};
+use sluice::stream::{Ending, Reason, Status, StreamId, Tenant};
+
+/// A fresh store of one backend, and what to clean up after it.
+struct Fresh {
+    store: Store,
+    place: Place,
+}
+
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String, schema: String },
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Place::Postgres { schema, .. } = self {
+            // Best effort, and synchronous: a test that failed still leaves no schema behind.
+            let _ = std::process::Command::new("psql")
+                .env("PGOPTIONS", "-c client_min_messages=warning")
+                .args(["-q", &admin_url(), "-c"])
+                .arg(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .status();
+        }
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("SLUICE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn sqlite() -> Fresh {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    Fresh {
+        store,
+        place: Place::Sqlite(dir),
+    }
+}
+
+/// Runs `sql` on its own connection to `url`, behind the store's back.
+async fn run_sql(url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/ensure-postgres starts it)");
+    let driver = tokio::spawn(connection);
+    client.batch_execute(sql).await.expect(sql);
+    drop(client);
+    let _ = driver.await;
+}
+
+async fn postgres() -> Fresh {
+    let schema = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+    run_sql(&admin_url(), &format!("CREATE SCHEMA {schema}")).await;
+    let url = format!("{}?options=-csearch_path%3D{schema}", admin_url());
+    let (store, _) = Store::connect(&url).await.expect("connect");
+    Fresh {
+        store,
+        place: Place::Postgres { url, schema },
+    }
+}
+
+impl Fresh {
+    /// The store as the next process finds it after this one died without a word: SQLite is
+    /// reopened; on PostgreSQL another node starts once this node's lease has run out.
+    async fn after_a_crash(self) -> (Fresh, u64) {
+        let Fresh { store, place } = self;
+        drop(store);
+        let (store, recovered) = match &place {
+            Place::Sqlite(dir) => Store::open(dir.path()).expect("reopen"),
+            Place::Postgres { url, .. } => {
+                let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                let driver = tokio::spawn(connection);
+                admin
+                    .execute(
+                        "UPDATE nodes SET lease_until = now() - interval '1 hour'",
+                        &[],
+                    )
+                    .await
+                    .expect("expire the lease");
+                drop(admin);
+                let _ = driver.await;
+                Store::connect(url).await.expect("connect")
+            }
+        };
+        (Fresh { store, place }, recovered)
+    }
+}
+
+fn new_stream(id: &str, tenant: &str) -> NewStream {
+    NewStream {
+        id: id.into(),
+        tenant: tenant.into(),
+        model: "sim".into(),
+        request: json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]}),
+    }
+}
+
+fn finish(id: &str, ending: Ending, chunks: u64) -> Finish {
+    Finish {
+        id: id.into(),
+        ending,
+        first_token: Some(Duration::from_micros(1500)),
+        total: Duration::from_millis(20),
+        usage: Some(json!({"total_tokens": 3})),
+        chunks,
+    }
+}
+
+/// Appends chunks `seqs` of `id` (text `c{seq}`) and waits until they are committed.
+async fn append(store: &Store, id: &str, seqs: impl IntoIterator<Item = u64>) {
+    let id: Arc<str> = Arc::from(id);
+    let mark = Watermark::new();
+    let mut top = 0;
+    for seq in seqs {
+        store
+            .append(
+                &id,
+                seq,
+                Duration::from_millis(seq),
+                Arc::from(json!({"seq": seq}).to_string()),
+                format!("c{seq}"),
+                &mark,
+            )
+            .await
+            .expect("append");
+        top = seq;
+    }
+    mark.reached(top).await;
+}
+
+async fn a_stream_round_trips_with_its_chunks_in_order(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("s1", "acme")).await.expect("begin");
+    append(s, "s1", 1..=3).await;
+    let st = s
+        .state(Tenant("acme"), StreamId("s1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((st.status, st.last_seq), (Status::Streaming, 3));
+    s.finish(finish("s1", Ending::Completed, 3)).await.unwrap();
+    let t = s
+        .get(Tenant("acme"), StreamId("s1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!(t.content, "c1c2c3");
+    assert_eq!(
+        t.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(t.chunks[1].data, json!({"seq": 2}));
+    assert_eq!(t.chunks[1].offset_ms, 2.0);
+    assert_eq!(t.timings.time_to_first_token_ms, Some(1.5));
+    assert_eq!(t.usage, Some(json!({"total_tokens": 3})));
+    assert_eq!(t.request["messages"][0]["content"], "hi");
+    let (list, more) = s.list(Tenant("acme"), 10, None).await.unwrap();
+    assert!(!more);
+    assert_eq!((list[0].id.as_str(), list[0].chunk_count), ("s1", 3));
+}
+
+async fn another_tenant_sees_nothing(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("s1", "acme")).await.unwrap();
+    append(s, "s1", [1]).await;
+    let (other, id) = (Tenant("other"), StreamId("s1"));
+    assert!(s.state(other, id).await.unwrap().is_none());
+    assert!(s.head(other, id).await.unwrap().is_none());
+    assert!(s.get(other, id).await.unwrap().is_none());
+    assert!(s.list(other, 10, None).await.unwrap().0.is_empty());
+}
+
+async fn a_final_status_is_written_once(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("s1", "acme")).await.unwrap();
+    s.finish(finish("s1", Ending::abnormal(Reason::Idle, "idle"), 0))
+        .await
+        .unwrap();
+    s.finish(finish("s1", Ending::Completed, 0)).await.unwrap();
+    let st = s
+        .state(Tenant("acme"), StreamId("s1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (st.status, st.reason),
+        (Status::TimedOut, Some(Reason::Idle))
+    );
+    assert_eq!(st.ending(), Some(Ending::abnormal(Reason::Idle, "idle")));
+}
+
+async fn the_list_is_newest_first_and_paged(f: Fresh) {
+    let s = &f.store;
+    for i in 0..5 {
+        s.begin(new_stream(&format!("s{i}"), "acme")).await.unwrap();
+    }
+    let ids =
+        |l: &[sluice::store::StreamSummary]| l.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+    let (page, more) = s.list(Tenant("acme"), 2, None).await.unwrap();
+    assert_eq!((ids(&page), more), (vec!["s4".into(), "s3".into()], true));
+    let (page, more) = s.list(Tenant("acme"), 10, Some("s3".into())).await.unwrap();
+    assert_eq!(
+        (ids(&page), more),
+        (vec!["s2".into(), "s1".into(), "s0".into()], false)
+    );
+}
+
+async fn pages_stop_at_their_byte_budget_and_always_move_on(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("s1", "acme")).await.unwrap();
+    append(s, "s1", 1..=10).await;
+    // Each chunk is about 12 bytes of JSON and 3 of text.
+    let page = s.chunk_page("s1", 0, 100, 40).await.unwrap();
+    assert!(
+        (2..=4).contains(&page.len()),
+        "{} chunks in a 40-byte page",
+        page.len()
+    );
+    let one = s.chunk_page("s1", 4, 100, 1).await.unwrap();
+    assert_eq!(one.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![5]);
+    let rest = s.chunks_after("s1", 7, 2, usize::MAX).await.unwrap();
+    assert_eq!(rest.iter().map(|c| c.0).collect::<Vec<_>>(), vec![8, 9]);
+    assert!(s.chunk_page("s1", 10, 100, 1000).await.unwrap().is_empty());
+}
+
+async fn a_crash_leaves_no_stream_streaming(f: Fresh) {
+    f.store.begin(new_stream("s1", "acme")).await.unwrap();
+    append(&f.store, "s1", 1..=2).await;
+    f.store.begin(new_stream("s2", "acme")).await.unwrap();
+    f.store
+        .finish(finish("s2", Ending::Completed, 0))
+        .await
+        .unwrap();
+    let (f, recovered) = f.after_a_crash().await;
+    assert_eq!(recovered, 1);
+    let st = f
+        .store
+        .state(Tenant("acme"), StreamId("s1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (st.status, st.reason, st.last_seq),
+        (Status::Interrupted, Some(Reason::Crash), 2)
+    );
+    let done = f
+        .store
+        .state(Tenant("acme"), StreamId("s2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, Status::Completed);
+}
+
+/// The whole gateway on PostgreSQL: a stream is relayed, recorded (the transcript the API
+/// serves is what the store holds, and the invariants hold), listed and replayed.
+#[tokio::test]
+async fn a_gateway_on_postgres_relays_records_and_replays() {
+    let f = postgres().await;
+    let Place::Postgres { url, .. } = &f.place else {
+        unreachable!("a PostgreSQL store")
+    };
+    let g = common::gateway(&format!("[store]\nurl = \"{url}\"\n")).await;
+    assert_eq!(g.server.store().backend(), "postgres");
+    let (r, t) = common::run_stream(
+        &g.url,
+        &common::chat_body("sim", true, json!({"tokens": 40}), json!(null)),
+    )
+    .await;
+    assert_eq!(common::ending(&t), ("completed".into(), None));
+    let id = r.stream_id.clone().expect("stream id");
+    let stored = g
+        .server
+        .store()
+        .get(Tenant("local"), StreamId(&id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t, serde_json::to_value(&stored).unwrap());
+    assert_eq!(g.newest(1).await[0].id, id);
+    let replay = common::get_text(&format!("{}/v1/streams/{id}/events?after=38", g.url)).await;
+    assert!(
+        replay.contains("id: 39\n")
+            && replay.contains("id: 40\n")
+            && replay.ends_with("data: [DONE]\n\n"),
+        "{replay}"
+    );
+    g.server.shutdown().await.expect("shutdown");
+}
+
+/// Every check, once per backend.
+macro_rules! on_every_backend {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(super::sqlite().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    super::$check(super::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    a_stream_round_trips_with_its_chunks_in_order,
+    another_tenant_sees_nothing,
+    a_final_status_is_written_once,
+    the_list_is_newest_first_and_paged,
+    pages_stop_at_their_byte_budget_and_always_move_on,
+    a_crash_leaves_no_stream_streaming,
+);
