@@ -14,13 +14,15 @@
 //! It owns no HTTP: the API encodes what it yields as SSE.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_stream::stream;
 use futures_util::Stream;
+use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::hub::{Hub, Live};
-use crate::store::{Store, StoreError, PAGE_BYTES, PAGE_CHUNKS};
+use crate::store::{Change, Store, StoreError, PAGE_BYTES, PAGE_CHUNKS};
 use crate::stream::{StreamId, Tenant, Terminal};
 
 /// What a follower reads, in order: chunks with increasing ids, then at most one end.
@@ -57,8 +59,14 @@ pub async fn follow(
     id: StreamId<'_>,
     after: u64,
 ) -> Result<Option<impl Stream<Item = Result<Followed, StoreError>> + Send + 'static>, StoreError> {
-    // Subscribe first, then look in the store (see the module docs).
+    // Subscribe first, then look in the store (see the module docs). A stream another node
+    // runs has no feed here: then the store's news says when to read it again.
     let mut live = hub.subscribe(tenant, id);
+    let mut news = if live.is_none() {
+        store.changes()
+    } else {
+        None
+    };
     if store.state(tenant, id).await?.is_none() {
         return Ok(None);
     }
@@ -106,8 +114,21 @@ pub async fn follow(
                     match store.state(Tenant(&tenant), StreamId(&id)).await {
                         Ok(Some(st)) => {
                             let seq = st.last_seq + 1;
-                            if let Some(ending) = st.ending().filter(|_| seq > after) {
-                                yield Ok(Followed::End(Terminal { seq, ending }));
+                            match (st.ending(), news.as_mut()) {
+                                (Some(ending), _) => {
+                                    if seq > after {
+                                        yield Ok(Followed::End(Terminal { seq, ending }));
+                                    }
+                                }
+                                // Still running, on another node: wait for news, read again.
+                                (None, Some(news)) => {
+                                    if news_of(news, &id).await {
+                                        catch_up = true;
+                                        then = Then::StoredEnd;
+                                        continue;
+                                    }
+                                }
+                                (None, None) => {}
                             }
                         }
                         Ok(None) => {}
@@ -147,6 +168,29 @@ pub async fn follow(
             }
         }
     }))
+}
+
+/// How long a follower of a stream on another node waits for news before it reads the store
+/// anyway (news can be lost with a listener's connection; this bounds what that costs).
+pub const REMOTE_RECHECK: Duration = Duration::from_secs(2);
+
+/// Waits until the store's news mentions stream `id` (or may have: news was lost to lag), for
+/// at most [`REMOTE_RECHECK`]. `false` if no more news can come.
+pub(crate) async fn news_of(news: &mut broadcast::Receiver<Change>, id: &str) -> bool {
+    let heard = async {
+        loop {
+            match news.recv().await {
+                Ok(Change::Progress(p)) if &*p == id => return true,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => return true,
+                Err(RecvError::Closed) => return false,
+            }
+        }
+    };
+    match sluice_flow::timeout(REMOTE_RECHECK, heard).await {
+        sluice_flow::Timed::Completed(more) => more,
+        sluice_flow::Timed::Expired(_) => true,
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::relay::RelayContext;
 use crate::shutdown::{Bounds, Shutdown};
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
+use crate::stream::{StreamId, Tenant};
 
 /// The largest request head (request line and headers) accepted. It also caps each
 /// connection's read buffer, which hyper otherwise grows to 16 KB and keeps while the
@@ -116,6 +117,9 @@ impl Server {
             keep_alive: config.keep_alive,
             record_chunks: config.record_chunks,
         };
+        if let Some(news) = store.changes() {
+            tasks.spawn(forward_cancels(news, relay.hub.clone(), shutdown.clone()));
+        }
         let send_buffer = config.send_buffer_bytes;
         let app = api::router(AppState {
             config: Arc::new(config),
@@ -178,6 +182,35 @@ impl Server {
         (&mut self.task)
             .await
             .map_err(|e| ServeError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
+
+/// Cancels the streams of this node that another node was asked to cancel, until shutdown
+/// begins (then every stream here is being ended anyway).
+async fn forward_cancels(
+    mut news: tokio::sync::broadcast::Receiver<Change>,
+    hub: Arc<Hub>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let change = tokio::select! {
+            () = shutdown.begun() => return,
+            change = news.recv() => change,
+        };
+        match change {
+            Ok(Change::Cancel { tenant, id }) => {
+                // Not running here is the usual answer: it runs on another node.
+                let _ = hub.cancel(Tenant(&tenant), StreamId(&id));
+            }
+            Ok(Change::Progress(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "cross-node news lagged: some cancel requests may have been missed"
+                );
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

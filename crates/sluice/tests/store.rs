@@ -309,6 +309,75 @@ async fn a_gateway_on_postgres_relays_records_and_replays() {
     g.server.shutdown().await.expect("shutdown");
 }
 
+/// Two nodes on one database act as one gateway: a stream running on A is followed live through
+/// B (every chunk, once, then the same ending), and cancelled through B.
+#[tokio::test]
+async fn two_nodes_follow_and_cancel_each_others_streams() {
+    let f = postgres().await;
+    let Place::Postgres { url, .. } = &f.place else {
+        unreachable!("a PostgreSQL store")
+    };
+    let config = format!(
+        "[store]\nurl = \"{url}\"\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 30 }}\n"
+    );
+    let a = common::gateway(&config).await;
+    let b = common::gateway(&config).await;
+
+    // Followed through B while it runs on A.
+    let body = common::chat_body("slow", true, json!({"tokens": 30}), json!(null));
+    let mut on_a = common::Reader::open(&a.url, &body).await;
+    let first = common::within("a first chunk on A", on_a.next()).await;
+    assert!(first.is_some());
+    let id = on_a.stream_id.clone().expect("stream id");
+    let events_on_b = format!("{}/v1/streams/{id}/events", b.url);
+    let followed = tokio::spawn(async move { common::get_text(&events_on_b).await });
+    common::within("the stream's end on A", on_a.finish()).await;
+    let followed = common::within("the follow through B", followed)
+        .await
+        .expect("follow task");
+    let mut parser = sluice::upstream::sse::SseParser::new();
+    let mut seen = Vec::new();
+    parser.push(followed.as_bytes(), &mut seen).expect("SSE");
+    let ids = |events: &[sluice::upstream::sse::SseEvent]| {
+        events
+            .iter()
+            .map(|e| (e.id.clone(), e.data.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&seen), ids(&on_a.events), "B saw what A's client saw");
+    assert_eq!(seen.last().map(|e| e.data.as_str()), Some("[DONE]"));
+
+    // Cancelled through B while it runs on A.
+    let long = common::chat_body("slow", true, json!({"tokens": 10000}), json!(null));
+    let mut on_a = common::Reader::open(&a.url, &long).await;
+    common::within("a first chunk on A", on_a.next()).await;
+    let id = on_a.stream_id.clone().expect("stream id");
+    let asked = std::time::Instant::now();
+    let answer: serde_json::Value = common::client()
+        .post(format!("{}/v1/streams/{id}/cancel", b.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer["status"].as_str(), answer["reason"].as_str()),
+        (Some("cancelled"), Some("requested")),
+        "{answer}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    common::within("the cancelled stream's end on A", on_a.finish()).await;
+    let end = common::error_event(&on_a.events).expect("an error event on A");
+    assert_eq!(end["code"], "requested");
+    a.server.shutdown().await.expect("shutdown A");
+    b.server.shutdown().await.expect("shutdown B");
+}
+
 /// Every check, once per backend.
 macro_rules! on_every_backend {
     ($($check:ident),* $(,)?) => {

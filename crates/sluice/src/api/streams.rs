@@ -13,11 +13,13 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice_flow::Timed;
+use tokio::sync::broadcast;
 
 use crate::auth::Caller;
-use crate::follow::{follow, Followed};
+use crate::follow::{follow, news_of, Followed};
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
+use crate::store::{Change, Store, StoreError, StreamState};
 use crate::stream::{StreamId, Tenant};
 
 use super::error::not_found;
@@ -117,6 +119,36 @@ pub(super) async fn stream_events(
     Ok(sse_response(Body::from_stream(body), &id))
 }
 
+/// Cancels `tenant`'s stream `id` if another node sharing the store runs it (it is `streaming`
+/// in the store but not here), and waits, up to [`CANCEL_WAIT`], for its final status.
+async fn cancel_elsewhere(
+    store: &Store,
+    tenant: Tenant<'_>,
+    id: StreamId<'_>,
+    mut news: broadcast::Receiver<Change>,
+) -> Result<(), StoreError> {
+    let running = |st: Option<StreamState>| st.is_some_and(|st| st.ending().is_none());
+    if !running(store.state(tenant, id).await?) {
+        return Ok(());
+    }
+    store.request_cancel(tenant, id).await?;
+    let ended = async {
+        while running(store.state(tenant, id).await?) {
+            if !news_of(&mut news, id.0).await {
+                break;
+            }
+        }
+        Ok::<_, StoreError>(())
+    };
+    match sluice_flow::timeout(CANCEL_WAIT, ended).await {
+        Timed::Completed(done) => done,
+        Timed::Expired(_) => {
+            tracing::warn!(stream = %id.0, "a stream cancelled on another node had not ended after {CANCEL_WAIT:?}; answering with its status so far");
+            Ok(())
+        }
+    }
+}
+
 /// How long a cancel request waits for the stream's final status to be written.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
@@ -129,9 +161,18 @@ pub(super) async fn cancel_stream(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = stream_id(path)?;
-    let hub = &state.relay.hub;
-    let live = hub.subscribe(Tenant(&caller.tenant), StreamId(&id));
-    if hub.cancel(Tenant(&caller.tenant), StreamId(&id)) == CancelResult::Cancelling {
+    let (tenant, sid) = (Tenant(&caller.tenant), StreamId(&id));
+    let (hub, store) = (&state.relay.hub, &state.relay.store);
+    let live = hub.subscribe(tenant, sid);
+    // Subscribed before the store is read, like a follower.
+    let news = store.changes();
+    if hub.cancel(tenant, sid) == CancelResult::NotRunning {
+        if let Some(news) = news {
+            cancel_elsewhere(store, tenant, sid, news)
+                .await
+                .map_err(|e| ApiError::internal(e.report()))?;
+        }
+    } else {
         if let Some(mut live) = live {
             // Wait for the final status to be written: the relay publishes its end after that.
             let ended = async {
@@ -148,10 +189,8 @@ pub(super) async fn cancel_stream(
             }
         }
     }
-    let st = state
-        .relay
-        .store
-        .state(Tenant(&caller.tenant), StreamId(&id))
+    let st = store
+        .state(tenant, sid)
         .await
         .map_err(|e| ApiError::internal(e.report()))?
         .ok_or_else(|| not_found(&id))?;

@@ -12,7 +12,7 @@ use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::write::Op;
 use super::{
-    ChunkRecord, Finish, NewStream, StoreError, StoredChunk, StreamState, StreamSummary,
+    Change, ChunkRecord, Finish, NewStream, StoreError, StoredChunk, StreamState, StreamSummary,
     Transcript, TranscriptHead, Watermark,
 };
 use crate::stream::{StreamId, Tenant};
@@ -71,6 +71,27 @@ impl Store {
         match &self.0 {
             Backend::Sqlite(s) => Some(s.path()),
             Backend::Postgres(_) => None,
+        }
+    }
+
+    /// News from the other nodes sharing this store (`None` when nothing is shared: SQLite).
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        match &self.0 {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p.changes()),
+        }
+    }
+
+    /// Asks the node running `tenant`'s stream `id` to cancel it; `false` if no other node can
+    /// be running it (SQLite).
+    pub async fn request_cancel(
+        &self,
+        tenant: Tenant<'_>,
+        id: StreamId<'_>,
+    ) -> Result<bool, StoreError> {
+        match &self.0 {
+            Backend::Sqlite(_) => Ok(false),
+            Backend::Postgres(p) => p.request_cancel(tenant.0, id.0).await.map(|()| true),
         }
     }
 

@@ -48,6 +48,20 @@ pub use records::{
 };
 pub use watermark::Watermark;
 
+/// News from another node sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Stream `id` has new committed chunks, or its ending.
+    Progress(std::sync::Arc<str>),
+    /// Someone asked for `tenant`'s stream `id` to be cancelled.
+    Cancel {
+        /// The tenant whose stream it is.
+        tenant: String,
+        /// The stream.
+        id: String,
+    },
+}
+
 /// How many stored chunks a reader (a transcript read, a replay) takes at a time, at most.
 pub const PAGE_CHUNKS: usize = 256;
 /// About how many bytes of chunks a reader takes at a time (at least one chunk): what a read

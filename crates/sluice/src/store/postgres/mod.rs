@@ -15,15 +15,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{Client, NoTls};
 
 use crate::store::records::{ms, now_unix};
 use crate::store::write::{settle, Op, MAX_BATCH, WRITE_QUEUE};
-use crate::store::{ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead};
+use crate::store::{
+    Change, ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead,
+};
 use crate::stream::{Reason, Status, StreamId, Tenant};
 
 mod migrations;
+mod notify;
 
 /// How long a node's lease lasts without renewal before the others take it for dead.
 pub const LEASE: Duration = Duration::from_secs(10);
@@ -34,6 +37,9 @@ pub(crate) struct PgStore {
     writer: mpsc::Sender<Op>,
     reader: Arc<Client>,
     node: Arc<str>,
+    /// News from every node (see `notify`); its session lives as long as `_listener`.
+    news: broadcast::Sender<Change>,
+    _listener: Arc<Client>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -70,6 +76,7 @@ impl PgStore {
         let node: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
         renew_lease(&reader, &node).await?;
         let recovered = sweep(&reader).await?;
+        let (listener, news) = notify::listen(url).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         #[allow(
             clippy::disallowed_methods,
@@ -102,6 +109,8 @@ impl PgStore {
                 writer: tx,
                 reader,
                 node,
+                news,
+                _listener: Arc::new(listener),
             },
             recovered,
         ))
@@ -110,6 +119,22 @@ impl PgStore {
     /// Applies the migrations the database lacks; returns how many.
     pub(crate) async fn migrate(url: &str) -> Result<usize, StoreError> {
         migrations::apply(&mut open_connection(url).await?).await
+    }
+
+    /// News from every node sharing the database.
+    pub(crate) fn changes(&self) -> broadcast::Receiver<Change> {
+        self.news.subscribe()
+    }
+
+    /// Asks whichever node runs `tenant`'s stream `id` to cancel it.
+    pub(crate) async fn request_cancel(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(&(tenant, id))
+            .map_err(|e| StoreError::Internal(format!("cannot encode a cancel request: {e}")))?;
+        self.reader
+            .execute("SELECT pg_notify($1, $2)", &[&notify::CANCEL, &payload])
+            .await
+            .map_err(StoreError::postgres)?;
+        Ok(())
     }
 
     /// Queues a write for the writer task (waiting for room).
@@ -272,16 +297,22 @@ async fn renew_lease(client: &Client, node: &str) -> Result<(), StoreError> {
 /// Marks the running streams of every node whose lease has expired `interrupted(crash)`, and
 /// forgets those nodes. Returns how many streams it marked.
 async fn sweep(client: &Client) -> Result<u64, StoreError> {
+    // Followers of those streams hear of their ending like of any other.
     let marked = client
-        .execute(
-            "UPDATE streams SET status = 'interrupted', reason = 'crash',
-                 detail = 'the gateway node running the stream stopped renewing its lease'
-             WHERE status = 'streaming'
-               AND (node IS NULL OR node NOT IN (SELECT id FROM nodes WHERE lease_until > now()))",
-            &[],
+        .query(
+            "WITH marked AS (
+                UPDATE streams SET status = 'interrupted', reason = 'crash',
+                    detail = 'the gateway node running the stream stopped renewing its lease'
+                WHERE status = 'streaming'
+                  AND (node IS NULL OR node NOT IN (SELECT id FROM nodes WHERE lease_until > now()))
+                RETURNING id
+             )
+             SELECT pg_notify($1, id) FROM marked",
+            &[&notify::PROGRESS],
         )
         .await
-        .map_err(StoreError::postgres)?;
+        .map_err(StoreError::postgres)?
+        .len() as u64;
     client
         .execute(
             "DELETE FROM nodes WHERE lease_until < now() - make_interval(secs => $1)",
@@ -360,8 +391,10 @@ async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), Stor
         .await
         .map_err(StoreError::postgres)?;
     }
+    let mut touched: Vec<&str> = ids.clone();
     for op in batch {
         if let Op::Finish(f, _) = op {
+            touched.push(&f.id);
             tx.execute(
                 "UPDATE streams SET status = $2, reason = $3, detail = $4, first_token_us = $5,
                      total_us = $6, usage = $7, chunk_count = $8
@@ -380,6 +413,17 @@ async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), Stor
             .await
             .map_err(StoreError::postgres)?;
         }
+    }
+    // Followers on other nodes hear of it when the batch commits: once per stream per batch.
+    touched.sort_unstable();
+    touched.dedup();
+    if !touched.is_empty() {
+        tx.execute(
+            "SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id",
+            &[&notify::PROGRESS, &touched],
+        )
+        .await
+        .map_err(StoreError::postgres)?;
     }
     tx.commit().await.map_err(StoreError::postgres)
 }
