@@ -378,6 +378,47 @@ async fn two_nodes_follow_and_cancel_each_others_streams() {
     b.server.shutdown().await.expect("shutdown B");
 }
 
+/// PostgreSQL gone (here: every connection of the gateway terminated by the server): a new
+/// request gets `503 store_unavailable` in OpenAI's error format, not a 500 or a hang.
+#[tokio::test]
+async fn a_gateway_whose_postgres_is_gone_answers_503() {
+    let f = postgres().await;
+    let Place::Postgres { url, .. } = &f.place else {
+        unreachable!("a PostgreSQL store")
+    };
+    let app = format!("sluice_gone_{}", uuid::Uuid::new_v4().simple());
+    let g = common::gateway(&format!(
+        "[store]\nurl = \"{url}&application_name={app}\"\n"
+    ))
+    .await;
+    run_sql(
+        &admin_url(),
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"),
+    )
+    .await;
+    let r = common::within(
+        "an answer",
+        common::client()
+            .post(format!("{}/v1/chat/completions", g.url))
+            .json(&common::chat_body(
+                "sim",
+                true,
+                json!({"tokens": 2}),
+                json!(null),
+            ))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 503);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "store_unavailable", "{e}");
+    assert!(!e["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("postgres://"));
+}
+
 /// Every check, once per backend.
 macro_rules! on_every_backend {
     ($($check:ident),* $(,)?) => {

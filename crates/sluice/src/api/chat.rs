@@ -262,9 +262,7 @@ pub(super) async fn chat_completions(
     };
     let frames = relay::start(&state.relay, request, permit)
         .await
-        .map_err(|e| {
-            ApiError::internal(format!("the stream could not be recorded: {}", e.report()))
-        })?;
+        .map_err(|e| ApiError::store("the stream could not be recorded", &e))?;
     if chat.stream {
         stream_response(frames, id, &model.name).await
     } else {

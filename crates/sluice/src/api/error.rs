@@ -57,6 +57,21 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// A store failure: `503 store_unavailable` when the store cannot be
+    /// reached, else `500`. `doing` says what failed ("the stream could not be recorded").
+    pub(super) fn store(doing: &str, e: &crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("{doing}: the store is unavailable ({})", e.report()),
+            )
+            .with_code("store_unavailable")
+        } else {
+            Self::internal(format!("{doing}: {}", e.report()))
+        }
+    }
+
     /// The error a stream that ended abnormally before its first byte answers with.
     pub(super) fn for_ending(ending: &Ending, stream_id: Arc<str>) -> Self {
         let status = match ending.status() {

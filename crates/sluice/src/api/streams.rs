@@ -50,7 +50,7 @@ pub(super) async fn list_streams(
         .store
         .list(Tenant(&caller.tenant), limit, q.after)
         .await
-        .map_err(|e| ApiError::internal(e.report()))?;
+        .map_err(|e| ApiError::store("the store could not be read", &e))?;
     let last_id = data.last().map(|s| s.id.clone());
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": has_more, "last_id": last_id}),
@@ -105,7 +105,7 @@ pub(super) async fn stream_events(
         after,
     )
     .await
-    .map_err(|e| ApiError::internal(e.report()))?
+    .map_err(|e| ApiError::store("the store could not be read", &e))?
     .ok_or_else(|| not_found(&id))?;
     let stream_id = id.clone();
     let body = followed.map(move |item| match item {
@@ -170,7 +170,7 @@ pub(super) async fn cancel_stream(
         if let Some(news) = news {
             cancel_elsewhere(store, tenant, sid, news)
                 .await
-                .map_err(|e| ApiError::internal(e.report()))?;
+                .map_err(|e| ApiError::store("the store could not be read", &e))?;
         }
     } else {
         if let Some(mut live) = live {
@@ -192,7 +192,7 @@ pub(super) async fn cancel_stream(
     let st = store
         .state(tenant, sid)
         .await
-        .map_err(|e| ApiError::internal(e.report()))?
+        .map_err(|e| ApiError::store("the store could not be read", &e))?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(json!({
         "id": id,

@@ -31,7 +31,7 @@ pub(super) async fn show_stream(
     let head = store
         .head(Tenant(&caller.tenant), StreamId(&id))
         .await
-        .map_err(|e| ApiError::internal(e.report()))?
+        .map_err(|e| ApiError::store("the store could not be read", &e))?
         .ok_or_else(|| not_found(&id))?;
     let body = stream! {
         yield Ok::<_, std::io::Error>(Bytes::from(transcript_prefix(&head)));

@@ -53,6 +53,17 @@ impl StoreError {
         }
     }
 
+    /// Whether the store cannot be reached (as opposed to refusing one operation): PostgreSQL
+    /// down or its connection lost, the writer gone, the disk unreachable. The API answers
+    /// these with `503`.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e.is_closed() || e.as_db_error().is_none(),
+            StoreError::Closed | StoreError::Io { .. } => true,
+            StoreError::Db(_) | StoreError::Damaged { .. } | StoreError::Internal(_) => false,
+        }
+    }
+
     /// The error and every cause under it, on one line: what a log line or an error message
     /// shows (`Display` alone is only the outermost).
     pub fn report(&self) -> String {
