@@ -26,14 +26,6 @@ struct Serve {
     url: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Serve {
     async fn start(data_dir: &Path, config: Option<&Path>) -> Serve {
         Serve::start_on(free_port(), data_dir, config).await

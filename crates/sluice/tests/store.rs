@@ -70,7 +70,9 @@ async fn postgres() -> Fresh {
     let schema = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
     run_sql(&admin_url(), &format!("CREATE SCHEMA {schema}")).await;
     let url = format!("{}?options=-csearch_path%3D{schema}", admin_url());
-    let (store, _) = Store::connect(&url).await.expect("connect");
+    let (store, _) = Store::connect(&url, sluice::store::DEFAULT_LEASE)
+        .await
+        .expect("connect");
     Fresh {
         store,
         place: Place::Postgres { url, schema },
@@ -99,7 +101,9 @@ impl Fresh {
                     .expect("expire the lease");
                 drop(admin);
                 let _ = driver.await;
-                Store::connect(url).await.expect("connect")
+                Store::connect(url, sluice::store::DEFAULT_LEASE)
+                    .await
+                    .expect("connect")
             }
         };
         (Fresh { store, place }, recovered)

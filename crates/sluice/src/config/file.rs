@@ -39,6 +39,7 @@ pub(super) struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileStore {
     pub(super) url: Option<String>,
+    pub(super) lease_ms: Option<Millis>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -47,9 +47,9 @@ impl Store {
 
     /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`), applies
     /// its migrations, marks the streams of nodes that died `interrupted(crash)`, and starts the
-    /// writer. Returns the store and how many streams were recovered.
-    pub async fn connect(url: &str) -> Result<(Self, u64), StoreError> {
-        PgStore::connect(url)
+    /// writer. This node's lease lasts `lease` ([`DEFAULT_LEASE`](super::DEFAULT_LEASE)). Returns the store and how many streams were recovered.
+    pub async fn connect(url: &str, lease: Duration) -> Result<(Self, u64), StoreError> {
+        PgStore::connect(url, lease)
             .await
             .map(|(s, n)| (Store(Backend::Postgres(s)), n))
     }

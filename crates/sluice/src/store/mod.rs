@@ -42,6 +42,7 @@ mod write;
 pub(crate) use block::{decode as decode_block, encode as encode_block, LoggedChunk};
 pub use error::StoreError;
 pub use handle::Store;
+pub use postgres::DEFAULT_LEASE;
 pub use records::{
     ChunkRecord, Finish, NewStream, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
     TranscriptHead,

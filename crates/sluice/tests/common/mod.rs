@@ -64,6 +64,15 @@ impl Gateway {
     }
 }
 
+/// A port that was free a moment ago, for a process to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Starts a mock upstream on an ephemeral port.
 pub async fn mock(options: MockOptions) -> MockUpstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

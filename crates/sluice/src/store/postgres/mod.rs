@@ -8,7 +8,7 @@
 //!   durable (invariant 1).
 //! - **Reads**: a second connection, shared (tokio-postgres pipelines concurrent queries).
 //! - **Nodes**: each node has a row in `nodes` and renews its lease every third of
-//!   [`LEASE`]; any node marks the running streams of a node whose lease has expired
+//!   its lease (`[store] lease_ms`, default [`DEFAULT_LEASE`]); any node marks the running streams of a node whose lease has expired
 //!   `interrupted(crash)`, at connect and then periodically, so no stream stays `streaming`
 //!   after its process is gone (invariant 2).
 
@@ -28,8 +28,8 @@ use crate::stream::{Reason, Status, StreamId, Tenant};
 mod migrations;
 mod notify;
 
-/// How long a node's lease lasts without renewal before the others take it for dead.
-pub const LEASE: Duration = Duration::from_secs(10);
+/// How long a node's lease lasts without renewal before the others take it for dead, by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
 /// A handle to the PostgreSQL store; cheap to clone.
 #[derive(Clone)]
@@ -69,13 +69,13 @@ impl PgStore {
     /// Connects, migrates, registers this node, marks the streams of dead nodes
     /// `interrupted(crash)`, and starts the writer and the lease task. Returns the store and how
     /// many streams were recovered.
-    pub(crate) async fn connect(url: &str) -> Result<(Self, u64), StoreError> {
+    pub(crate) async fn connect(url: &str, lease: Duration) -> Result<(Self, u64), StoreError> {
         let mut writer_conn = open_connection(url).await?;
         migrations::apply(&mut writer_conn).await?;
         let reader = Arc::new(open_connection(url).await?);
         let node: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
-        renew_lease(&reader, &node).await?;
-        let recovered = sweep(&reader).await?;
+        renew_lease(&reader, &node, lease).await?;
+        let recovered = sweep(&reader, lease).await?;
         let (listener, news) = notify::listen(url).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         #[allow(
@@ -83,21 +83,21 @@ impl PgStore {
             reason = "the writer: it ends when the last handle (and so its queue) is dropped, after the server has flushed it"
         )]
         tokio::spawn(write_loop(writer_conn, rx, node.clone()));
-        let lease = (Arc::downgrade(&reader), node.clone());
+        let renewer = (Arc::downgrade(&reader), node.clone());
         #[allow(
             clippy::disallowed_methods,
             reason = "the lease: it ends when the store's last handle is dropped"
         )]
         tokio::spawn(async move {
-            let (reader, node) = lease;
+            let (reader, node) = renewer;
             loop {
-                tokio::time::sleep(LEASE / 3).await;
+                tokio::time::sleep(lease / 3).await;
                 let Some(client) = reader.upgrade() else {
                     return;
                 };
                 let renewed = async {
-                    renew_lease(&client, &node).await?;
-                    sweep(&client).await
+                    renew_lease(&client, &node, lease).await?;
+                    sweep(&client, lease).await
                 };
                 if let Err(e) = renewed.await {
                     tracing::warn!(error = %e.report(), "node lease not renewed");
@@ -282,12 +282,12 @@ fn clamp(n: usize) -> i64 {
 }
 
 /// Renews `node`'s lease (registering it the first time).
-async fn renew_lease(client: &Client, node: &str) -> Result<(), StoreError> {
+async fn renew_lease(client: &Client, node: &str, lease: Duration) -> Result<(), StoreError> {
     client
         .execute(
             "INSERT INTO nodes (id, lease_until) VALUES ($1, now() + make_interval(secs => $2))
              ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
-            &[&node, &LEASE.as_secs_f64()],
+            &[&node, &lease.as_secs_f64()],
         )
         .await
         .map_err(StoreError::postgres)?;
@@ -296,7 +296,7 @@ async fn renew_lease(client: &Client, node: &str) -> Result<(), StoreError> {
 
 /// Marks the running streams of every node whose lease has expired `interrupted(crash)`, and
 /// forgets those nodes. Returns how many streams it marked.
-async fn sweep(client: &Client) -> Result<u64, StoreError> {
+async fn sweep(client: &Client, lease: Duration) -> Result<u64, StoreError> {
     // Followers of those streams hear of their ending like of any other.
     let marked = client
         .query(
@@ -316,7 +316,7 @@ async fn sweep(client: &Client) -> Result<u64, StoreError> {
     client
         .execute(
             "DELETE FROM nodes WHERE lease_until < now() - make_interval(secs => $1)",
-            &[&LEASE.as_secs_f64()],
+            &[&lease.as_secs_f64()],
         )
         .await
         .map_err(StoreError::postgres)?;
