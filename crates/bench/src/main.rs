@@ -28,6 +28,7 @@ use serde_json::json;
 use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sim::SimDefaults;
 
+mod cluster;
 mod measure;
 mod memory;
 mod report;
@@ -76,6 +77,14 @@ struct Args {
     /// fresh sluice and write `memory.md` and `memory.json` to `--out`.
     #[arg(long)]
     only_memory: bool,
+    /// Run only the two-node measurements (cross-node follow delay and cancel) on the
+    /// PostgreSQL at `--store-url`, and write `cluster.md` and `cluster.json` to `--out`.
+    #[arg(long, requires = "store_url")]
+    only_cluster: bool,
+    /// The PostgreSQL both nodes share for `--only-cluster` (e.g. a fresh schema:
+    /// `postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dbench`).
+    #[arg(long)]
+    store_url: Option<String>,
     /// How long the memory soak runs, in seconds.
     #[arg(long, default_value_t = 120)]
     soak_seconds: u64,
@@ -137,6 +146,17 @@ async fn start_sluice(
     record_chunks: bool,
     tag: &str,
 ) -> anyhow::Result<Sluice> {
+    start_node(bin, upstream, record_chunks, tag, None).await
+}
+
+/// `start_sluice`, on the PostgreSQL at `store_url` if given.
+async fn start_node(
+    bin: &Path,
+    upstream: &str,
+    record_chunks: bool,
+    tag: &str,
+    store_url: Option<&str>,
+) -> anyhow::Result<Sluice> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -144,7 +164,8 @@ async fn start_sluice(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("sluice.toml");
-    std::fs::write(&config, format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n"))?;
+    let store = store_url.map_or(String::new(), |url| format!("[store]\nurl = \"{url}\"\n"));
+    std::fs::write(&config, format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n{store}[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n"))?;
     let child = tokio::process::Command::new(bin)
         .args([
             "serve",
@@ -233,6 +254,26 @@ async fn main() -> anyhow::Result<()> {
         )?;
         std::fs::write(args.out.join("memory.md"), memory::markdown(&raw, &m))?;
         println!("{}", memory::markdown(&raw, &m));
+        return Ok(());
+    }
+    if let (true, Some(url)) = (args.only_cluster, args.store_url.as_deref()) {
+        drop((sluice, bare));
+        let a = start_node(&sluice_bin, &mock.base_url(), true, "node-a", Some(url)).await?;
+        let b = start_node(&sluice_bin, &mock.base_url(), true, "node-b", Some(url)).await?;
+        let c = cluster::run(&a.base, &b.base, &mock, 200).await?;
+        std::fs::create_dir_all(&args.out)?;
+        let raw = json!({
+            "date": now_utc(),
+            "command": args.command,
+            "machine": machine(),
+            "cluster": c,
+        });
+        std::fs::write(
+            args.out.join("cluster.json"),
+            serde_json::to_string_pretty(&raw)?,
+        )?;
+        std::fs::write(args.out.join("cluster.md"), cluster::markdown(&raw, &c))?;
+        println!("{}", cluster::markdown(&raw, &c));
         return Ok(());
     }
     if args.only_idle {

@@ -58,7 +58,16 @@ impl StoreError {
     /// these with `503`.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Postgres(e) => e.is_closed() || e.as_db_error().is_none(),
+            // Not a refusal of this statement: the connection is gone, or the server is going
+            // away (SQLSTATE classes 08, connection exception, and 57P, operator intervention:
+            // a terminated backend, a shutdown, "cannot connect now").
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        let code = c.code();
+                        code.starts_with("08") || code.starts_with("57P")
+                    })
+            }
             StoreError::Closed | StoreError::Io { .. } => true,
             StoreError::Db(_) | StoreError::Damaged { .. } | StoreError::Internal(_) => false,
         }
