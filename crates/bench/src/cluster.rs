@@ -14,7 +14,7 @@ use serde_json::json;
 use sluice::mock_upstream::MockUpstream;
 use sluice::upstream::sse::SseParser;
 
-use crate::measure::{client, dist, Dist};
+use crate::measure::{client, dist, stream_id_of, Dist};
 
 /// What `--only-cluster` measures.
 #[derive(Debug, Clone, Serialize)]
@@ -93,12 +93,7 @@ pub async fn run(a: &str, b: &str, mock: &MockUpstream, cancels: usize) -> anyho
             .json(&json!({"model": "up", "stream": true, "messages": [{"role": "user", "content": "bench"}], "sim": {"tokens": 1_000_000, "first_token_ms": 0, "token_interval_ms": 5}}))
             .send()
             .await?;
-        let id = response
-            .headers()
-            .get("x-sluice-stream-id")
-            .and_then(|v| v.to_str().ok())
-            .context("stream id")?
-            .to_string();
+        let id = stream_id_of(&response)?;
         response.chunk().await?.context("no first chunk")?;
         let before = mock.stats().disconnected();
         let asked = Instant::now();

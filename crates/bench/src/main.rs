@@ -149,6 +149,31 @@ async fn start_sluice(
     start_node(bin, upstream, record_chunks, tag, None).await
 }
 
+/// Writes `NAME.json` (the figures with the date, command and machine) and `NAME.md` (what
+/// `markdown` makes of them) to `--out`, and prints the markdown.
+fn write_report<T: Serialize>(
+    args: &Args,
+    name: &str,
+    figures: &T,
+    markdown: fn(&serde_json::Value, &T) -> String,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let raw = json!({
+        "date": now_utc(),
+        "command": args.command,
+        "machine": machine(),
+        name: figures,
+    });
+    std::fs::write(
+        args.out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(&raw)?,
+    )?;
+    let md = markdown(&raw, figures);
+    std::fs::write(args.out.join(format!("{name}.md")), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
 /// `start_sluice`, on the PostgreSQL at `store_url` if given.
 async fn start_node(
     bin: &Path,
@@ -241,40 +266,14 @@ async fn main() -> anyhow::Result<()> {
         let fresh = start_sluice(&sluice_bin, &mock.base_url(), true, "memory").await?;
         let pid = fresh.child.id().context("sluice pid")?;
         let m = memory::run(&fresh.base, pid, args.soak_seconds).await?;
-        std::fs::create_dir_all(&args.out)?;
-        let raw = json!({
-            "date": now_utc(),
-            "command": args.command,
-            "machine": machine(),
-            "memory": m,
-        });
-        std::fs::write(
-            args.out.join("memory.json"),
-            serde_json::to_string_pretty(&raw)?,
-        )?;
-        std::fs::write(args.out.join("memory.md"), memory::markdown(&raw, &m))?;
-        println!("{}", memory::markdown(&raw, &m));
-        return Ok(());
+        return write_report(&args, "memory", &m, memory::markdown);
     }
     if let (true, Some(url)) = (args.only_cluster, args.store_url.as_deref()) {
         drop((sluice, bare));
         let a = start_node(&sluice_bin, &mock.base_url(), true, "node-a", Some(url)).await?;
         let b = start_node(&sluice_bin, &mock.base_url(), true, "node-b", Some(url)).await?;
         let c = cluster::run(&a.base, &b.base, &mock, 200).await?;
-        std::fs::create_dir_all(&args.out)?;
-        let raw = json!({
-            "date": now_utc(),
-            "command": args.command,
-            "machine": machine(),
-            "cluster": c,
-        });
-        std::fs::write(
-            args.out.join("cluster.json"),
-            serde_json::to_string_pretty(&raw)?,
-        )?;
-        std::fs::write(args.out.join("cluster.md"), cluster::markdown(&raw, &c))?;
-        println!("{}", cluster::markdown(&raw, &c));
-        return Ok(());
+        return write_report(&args, "cluster", &c, cluster::markdown);
     }
     if args.only_idle {
         let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;

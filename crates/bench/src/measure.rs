@@ -37,6 +37,16 @@ pub(crate) struct Dist {
     pub(crate) p99_us: f64,
 }
 
+/// The stream id a gateway named in its response.
+pub(crate) fn stream_id_of(response: &reqwest::Response) -> anyhow::Result<String> {
+    Ok(response
+        .headers()
+        .get("x-sluice-stream-id")
+        .and_then(|v| v.to_str().ok())
+        .context("stream id")?
+        .to_string())
+}
+
 pub(crate) fn dist(mut us: Vec<f64>) -> Dist {
     if us.is_empty() {
         return Dist::default();

@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::measure::{client, rss_kb};
+use crate::measure::{client, rss_kb, stream_id_of};
 
 /// RSS around one scenario, MB.
 #[derive(Debug, Clone, Serialize)]
@@ -108,12 +107,7 @@ async fn run_stream(
         .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "memory"}], "sim": sim, "sluice": sluice}))
         .send()
         .await?;
-    let id = r
-        .headers()
-        .get("x-sluice-stream-id")
-        .and_then(|v| v.to_str().ok())
-        .context("stream id")?
-        .to_string();
+    let id = stream_id_of(&r)?;
     while r.chunk().await?.is_some() {}
     Ok(id)
 }
