@@ -1,8 +1,9 @@
 //! Two real `sluice serve` processes on one PostgreSQL (a fresh schema of the machine's server on
 //! 127.0.0.1:5432): a node killed with `kill -9` mid-stream has its stream marked
 //! `interrupted(crash)` by the other within its lease, a follower on the other node gets that
-//! terminal event instead of hanging, and the restarted node replays the stream. Real processes
-//! on the real clock; every wait is bounded and nothing asserts on elapsed time.
+//! terminal event instead of hanging, and the restarted node replays the stream; and the same
+//! two behind a real nginx (`deploy/nginx.conf`, round-robin). Real processes on the real clock;
+//! every wait is bounded and nothing asserts on elapsed time.
 #![allow(
     clippy::disallowed_methods,
     reason = "tests spawn and time out raw futures, as outside callers do"
@@ -13,7 +14,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -60,6 +60,26 @@ fn psql(sql: &str) {
     );
 }
 
+/// A config file in `dir` for nodes on `schema` (`store_extra`: more `[store]` keys), with a
+/// `slow` sim model whose tokens come `interval_ms` apart.
+fn cluster_config(
+    dir: &tempfile::TempDir,
+    schema: &Schema,
+    store_extra: &str,
+    interval_ms: u64,
+) -> std::path::PathBuf {
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"{}\"\n{store_extra}[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = {interval_ms} }}\n",
+            schema.url()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// Starts `sluice serve` on `port` with `config`; waits until it answers.
 async fn node(port: u16, data: &Path, config: &Path) -> Child {
     let child = Command::new(BIN)
@@ -73,34 +93,18 @@ async fn node(port: u16, data: &Path, config: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn sluice");
-    let url = format!("http://127.0.0.1:{port}/healthz");
-    for _ in 0..200 {
-        if client()
-            .get(&url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return child;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("sluice serve on port {port} did not become ready");
+    assert!(
+        answers(&format!("http://127.0.0.1:{port}/healthz")).await,
+        "sluice serve on port {port} did not become ready"
+    );
+    child
 }
 
 #[tokio::test]
 async fn a_killed_node_s_stream_ends_as_a_crash_on_the_other_and_replays_after_restart() {
     let schema = Schema::new();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\nurl = \"{}\"\nlease_ms = 1000\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 50 }}\n",
-            schema.url()
-        ),
-    )
-    .unwrap();
+    let config = cluster_config(&dir, &schema, "lease_ms = 1000\n", 50);
     let (port_a, port_b) = (free_port(), free_port());
     let mut a = node(port_a, &dir.path().join("a"), &config).await;
     let b = node(port_b, &dir.path().join("b"), &config).await;
@@ -142,4 +146,108 @@ async fn a_killed_node_s_stream_ends_as_a_crash_on_the_other_and_replays_after_r
     let replay = get_text(&format!("{url_a}/v1/streams/{id}/events")).await;
     assert_eq!(replay, followed, "a replay on A is what B's follower got");
     drop((a, b));
+}
+
+/// nginx (Debian's, `scripts/ensure-nginx`) with `deploy/nginx.conf`, in front of `ports`;
+/// listens on the returned port. Runs in the foreground with its files in `dir`.
+async fn nginx(dir: &Path, ports: [u16; 2]) -> (Child, u16) {
+    let listen = free_port();
+    let site = include_str!("../../../deploy/nginx.conf")
+        .replace("127.0.0.1:8751", &format!("127.0.0.1:{}", ports[0]))
+        .replace("127.0.0.1:8752", &format!("127.0.0.1:{}", ports[1]))
+        .replace("listen 8750;", &format!("listen 127.0.0.1:{listen};"));
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n{site}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx (scripts/ensure-nginx installs it)");
+    assert!(
+        answers(&format!("http://127.0.0.1:{listen}/healthz")).await,
+        "nginx did not answer: {}",
+        std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+    );
+    (child, listen)
+}
+
+/// Through nginx round-robin in front of two nodes: a stream arrives chunk by chunk (not
+/// buffered to the end), a client that drops its connection resumes through whichever node
+/// nginx picks, and a cancel through nginx stops a stream wherever it runs.
+#[tokio::test]
+async fn through_nginx_streams_arrive_unbuffered_resume_anywhere_and_cancel() {
+    let schema = Schema::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = cluster_config(&dir, &schema, "", 100);
+    let ports = [free_port(), free_port()];
+    let _a = node(ports[0], &dir.path().join("a"), &config).await;
+    let _b = node(ports[1], &dir.path().join("b"), &config).await;
+    let (_nginx, port) = nginx(dir.path(), ports).await;
+    let lb = format!("http://127.0.0.1:{port}");
+
+    // Chunk by chunk: the first chunk is through while the stream still runs.
+    let body = chat_body("slow", true, json!({"tokens": 20}), json!(null));
+    let mut r = Reader::open(&lb, &body).await;
+    within("a first chunk through nginx", r.next())
+        .await
+        .expect("a chunk");
+    let id = r.stream_id.clone().expect("stream id");
+    let st = get_json(&format!("{lb}/v1/streams/{id}")).await;
+    assert_eq!(
+        st["status"], "streaming",
+        "the first chunk came before the end"
+    );
+    within("the end through nginx", r.finish()).await;
+    assert_eq!(r.events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+
+    // Drop the connection after two chunks; resume through nginx, twice (round-robin: each node
+    // answers once), both times from event 2 to the end.
+    let keep = chat_body(
+        "slow",
+        true,
+        json!({"tokens": 20}),
+        json!({"on_disconnect": "continue"}),
+    );
+    let mut r = Reader::open(&lb, &keep).await;
+    within("a chunk", r.next()).await.expect("a chunk");
+    within("a chunk", r.next()).await.expect("a chunk");
+    let id = r.stream_id.clone().expect("stream id");
+    r.disconnect();
+    let resumes: Vec<String> = futures_util::future::join_all((0..2).map(|_| {
+        let url = format!("{lb}/v1/streams/{id}/events?after=2");
+        async move { within("a resume through nginx", get_text(&url)).await }
+    }))
+    .await;
+    for resumed in &resumes {
+        assert!(
+            resumed.starts_with("id: 3\n") && resumed.ends_with("data: [DONE]\n\n"),
+            "{resumed}"
+        );
+    }
+    assert_eq!(resumes[0], resumes[1], "both nodes replay the same events");
+
+    // Cancel through nginx, wherever the stream runs.
+    let long = chat_body("slow", true, json!({"tokens": 10000}), json!(null));
+    let mut r = Reader::open(&lb, &long).await;
+    within("a chunk", r.next()).await.expect("a chunk");
+    let id = r.stream_id.clone().expect("stream id");
+    let answer = post_json(&format!("{lb}/v1/streams/{id}/cancel")).await;
+    assert_eq!(answer["reason"], "requested", "{answer}");
+    within("the cancelled stream's end", r.finish()).await;
+    assert_eq!(
+        error_event(&r.events).expect("an error event")["code"],
+        "requested"
+    );
 }

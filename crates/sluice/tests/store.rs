@@ -357,14 +357,7 @@ async fn two_nodes_follow_and_cancel_each_others_streams() {
     common::within("a first chunk on A", on_a.next()).await;
     let id = on_a.stream_id.clone().expect("stream id");
     let asked = std::time::Instant::now();
-    let answer: serde_json::Value = common::client()
-        .post(format!("{}/v1/streams/{id}/cancel", b.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = common::post_json(&format!("{}/v1/streams/{id}/cancel", b.url)).await;
     assert_eq!(
         (answer["status"].as_str(), answer["reason"].as_str()),
         (Some("cancelled"), Some("requested")),

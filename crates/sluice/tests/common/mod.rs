@@ -64,6 +64,34 @@ impl Gateway {
     }
 }
 
+/// `POST url` with no body; the JSON answer.
+pub async fn post_json(url: &str) -> Value {
+    client()
+        .post(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
+/// Polls `url` until it answers 200, for up to 10 s; whether it did.
+pub async fn answers(url: &str) -> bool {
+    for _ in 0..200 {
+        if client()
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// A port that was free a moment ago, for a process to listen on.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
