@@ -81,8 +81,9 @@ struct Args {
     /// PostgreSQL at `--store-url`, and write `cluster.md` and `cluster.json` to `--out`.
     #[arg(long, requires = "store_url")]
     only_cluster: bool,
-    /// The PostgreSQL both nodes share for `--only-cluster` (e.g. a fresh schema:
-    /// `postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dbench`).
+    /// A PostgreSQL (best a fresh schema:
+    /// `postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dbench`): adds the target
+    /// "sluice on PostgreSQL" and the two-node figures (cross-node follow and cancel).
     #[arg(long)]
     store_url: Option<String>,
     /// How long the memory soak runs, in seconds.
@@ -302,6 +303,25 @@ async fn main() -> anyhow::Result<()> {
             stamps: true,
         },
     ];
+    // The same gateway on PostgreSQL, when there is one: a second node for the cross-node
+    // figures is started after the targets are measured.
+    let postgres = match args.store_url.as_deref() {
+        Some(url) => {
+            Some(start_node(&sluice_bin, &mock.base_url(), true, "postgres", Some(url)).await?)
+        }
+        None => None,
+    };
+    if let Some(node) = &postgres {
+        targets.push(Target {
+            id: "sluice_postgres",
+            name: "sluice on PostgreSQL".into(),
+            base: node.base.clone(),
+            key: None,
+            model: "up",
+            client: client(),
+            stamps: true,
+        });
+    }
     if let Some(url) = &args.peer_url {
         targets.push(Target {
             id: "peer",
@@ -348,6 +368,16 @@ async fn main() -> anyhow::Result<()> {
         }
         results.insert(t.id.to_string(), serde_json::to_value(r)?);
     }
+    let cluster = match (&postgres, args.store_url.as_deref()) {
+        (Some(a), Some(url)) => {
+            bar.set_message("two nodes on PostgreSQL: cross-node follow and cancel");
+            let b =
+                start_node(&sluice_bin, &mock.base_url(), true, "postgres-b", Some(url)).await?;
+            Some(cluster::run(&a.base, &b.base, &mock, plan.close_samples).await?)
+        }
+        _ => None,
+    };
+    drop(postgres);
     bar.set_message(format!(
         "sluice: RSS with {} idle streams",
         plan.idle_streams
@@ -373,6 +403,8 @@ async fn main() -> anyhow::Result<()> {
         get("sluice"),
         get("sluice_no_transcripts"),
         get("peer"),
+        get("sluice_postgres"),
+        cluster.as_ref(),
         &idle,
     );
     std::fs::create_dir_all(&args.out)?;
@@ -385,7 +417,7 @@ async fn main() -> anyhow::Result<()> {
         "targets": results,
         "idle": idle,
         "goals": report.goals,
-        "cross_node_cancel": {"measured": false, "why": "multi-node sluice on PostgreSQL does not exist yet"},
+        "cluster": cluster,
         "peer": {"name": args.peer_name, "skipped": args.peer_skipped},
     });
     std::fs::write(
