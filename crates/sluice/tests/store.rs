@@ -375,38 +375,71 @@ async fn two_nodes_follow_and_cancel_each_others_streams() {
     b.server.shutdown().await.expect("shutdown B");
 }
 
-/// PostgreSQL gone (here: every connection of the gateway terminated by the server): a new
-/// request gets `503 store_unavailable` in OpenAI's error format, not a 500 or a hang.
+/// A TCP proxy to PostgreSQL that the test can take down and bring back on the same port.
+struct Proxy {
+    port: u16,
+    /// Accepts, and owns every connection: aborting it drops them all.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Proxy { port, task }
+    }
+
+    /// Stops accepting and cuts every connection: PostgreSQL is gone, as far as sluice knows.
+    fn down(&self) {
+        self.task.abort();
+    }
+}
+
+/// PostgreSQL out of reach (a proxy in between, taken down): a new request gets
+/// `503 store_unavailable` in OpenAI's error format once the writer has tried for its bound;
+/// brought back on the same address, the node reconnects by itself and serves again.
 #[tokio::test]
-async fn a_gateway_whose_postgres_is_gone_answers_503() {
+async fn postgres_out_of_reach_is_a_503_and_the_node_reconnects_by_itself() {
     let f = postgres().await;
     let Place::Postgres { url, .. } = &f.place else {
         unreachable!("a PostgreSQL store")
     };
-    let app = format!("sluice_gone_{}", uuid::Uuid::new_v4().simple());
-    let g = common::gateway(&format!(
-        "[store]\nurl = \"{url}&application_name={app}\"\n"
-    ))
-    .await;
-    run_sql(
-        &admin_url(),
-        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"),
-    )
-    .await;
-    let r = common::within(
-        "an answer",
-        common::client()
-            .post(format!("{}/v1/chat/completions", g.url))
-            .json(&common::chat_body(
-                "sim",
-                true,
-                json!({"tokens": 2}),
-                json!(null),
-            ))
-            .send(),
-    )
-    .await
-    .unwrap();
+    let proxy = Proxy::start(0).await;
+    let port = proxy.port;
+    let via_proxy = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
+    let g = common::gateway(&format!("[store]\nurl = \"{via_proxy}\"\n")).await;
+    let chat = || async {
+        common::within(
+            "an answer",
+            common::client()
+                .post(format!("{}/v1/chat/completions", g.url))
+                .json(&common::chat_body(
+                    "sim",
+                    false,
+                    json!({"tokens": 2}),
+                    json!(null),
+                ))
+                .send(),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(chat().await.status(), 200);
+
+    proxy.down();
+    let r = chat().await;
     assert_eq!(r.status(), 503);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "store_unavailable", "{e}");
@@ -414,6 +447,10 @@ async fn a_gateway_whose_postgres_is_gone_answers_503() {
         .as_str()
         .unwrap_or("")
         .contains("postgres://"));
+
+    let _back = Proxy::start(port).await;
+    let r = chat().await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 }
 
 /// Every check, once per backend.

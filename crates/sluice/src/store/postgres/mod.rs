@@ -35,11 +35,12 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub(crate) struct PgStore {
     writer: mpsc::Sender<Op>,
-    reader: Arc<Client>,
+    reader: Arc<Reconnecting>,
     node: Arc<str>,
-    /// News from every node (see `notify`); its session lives as long as `_listener`.
+    /// News from every node (see `notify`).
     news: broadcast::Sender<Change>,
-    _listener: Arc<Client>,
+    /// Stops the listener when the last handle goes.
+    _stop_listener: Arc<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -65,6 +66,33 @@ async fn open_connection(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// A connection that is opened again when it is found closed (PostgreSQL restarted, a network
+/// blip): the store reconnects by itself. While the database cannot be reached, each use fails
+/// at once with an error that says so (the API answers `503`).
+struct Reconnecting {
+    url: String,
+    client: tokio::sync::Mutex<Arc<Client>>,
+}
+
+impl Reconnecting {
+    async fn open(url: &str) -> Result<Self, StoreError> {
+        Ok(Self {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(Arc::new(open_connection(url).await?)),
+        })
+    }
+
+    /// The connection, opened again first if it was closed.
+    async fn get(&self) -> Result<Arc<Client>, StoreError> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            *client = Arc::new(open_connection(&self.url).await?);
+            tracing::info!("reconnected to PostgreSQL");
+        }
+        Ok(client.clone())
+    }
+}
+
 impl PgStore {
     /// Connects, migrates, registers this node, marks the streams of dead nodes
     /// `interrupted(crash)`, and starts the writer and the lease task. Returns the store and how
@@ -72,17 +100,20 @@ impl PgStore {
     pub(crate) async fn connect(url: &str, lease: Duration) -> Result<(Self, u64), StoreError> {
         let mut writer_conn = open_connection(url).await?;
         migrations::apply(&mut writer_conn).await?;
-        let reader = Arc::new(open_connection(url).await?);
+        let writer = Reconnecting::open(url).await?;
+        drop(writer_conn);
+        let reader = Arc::new(Reconnecting::open(url).await?);
         let node: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
-        renew_lease(&reader, &node, lease).await?;
-        let recovered = sweep(&reader, lease).await?;
-        let (listener, news) = notify::listen(url).await?;
+        renew_lease(&*reader.get().await?, &node, lease).await?;
+        let recovered = sweep(&*reader.get().await?, lease).await?;
+        let (stop_listener, stop) = tokio::sync::oneshot::channel();
+        let news = notify::listen(url, stop).await?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         #[allow(
             clippy::disallowed_methods,
             reason = "the writer: it ends when the last handle (and so its queue) is dropped, after the server has flushed it"
         )]
-        tokio::spawn(write_loop(writer_conn, rx, node.clone()));
+        tokio::spawn(write_loop(writer, rx, node.clone()));
         let renewer = (Arc::downgrade(&reader), node.clone());
         #[allow(
             clippy::disallowed_methods,
@@ -92,10 +123,11 @@ impl PgStore {
             let (reader, node) = renewer;
             loop {
                 tokio::time::sleep(lease / 3).await;
-                let Some(client) = reader.upgrade() else {
+                let Some(reader) = reader.upgrade() else {
                     return;
                 };
                 let renewed = async {
+                    let client = reader.get().await?;
                     renew_lease(&client, &node, lease).await?;
                     sweep(&client, lease).await
                 };
@@ -110,7 +142,7 @@ impl PgStore {
                 reader,
                 node,
                 news,
-                _listener: Arc::new(listener),
+                _stop_listener: Arc::new(stop_listener),
             },
             recovered,
         ))
@@ -131,6 +163,8 @@ impl PgStore {
         let payload = serde_json::to_string(&(tenant, id))
             .map_err(|e| StoreError::Internal(format!("cannot encode a cancel request: {e}")))?;
         self.reader
+            .get()
+            .await?
             .execute("SELECT pg_notify($1, $2)", &[&notify::CANCEL, &payload])
             .await
             .map_err(StoreError::postgres)?;
@@ -151,6 +185,8 @@ impl PgStore {
         let cursor: i64 = match after {
             Some(id) => self
                 .reader
+                .get()
+                .await?
                 .query_opt(
                     "SELECT seq FROM streams WHERE id = $1 AND tenant = $2",
                     &[&id, &tenant.0],
@@ -162,6 +198,8 @@ impl PgStore {
         };
         let rows = self
             .reader
+            .get()
+            .await?
             .query(
                 "SELECT id, model, created, status, reason, chunk_count FROM streams
                  WHERE tenant = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
@@ -193,6 +231,8 @@ impl PgStore {
     ) -> Result<Option<StreamState>, StoreError> {
         let row = self
             .reader
+            .get()
+            .await?
             .query_opt(
                 "SELECT status, reason, detail,
                     (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
@@ -216,6 +256,8 @@ impl PgStore {
     ) -> Result<Option<TranscriptHead>, StoreError> {
         let row = self
             .reader
+            .get()
+            .await?
             .query_opt(
                 "SELECT model, created, status, reason, detail, request, first_token_us, total_us,
                     usage, (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
@@ -253,6 +295,8 @@ impl PgStore {
         // large chunks is never fetched whole (at least one chunk, so a page always moves on).
         let rows = self
             .reader
+            .get()
+            .await?
             .query(
                 "SELECT seq, offset_us, data, content FROM (
                     SELECT seq, offset_us, data, content,
@@ -324,7 +368,7 @@ async fn sweep(client: &Client, lease: Duration) -> Result<u64, StoreError> {
 }
 
 /// Commits whatever is queued, batch by batch, until every handle is gone.
-async fn write_loop(mut client: Client, mut rx: mpsc::Receiver<Op>, node: Arc<str>) {
+async fn write_loop(conn: Reconnecting, mut rx: mpsc::Receiver<Op>, node: Arc<str>) {
     let mut batch = Vec::new();
     while let Some(op) = rx.recv().await {
         batch.push(op);
@@ -335,15 +379,57 @@ async fn write_loop(mut client: Client, mut rx: mpsc::Receiver<Op>, node: Arc<st
             }
         }
         let started = std::time::Instant::now();
-        let result = apply(&mut client, &batch, &node).await;
+        let result = commit(&conn, &batch, &node).await;
         metrics::histogram!("sluice_store_write_seconds").record(started.elapsed().as_secs_f64());
         settle(&mut batch, &result);
     }
 }
 
+/// How long the writer keeps trying a batch while the database cannot be reached, before it
+/// gives the batch up (logged, counted, and answered with the error).
+pub const STORE_RETRY: Duration = Duration::from_secs(10);
+
+/// Commits `batch`, reconnecting and trying again while the database cannot be reached, for up
+/// to [`STORE_RETRY`]. Meanwhile the writer's queue (bounded) fills and appends wait: the
+/// relays slow down instead of buffering. Trying a batch again is safe: every statement of it
+/// is idempotent.
+async fn commit(conn: &Reconnecting, batch: &[Op], node: &str) -> Result<(), StoreError> {
+    let give_up = std::time::Instant::now() + STORE_RETRY;
+    loop {
+        let result = match conn.get().await {
+            Ok(client) => apply(&client, batch, node).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.is_unavailable() && std::time::Instant::now() < give_up => {
+                tracing::warn!(error = %e.report(), "PostgreSQL unavailable: retrying the batch");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// One batch in one transaction: new streams, then every chunk (one insert), then endings.
-async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
-    let tx = client.transaction().await.map_err(StoreError::postgres)?;
+async fn apply(client: &Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(StoreError::postgres)?;
+    let applied = apply_in_transaction(client, batch, node).await;
+    let end = if applied.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    let ended = client
+        .batch_execute(end)
+        .await
+        .map_err(StoreError::postgres);
+    applied.and(ended)
+}
+
+async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
     let (mut ids, mut seqs, mut offsets, mut datas, mut contents) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for op in batch {
@@ -351,7 +437,7 @@ async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), Stor
             Op::Begin(s, _) => {
                 tx.execute(
                     "INSERT INTO streams (id, tenant, model, request, status, created, node)
-                     VALUES ($1, $2, $3, $4, 'streaming', $5, $6)",
+                     VALUES ($1, $2, $3, $4, 'streaming', $5, $6) ON CONFLICT (id) DO NOTHING",
                     &[
                         &s.id,
                         &s.tenant,
@@ -425,5 +511,5 @@ async fn apply(client: &mut Client, batch: &[Op], node: &str) -> Result<(), Stor
         .await
         .map_err(StoreError::postgres)?;
     }
-    tx.commit().await.map_err(StoreError::postgres)
+    Ok(())
 }

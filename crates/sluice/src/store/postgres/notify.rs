@@ -5,10 +5,14 @@
 //!   node following a stream that another node runs reads the new chunks from the store when
 //!   this arrives. One notification per stream per batch, not per chunk: `NOTIFY` takes a
 //!   database-wide lock at commit, and a batch commits once.
-//! - `sluice_cancel`, payload `{"tenant", "id"}`: a node asked to cancel a stream it does not run
+//! - `sluice_cancel`, payload `[tenant, id]`: a node asked to cancel a stream it does not run
 //!   tells the others; the one running it cancels it.
+//!
+//! The listening connection is opened again when it is lost (every [`RELISTEN`]); news sent
+//! meanwhile is missed, which followers survive by re-reading the store on their own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::broadcast;
@@ -24,50 +28,121 @@ pub(super) const CANCEL: &str = "sluice_cancel";
 /// How many pieces of news a slow listener may fall behind (then it re-reads the store).
 const NEWS_BUFFER: usize = 4096;
 
-/// Listens on its own connection and republishes what arrives on the returned sender. The
-/// session lasts as long as the returned client: the store holds it, and when the store's last
-/// handle goes, the connection closes and the listener ends.
+/// How long the listener waits before it listens again after losing its connection.
+const RELISTEN: Duration = Duration::from_secs(1);
+
+/// Starts listening (failing if the first connection fails) and returns the sender that news
+/// is republished on. The listener lasts until `stop` resolves (its sender, which the store
+/// holds, is dropped with the store's last handle).
 pub(super) async fn listen(
     url: &str,
-) -> Result<(tokio_postgres::Client, broadcast::Sender<Change>), StoreError> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<broadcast::Sender<Change>, StoreError> {
+    let (news, _) = broadcast::channel(NEWS_BUFFER);
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(StoreError::postgres)?;
-    let (news, _) = broadcast::channel(NEWS_BUFFER);
-    let out = news.downgrade();
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let (url, out) = (url.to_string(), news.downgrade());
+    let (ready, listening) = tokio::sync::oneshot::channel();
     #[allow(
         clippy::disallowed_methods,
-        reason = "the listener: it ends with its connection, which ends when the store's last handle goes"
+        reason = "the listener: it ends when the store's last handle is dropped (`stop`)"
     )]
     tokio::spawn(async move {
-        while let Some(message) = messages.next().await {
-            let Some(news) = out.upgrade() else { return };
-            match message {
-                Ok(AsyncMessage::Notification(n)) => {
-                    let change = match n.channel() {
-                        PROGRESS => Some(Change::Progress(Arc::from(n.payload()))),
-                        CANCEL => serde_json::from_str::<(String, String)>(n.payload())
-                            .ok()
-                            .map(|(tenant, id)| Change::Cancel { tenant, id }),
-                        _ => None,
-                    };
-                    if let Some(change) = change {
-                        // No subscriber right now is fine.
-                        let _ = news.send(change);
+        let mut session = Some((client, connection));
+        let mut ready = Some(ready);
+        loop {
+            let (client, connection) = match session.take() {
+                Some(s) => s,
+                None => match tokio_postgres::connect(&url, NoTls).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for other nodes' news; trying again");
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            () = tokio::time::sleep(RELISTEN) => continue,
+                        }
                     }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "PostgreSQL listener lost: cross-node follow and cancel stop until restart");
-                    return;
-                }
+                },
+            };
+            let listened = tokio::select! {
+                _ = &mut stop => return,
+                listened = serve(client, connection, &out, ready.take()) => listened,
+            };
+            tracing::warn!(
+                listened,
+                "lost the connection that listens for other nodes' news; listening again"
+            );
+            tokio::select! {
+                _ = &mut stop => return,
+                () = tokio::time::sleep(RELISTEN) => {}
             }
         }
     });
-    client
-        .batch_execute(&format!("LISTEN {PROGRESS}; LISTEN {CANCEL};"))
-        .await
-        .map_err(StoreError::postgres)?;
-    Ok((client, news))
+    match listening.await {
+        Ok(Ok(())) => Ok(news),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(StoreError::Internal(
+            "the listener stopped before it listened".into(),
+        )),
+    }
+}
+
+/// Listens on one connection and republishes its news until the connection ends (or nobody
+/// holds the news sender any more). Says on `ready` whether `LISTEN` worked; returns whether it
+/// did.
+async fn serve(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<
+        tokio_postgres::Socket,
+        tokio_postgres::tls::NoTlsStream,
+    >,
+    out: &broadcast::WeakSender<Change>,
+    ready: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
+) -> bool {
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let sql = format!("LISTEN {PROGRESS}; LISTEN {CANCEL};");
+    let listen = client.batch_execute(&sql);
+    tokio::pin!(listen);
+    let mut ready = ready;
+    let mut listened = false;
+    loop {
+        tokio::select! {
+            done = &mut listen, if !listened => {
+                let result = done.map_err(StoreError::postgres);
+                listened = result.is_ok();
+                if let Some(ready) = ready.take() {
+                    // The caller may have given up waiting.
+                    let _ = ready.send(result);
+                }
+                if !listened {
+                    return false;
+                }
+            }
+            message = messages.next() => {
+                let Some(news) = out.upgrade() else { return listened };
+                match message {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        let change = match n.channel() {
+                            PROGRESS => Some(Change::Progress(Arc::from(n.payload()))),
+                            CANCEL => serde_json::from_str::<(String, String)>(n.payload())
+                                .ok()
+                                .map(|(tenant, id)| Change::Cancel { tenant, id }),
+                            _ => None,
+                        };
+                        if let Some(change) = change {
+                            // No subscriber right now is fine.
+                            let _ = news.send(change);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the listening connection failed");
+                        return listened;
+                    }
+                    None => return listened,
+                }
+            }
+        }
+    }
 }
