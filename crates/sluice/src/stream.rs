@@ -11,7 +11,7 @@
 //! | `completed` | — |
 //! | `cancelled` | `client_disconnected`, `slow_client`, `requested` |
 //! | `timed_out` | `first_token`, `idle`, `total` |
-//! | `failed` | `upstream_error`, `upstream_protocol_error` |
+//! | `failed` | `upstream_error`, `upstream_protocol_error`, `store_error` |
 //! | `interrupted` | `shutdown`, `crash` |
 //!
 //! The cause of an ending travels through the relay as a [`Ending`] value and is stored as these
@@ -133,6 +133,9 @@ pub enum Reason {
     UpstreamError,
     /// The upstream sent something that is not a valid stream.
     UpstreamProtocolError,
+    /// The store could not keep the stream's chunks (it was unreachable past the writer's
+    /// retries, or refused them): the stream ends rather than go on without a whole transcript.
+    StoreError,
     /// The gateway shut down.
     Shutdown,
     /// The gateway's process died; found at the next start.
@@ -170,6 +173,7 @@ impl Reason {
             Reason::Total => "total",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamProtocolError => "upstream_protocol_error",
+            Reason::StoreError => "store_error",
             Reason::Shutdown => "shutdown",
             Reason::Crash => "crash",
         }
@@ -196,7 +200,9 @@ impl Reason {
                 Status::Cancelled
             }
             Reason::FirstToken | Reason::Idle | Reason::Total => Status::TimedOut,
-            Reason::UpstreamError | Reason::UpstreamProtocolError => Status::Failed,
+            Reason::UpstreamError | Reason::UpstreamProtocolError | Reason::StoreError => {
+                Status::Failed
+            }
             Reason::Shutdown | Reason::Crash => Status::Interrupted,
         }
     }
@@ -276,6 +282,7 @@ mod tests {
             (Reason::Total, "timed_out"),
             (Reason::UpstreamError, "failed"),
             (Reason::UpstreamProtocolError, "failed"),
+            (Reason::StoreError, "failed"),
             (Reason::Shutdown, "interrupted"),
             (Reason::Crash, "interrupted"),
         ];

@@ -468,7 +468,7 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_chunk_write_is_counted_and_never_hangs_the_stream() {
+async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_sent() {
     let g = gateway("").await;
     // Break chunk writes behind the server's back: every append batch now fails.
     let db = rusqlite::Connection::open(
@@ -484,14 +484,24 @@ async fn a_failing_chunk_write_is_counted_and_never_hangs_the_stream() {
         &chat_body("sim", true, json!({"tokens": 3}), json!(null)),
     )
     .await;
-    assert_eq!(r.status, 200);
-    within("the stream's end", r.finish()).await;
-    assert_eq!(r.content(), "Hello from sluice");
-    assert_eq!(r.events.last().unwrap().data, "[DONE]");
-    // The stream's own record still lands (streams is intact); its chunks could not be kept,
-    // and that is counted, not silent.
-    let list = g.newest(1).await;
-    assert_eq!(list[0].status, sluice::stream::Status::Completed);
+    let id = r.stream_id.clone().expect("stream id");
+    if r.status == 200 {
+        within("the stream's end", r.finish()).await;
+        // Not one chunk that is not in the transcript, and no [DONE]: an error event instead.
+        assert_eq!(r.content(), "");
+        assert_eq!(
+            error_event(&r.events).expect("an error event")["code"],
+            "store_error"
+        );
+        assert!(r.events.iter().all(|e| e.data != "[DONE]"));
+    } else {
+        // It failed before its first chunk could go out: an HTTP error says so.
+        assert_eq!(r.status, 503);
+    }
+    // The stream's own record lands (streams is intact), ending as it did; the failed writes
+    // are counted, not silent.
+    let t = final_transcript(&g.url, &id).await;
+    assert_eq!(ending(&t), ("failed".into(), Some("store_error".into())));
     let metrics = get_text(&format!("{}/metrics", g.url)).await;
     let failed: f64 = metrics
         .lines()

@@ -305,14 +305,20 @@ async fn stream_response(
                     let mut out = BytesMut::new();
                     let mut frame = frame;
                     loop {
+                        let mut stored = true;
                         if let Frame::Chunk { seq, committed, .. } = &frame {
                             // Only what is in the transcript reaches the client.
                             if let Some(committed) = committed {
                                 committed.reached(*seq).await;
+                                stored = committed.is_stored(*seq);
                             }
-                            last_seq = *seq;
+                            if stored {
+                                last_seq = *seq;
+                            }
                         }
-                        encode_frame(&frame, &mut out);
+                        if stored {
+                            encode_frame(&frame, &mut out);
+                        }
                         if out.len() >= COALESCE_BYTES {
                             break;
                         }

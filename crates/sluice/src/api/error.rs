@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Refused;
 use crate::redact::truncate;
-use crate::stream::{Ending, Status};
+use crate::stream::{Ending, Reason, Status};
 
 use super::{MAX_ECHO, STREAM_ID_HEADER};
 
@@ -76,6 +76,9 @@ impl ApiError {
     pub(super) fn for_ending(ending: &Ending, stream_id: Arc<str>) -> Self {
         let status = match ending.status() {
             Status::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            Status::Failed if ending.reason() == Some(Reason::StoreError) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Status::Failed => StatusCode::BAD_GATEWAY,
             Status::Interrupted => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

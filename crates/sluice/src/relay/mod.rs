@@ -297,6 +297,16 @@ async fn relay(
     let room = Arc::new(Semaphore::new(byte_limit));
 
     let ending = 'relay: loop {
+        // A chunk the store could not keep: the transcript can no longer be whole, and no one
+        // may be sent a chunk that is not in it (invariant 1). End here.
+        if let Some(seq) = watermark.lost() {
+            break Ending::abnormal(
+                Reason::StoreError,
+                format!(
+                    "chunk {seq} could not be stored; the stream ends rather than go on without it"
+                ),
+            );
+        }
         let waiting = Instant::now();
         let next = tokio::select! {
             biased;
@@ -494,7 +504,10 @@ fn publish_committed(
         .is_some_and(|(seq, _)| *seq <= committed)
     {
         if let Some((seq, data)) = unpublished.pop_front() {
-            publisher.publish(Live::Chunk { seq, data });
+            // A lost chunk is not in the store: followers never see it.
+            if watermark.is_stored(seq) {
+                publisher.publish(Live::Chunk { seq, data });
+            }
         }
     }
 }
@@ -528,7 +541,8 @@ fn record_metrics(ending: &Ending) {
         Some(r @ (Reason::UpstreamError | Reason::UpstreamProtocolError)) => {
             metrics::counter!("sluice_upstream_errors_total", "reason" => r.as_str()).increment(1)
         }
-        Some(Reason::Crash) | None => {}
+        // Store failures are counted where they happen (sluice_store_write_errors_total).
+        Some(Reason::StoreError | Reason::Crash) | None => {}
     }
 }
 

@@ -21,7 +21,10 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
                 // A caller that stopped waiting needs no answer.
                 let _ = ack.send(result.clone());
             }
-            Op::Append { seq, watermark, .. } => watermark.advance(seq),
+            Op::Append { seq, watermark, .. } => match result {
+                Ok(()) => watermark.advance(seq),
+                Err(_) => watermark.lose(seq),
+            },
         }
     }
 }
