@@ -5,7 +5,7 @@
 //!   B; the time until the upstream sees A close its connection.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -14,7 +14,8 @@ use serde_json::json;
 use sluice::mock_upstream::MockUpstream;
 use sluice::upstream::sse::SseParser;
 
-use crate::measure::{client, dist, stream_id_of, Dist};
+use crate::measure::{client, dist, stream_id_of, upstream_closed, Dist};
+use crate::report::header;
 
 /// What `--only-cluster` measures.
 #[derive(Debug, Clone, Serialize)]
@@ -101,14 +102,9 @@ pub async fn run(a: &str, b: &str, mock: &MockUpstream, cancels: usize) -> anyho
             .post(format!("{b}/streams/{id}/cancel"))
             .send()
             .await?;
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            mock.stats().wait_disconnected(before + 1),
-        )
-        .await
-        {
-            Ok(()) => samples.push(asked.elapsed().as_secs_f64() * 1e6),
-            Err(_) => never += 1,
+        match upstream_closed(mock, before, asked).await {
+            Some(us) => samples.push(us),
+            None => never += 1,
         }
         while response.chunk().await?.is_some() {}
     }
@@ -121,20 +117,13 @@ pub async fn run(a: &str, b: &str, mock: &MockUpstream, cancels: usize) -> anyho
 
 /// The cluster report in markdown.
 pub fn markdown(raw: &serde_json::Value, c: &Cluster) -> String {
-    let machine = &raw["machine"];
     format!(
-        "# Two nodes on one PostgreSQL\n\n\
-         - command: `{command}`\n- date: {date}\n- machine: {cpu}, {cores} cores, {mem} GiB, Linux {os}\n\n\
+        "{header}\
          | | n | p50 µs | p99 µs |\n|---|---|---|---|\n\
          | follower on node B behind the client on node A, per chunk | {fn_} | {fp50:.0} | {fp99:.0} |\n\
          | cancel through node B → upstream connection of node A closed | {cn} | {cp50:.0} | {cp99:.0} |\n\n\
          Cancels whose upstream had not closed after 2 s: {never}. Goal: cross-node cancel p99 ≤ 20 ms.\n",
-        command = raw["command"].as_str().unwrap_or(""),
-        date = raw["date"].as_str().unwrap_or(""),
-        cpu = machine["cpu"].as_str().unwrap_or(""),
-        cores = machine["cores"],
-        mem = machine["memory_gib"],
-        os = machine["os"].as_str().unwrap_or(""),
+        header = header("Two nodes on one PostgreSQL", raw),
         fn_ = c.follow_delay.n,
         fp50 = c.follow_delay.p50_us,
         fp99 = c.follow_delay.p99_us,

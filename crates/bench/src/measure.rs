@@ -215,6 +215,22 @@ pub(crate) async fn throughput(t: &Target, concurrency: usize, seconds: f64, tok
 
 /// From the client closing its connection to the upstream seeing its request go away; and how
 /// many times the upstream still had the request 2 s after the close.
+/// Waits (up to 2 s) until the upstream has seen one more connection close than `before`;
+/// the microseconds since `since`, or `None` if it never did.
+pub(crate) async fn upstream_closed(
+    mock: &MockUpstream,
+    before: u64,
+    since: Instant,
+) -> Option<f64> {
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        mock.stats().wait_disconnected(before + 1),
+    )
+    .await
+    .ok()
+    .map(|()| since.elapsed().as_secs_f64() * 1e6)
+}
+
 pub(crate) async fn close_delay(
     t: &Target,
     mock: &MockUpstream,
@@ -235,14 +251,9 @@ pub(crate) async fn close_delay(
         let before = mock.stats().disconnected();
         let closed = Instant::now();
         drop(response);
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            mock.stats().wait_disconnected(before + 1),
-        )
-        .await
-        {
-            Ok(()) => samples.push(closed.elapsed().as_secs_f64() * 1e6),
-            Err(_) => never += 1,
+        match upstream_closed(mock, before, closed).await {
+            Some(us) => samples.push(us),
+            None => never += 1,
         }
     }
     Ok((dist(samples), never))

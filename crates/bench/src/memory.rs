@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::measure::{client, rss_kb, stream_id_of};
+use crate::report::header;
 
 /// RSS around one scenario, MB.
 #[derive(Debug, Clone, Serialize)]
@@ -290,7 +291,6 @@ pub async fn run(base: &str, pid: u32, soak_seconds: u64) -> anyhow::Result<Memo
 
 /// The memory report in markdown.
 pub fn markdown(raw: &serde_json::Value, m: &Memory) -> String {
-    let machine = &raw["machine"];
     let soak = &m.soak_rss_mb;
     let first = soak.first().copied().unwrap_or(0.0);
     let last = soak.last().copied().unwrap_or(0.0);
@@ -302,20 +302,14 @@ pub fn markdown(raw: &serde_json::Value, m: &Memory) -> String {
         )
     };
     format!(
-        "# Memory under hostile input\n\n\
-         - command: `{command}`\n- date: {date}\n- machine: {cpu}, {cores} cores, {mem} GiB, Linux {os}\n\n\
+        "{header}\
          sluice's RSS (MB), in a fresh process with transcripts on:\n\n\
          | scenario | before | peak | after | |\n|---|---|---|---|---|\n\
          {t}{d}{s}\n\
          Soak: {streams} streams, {conc} at a time for {secs} s; RSS each second from {first:.1} to {last:.1} MB \
          (highest {max:.1}); {after:.1} MB 10 s after.\n\n\
          RSS each second: {series}\n",
-        command = raw["command"].as_str().unwrap_or(""),
-        date = raw["date"].as_str().unwrap_or(""),
-        cpu = machine["cpu"].as_str().unwrap_or(""),
-        cores = machine["cores"],
-        mem = machine["memory_gib"],
-        os = machine["os"].as_str().unwrap_or(""),
+        header = header("Memory under hostile input", raw),
         t = row(
             "read one transcript",
             &m.transcript_read,

@@ -46,6 +46,20 @@ pub(crate) fn machine() -> Value {
     })
 }
 
+/// A report's title, then the command that made it, the date and the machine, from `raw`.
+pub(crate) fn header(title: &str, raw: &serde_json::Value) -> String {
+    let machine = &raw["machine"];
+    format!(
+        "# {title}\n\n- command: `{}`\n- date: {}\n- machine: {}, {} cores, {} GiB, Linux {}\n\n",
+        raw["command"].as_str().unwrap_or(""),
+        raw["date"].as_str().unwrap_or(""),
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["cores"],
+        machine["memory_gib"],
+        machine["os"].as_str().unwrap_or(""),
+    )
+}
+
 /// The date and time now, as `2026-11-28 13:30 UTC`.
 pub(crate) fn now_utc() -> String {
     String::from_utf8(

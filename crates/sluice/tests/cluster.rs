@@ -21,45 +21,6 @@ use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-fn admin_url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh schema, dropped at the end.
-struct Schema(String);
-
-impl Schema {
-    fn new() -> Schema {
-        let name = format!("sluice_cluster_{}", uuid::Uuid::new_v4().simple());
-        psql(&format!("CREATE SCHEMA {name}"));
-        Schema(name)
-    }
-
-    fn url(&self) -> String {
-        format!("{}?options=-csearch_path%3D{}", admin_url(), self.0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
-    }
-}
-
-fn psql(sql: &str) {
-    let ok = std::process::Command::new("psql")
-        .env("PGOPTIONS", "-c client_min_messages=warning")
-        .args(["-q", &admin_url(), "-c", sql])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "psql could not run {sql:?} (scripts/ensure-postgres starts PostgreSQL)"
-    );
-}
-
 /// A config file in `dir` for nodes on `schema` (`store_extra`: more `[store]` keys), with a
 /// `slow` sim model whose tokens come `interval_ms` apart.
 fn cluster_config(

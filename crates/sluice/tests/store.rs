@@ -25,25 +25,7 @@ struct Fresh {
 
 enum Place {
     Sqlite(tempfile::TempDir),
-    Postgres { url: String, schema: String },
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if let Place::Postgres { schema, .. } = self {
-            // Best effort, and synchronous: a test that failed still leaves no schema behind.
-            let _ = std::process::Command::new("psql")
-                .env("PGOPTIONS", "-c client_min_messages=warning")
-                .args(["-q", &admin_url(), "-c"])
-                .arg(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .status();
-        }
-    }
-}
-
-fn admin_url() -> String {
-    std::env::var("SLUICE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    Postgres(common::Schema),
 }
 
 async fn sqlite() -> Fresh {
@@ -55,27 +37,14 @@ async fn sqlite() -> Fresh {
     }
 }
 
-/// Runs `sql` on its own connection to `url`, behind the store's back.
-async fn run_sql(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/ensure-postgres starts it)");
-    let driver = tokio::spawn(connection);
-    client.batch_execute(sql).await.expect(sql);
-    drop(client);
-    let _ = driver.await;
-}
-
 async fn postgres() -> Fresh {
-    let schema = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-    run_sql(&admin_url(), &format!("CREATE SCHEMA {schema}")).await;
-    let url = format!("{}?options=-csearch_path%3D{schema}", admin_url());
-    let (store, _) = Store::connect(&url, sluice::store::DEFAULT_LEASE)
+    let schema = common::Schema::new();
+    let (store, _) = Store::connect(&schema.url(), sluice::store::DEFAULT_LEASE)
         .await
         .expect("connect");
     Fresh {
         store,
-        place: Place::Postgres { url, schema },
+        place: Place::Postgres(schema),
     }
 }
 
@@ -87,21 +56,16 @@ impl Fresh {
         drop(store);
         let (store, recovered) = match &place {
             Place::Sqlite(dir) => Store::open(dir.path()).expect("reopen"),
-            Place::Postgres { url, .. } => {
-                let (admin, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect");
-                let driver = tokio::spawn(connection);
-                admin
-                    .execute(
-                        "UPDATE nodes SET lease_until = now() - interval '1 hour'",
-                        &[],
-                    )
-                    .await
-                    .expect("expire the lease");
-                drop(admin);
-                let _ = driver.await;
-                Store::connect(url, sluice::store::DEFAULT_LEASE)
+            Place::Postgres(schema) => {
+                let url = schema.url();
+                assert!(
+                    common::psql(
+                        &url,
+                        "UPDATE nodes SET lease_until = now() - interval '1 hour'"
+                    ),
+                    "expire the lease"
+                );
+                Store::connect(&url, sluice::store::DEFAULT_LEASE)
                     .await
                     .expect("connect")
             }
@@ -282,9 +246,10 @@ async fn a_crash_leaves_no_stream_streaming(f: Fresh) {
 #[tokio::test]
 async fn a_gateway_on_postgres_relays_records_and_replays() {
     let f = postgres().await;
-    let Place::Postgres { url, .. } = &f.place else {
+    let Place::Postgres(schema) = &f.place else {
         unreachable!("a PostgreSQL store")
     };
+    let url = schema.url();
     let g = common::gateway(&format!("[store]\nurl = \"{url}\"\n")).await;
     assert_eq!(g.server.store().backend(), "postgres");
     let (r, t) = common::run_stream(
@@ -318,9 +283,10 @@ async fn a_gateway_on_postgres_relays_records_and_replays() {
 #[tokio::test]
 async fn two_nodes_follow_and_cancel_each_others_streams() {
     let f = postgres().await;
-    let Place::Postgres { url, .. } = &f.place else {
+    let Place::Postgres(schema) = &f.place else {
         unreachable!("a PostgreSQL store")
     };
+    let url = schema.url();
     let config = format!(
         "[store]\nurl = \"{url}\"\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 30 }}\n"
     );
@@ -413,9 +379,10 @@ impl Proxy {
 #[tokio::test]
 async fn postgres_out_of_reach_is_a_503_and_the_node_reconnects_by_itself() {
     let f = postgres().await;
-    let Place::Postgres { url, .. } = &f.place else {
+    let Place::Postgres(schema) = &f.place else {
         unreachable!("a PostgreSQL store")
     };
+    let url = schema.url();
     let proxy = Proxy::start(0).await;
     let port = proxy.port;
     let via_proxy = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));

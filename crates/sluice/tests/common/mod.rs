@@ -92,6 +92,52 @@ pub async fn answers(url: &str) -> bool {
     false
 }
 
+/// The PostgreSQL the tests use: the machine's server on 127.0.0.1:5432, database `test`, trust
+/// auth (`scripts/ensure-postgres` starts it), or `SLUICE_TEST_POSTGRES`.
+pub fn postgres_url() -> String {
+    std::env::var("SLUICE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Runs `sql` at `url` with `psql`, behind sluice's back; whether it worked.
+pub fn psql(url: &str, sql: &str) -> bool {
+    std::process::Command::new("psql")
+        .env("PGOPTIONS", "-c client_min_messages=warning")
+        .args(["-q", url, "-c", sql])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A fresh schema of the tests' PostgreSQL, dropped when this is.
+pub struct Schema(String);
+
+impl Schema {
+    /// Creates it.
+    pub fn new() -> Schema {
+        let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+        assert!(
+            psql(&postgres_url(), &format!("CREATE SCHEMA {name}")),
+            "cannot create a schema (scripts/ensure-postgres starts PostgreSQL)"
+        );
+        Schema(name)
+    }
+
+    /// A URL whose connections use it.
+    pub fn url(&self) -> String {
+        format!("{}?options=-csearch_path%3D{}", postgres_url(), self.0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        // Best effort, and no panic: this also runs while a failed test unwinds.
+        let _ = psql(
+            &postgres_url(),
+            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0),
+        );
+    }
+}
+
 /// A port that was free a moment ago, for a process to listen on.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
