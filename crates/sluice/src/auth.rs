@@ -10,15 +10,16 @@
 //! refuses to listen on anything but a loopback address.
 //!
 //! Per key, two limits answer `429` with `Retry-After`: concurrent streams, and chat requests
-//! per minute (a token bucket that refills continuously).
+//! per minute (a token bucket that refills continuously). The store counts both (see
+//! `store/limits.rs`), so they hold across every node sharing it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+
+use crate::store::{Store, StoreError, StreamKey};
 
 /// The tenant of a gateway without keys.
 pub const LOCAL_TENANT: &str = "local";
@@ -56,26 +57,26 @@ pub fn config_lines(tenant: &str, key: &str) -> String {
     )
 }
 
-#[derive(Debug)]
-struct KeyState {
-    config: KeyConfig,
-    /// Places among the key's concurrent streams (`None`: unlimited).
-    streams: Option<Arc<Semaphore>>,
-    bucket: Mutex<Bucket>,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
 /// Who is calling: their tenant, and their key's limits.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The tenant.
     pub tenant: Arc<str>,
-    key: Option<Arc<KeyState>>,
+    key: Option<Arc<Key>>,
+}
+
+/// A configured key, as a caller holds it.
+#[derive(Debug)]
+struct Key {
+    /// [`key_id`] of the key.
+    id: String,
+    config: KeyConfig,
+}
+
+/// A key's id: the first 16 hex digits of its SHA-256 (as in the configuration). It names the
+/// key in the store, where its limits are counted; the key itself is never stored.
+pub fn key_id(key_sha256: &[u8; 32]) -> String {
+    hex::encode(&key_sha256[..8])
 }
 
 /// A limit said no; try again after this long.
@@ -95,45 +96,34 @@ pub enum Refused {
     },
 }
 
-/// Held while a stream runs; frees its place in the concurrency limit when dropped.
-#[derive(Debug)]
-pub struct StreamPermit {
-    _place: Option<OwnedSemaphorePermit>,
-}
-
 impl Caller {
-    /// Admits one chat request: checks the rate, then takes a place among the key's concurrent
-    /// streams.
-    pub fn admit(&self) -> Result<StreamPermit, Refused> {
-        let Some(key) = &self.key else {
-            return Ok(StreamPermit { _place: None });
+    /// The key a new stream of this caller runs under, with its limit of running streams (the
+    /// store holds that limit: see [`Store::begin`](crate::store::Store::begin)). `None`
+    /// without keys.
+    pub fn stream_key(&self) -> Option<StreamKey> {
+        self.key.as_ref().map(|k| StreamKey {
+            id: k.id.clone(),
+            max_running: k.config.max_concurrent_streams,
+        })
+    }
+
+    /// Takes one of the key's requests per minute, counted in `store` (so across every node
+    /// sharing it). `Ok(Err(..))`: refused, with when to try again.
+    pub async fn take_request(&self, store: &Store) -> Result<Result<(), Refused>, StoreError> {
+        let Some((key, per_minute)) = self
+            .key
+            .as_ref()
+            .and_then(|k| Some((k, k.config.requests_per_minute?)))
+        else {
+            return Ok(Ok(()));
         };
-        if let Some(per_minute) = key.config.requests_per_minute {
-            let rate = f64::from(per_minute) / 60.0;
-            let mut b = key.bucket.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = Instant::now();
-            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
-            b.tokens = (b.tokens + elapsed * rate).min(f64::from(per_minute));
-            b.updated = now;
-            if b.tokens < 1.0 {
-                let wait = ((1.0 - b.tokens) / rate).max(0.0);
-                return Err(Refused::Rate {
-                    per_minute,
-                    retry_after: Duration::from_secs_f64(wait),
-                });
-            }
-            b.tokens -= 1.0;
-        }
-        let place = match (&key.streams, key.config.max_concurrent_streams) {
-            (Some(places), Some(limit)) => Some(
-                places
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| Refused::Concurrency { limit })?,
-            ),
-            _ => None,
-        };
-        Ok(StreamPermit { _place: place })
+        Ok(match store.take_request(&key.id, per_minute).await? {
+            None => Ok(()),
+            Some(retry_after) => Err(Refused::Rate {
+                per_minute,
+                retry_after,
+            }),
+        })
     }
 }
 
@@ -149,28 +139,21 @@ pub enum Unauthenticated {
 /// The configured keys.
 #[derive(Debug)]
 pub struct Keys {
-    by_hash: HashMap<[u8; 32], Arc<KeyState>>,
+    by_hash: HashMap<[u8; 32], Arc<Key>>,
     local: Caller,
 }
 
 impl Keys {
     /// The keys from the configuration.
     pub fn new(keys: &[KeyConfig]) -> Self {
-        let now = Instant::now();
         let by_hash = keys
             .iter()
             .map(|k| {
-                let state = KeyState {
+                let key = Key {
+                    id: key_id(&k.key_sha256),
                     config: k.clone(),
-                    streams: k
-                        .max_concurrent_streams
-                        .map(|n| Arc::new(Semaphore::new(n as usize))),
-                    bucket: Mutex::new(Bucket {
-                        tokens: f64::from(k.requests_per_minute.unwrap_or(0)),
-                        updated: now,
-                    }),
                 };
-                (k.key_sha256, Arc::new(state))
+                (k.key_sha256, Arc::new(key))
             })
             .collect();
         Self {
@@ -281,36 +264,27 @@ mod tests {
     }
 
     #[test]
-    fn concurrency_is_limited_and_permits_free_their_place() {
-        let (k, key) = keys(None, Some(2));
-        let c = k
+    fn a_caller_names_its_key_by_id_never_by_the_key() {
+        let key = new_key().expect("random");
+        let k = Keys::new(&[KeyConfig {
+            tenant: "acme".into(),
+            key_sha256: hash_key(&key),
+            max_concurrent_streams: Some(3),
+            requests_per_minute: None,
+        }]);
+        let caller = k
             .authenticate(Some(&format!("Bearer {key}")))
             .expect("valid");
-        let a = c.admit().expect("first");
-        let _b = c.admit().expect("second");
-        assert_eq!(c.admit().err(), Some(Refused::Concurrency { limit: 2 }));
-        drop(a);
-        assert!(c.admit().is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_refills_continuously_and_says_when() {
-        let (k, key) = keys(Some(60), None);
-        let c = k
-            .authenticate(Some(&format!("Bearer {key}")))
-            .expect("valid");
-        for _ in 0..60 {
-            drop(c.admit().expect("within the minute's budget"));
-        }
-        match c.admit() {
-            Err(Refused::Rate {
-                per_minute: 60,
-                retry_after,
-            }) => assert_eq!(retry_after, Duration::from_secs(1)),
-            other => panic!("{other:?}"),
-        }
-        tokio::time::advance(Duration::from_millis(1000)).await;
-        assert!(c.admit().is_ok(), "one request per second comes back");
-        assert!(c.admit().is_err());
+        let sk = caller.stream_key().expect("a key");
+        assert_eq!(sk.id, hex::encode(hash_key(&key))[..16]);
+        assert!(!key.contains(&sk.id));
+        assert_eq!(sk.max_running, Some(3));
+        assert_eq!(
+            Keys::new(&[])
+                .authenticate(None)
+                .expect("open")
+                .stream_key(),
+            None
+        );
     }
 }

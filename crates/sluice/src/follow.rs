@@ -236,6 +236,7 @@ mod tests {
                     tenant: "acme".into(),
                     model: "sim".into(),
                     request: serde_json::json!({}),
+                    key: None,
                 })
                 .await
                 .expect("begin");

@@ -93,7 +93,7 @@ impl Server {
             return Err(ServeError::Insecure { addr });
         }
         let (store, recovered) = match &config.store_url {
-            Some(url) => Store::connect(url, config.store_lease).await?,
+            Some(url) => Store::connect(url, config.store_options).await?,
             None => Store::open(&config.data_dir)?,
         };
         if recovered > 0 {

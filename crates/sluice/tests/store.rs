@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use sluice::store::{Finish, NewStream, Store, Watermark};
+use sluice::store::{Finish, NewStream, PgOptions, Store, StoreError, StreamKey, Watermark};
 use sluice::stream::{Ending, Reason, Status, StreamId, Tenant};
 
 /// A fresh store of one backend, and what to clean up after it.
@@ -39,7 +39,7 @@ async fn sqlite() -> Fresh {
 
 async fn postgres() -> Fresh {
     let schema = common::Schema::new();
-    let (store, _) = Store::connect(&schema.url(), sluice::store::DEFAULT_LEASE)
+    let (store, _) = Store::connect(&schema.url(), PgOptions::default())
         .await
         .expect("connect");
     Fresh {
@@ -49,6 +49,14 @@ async fn postgres() -> Fresh {
 }
 
 impl Fresh {
+    /// The URL of a PostgreSQL store's schema.
+    fn url(&self) -> String {
+        match &self.place {
+            Place::Postgres(schema) => schema.url(),
+            Place::Sqlite(_) => unreachable!("a PostgreSQL store"),
+        }
+    }
+
     /// The store as the next process finds it after this one died without a word: SQLite is
     /// reopened; on PostgreSQL another node starts once this node's lease has run out.
     async fn after_a_crash(self) -> (Fresh, u64) {
@@ -65,7 +73,7 @@ impl Fresh {
                     ),
                     "expire the lease"
                 );
-                Store::connect(&url, sluice::store::DEFAULT_LEASE)
+                Store::connect(&url, PgOptions::default())
                     .await
                     .expect("connect")
             }
@@ -80,6 +88,7 @@ fn new_stream(id: &str, tenant: &str) -> NewStream {
         tenant: tenant.into(),
         model: "sim".into(),
         request: json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]}),
+        key: None,
     }
 }
 
@@ -241,15 +250,133 @@ async fn a_crash_leaves_no_stream_streaming(f: Fresh) {
     assert_eq!(done.status, Status::Completed);
 }
 
+fn keyed(id: &str, key: &str, limit: u32) -> NewStream {
+    NewStream {
+        key: Some(StreamKey {
+            id: key.into(),
+            max_running: Some(limit),
+        }),
+        ..new_stream(id, "acme")
+    }
+}
+
+fn busy(r: Result<(), StoreError>) -> bool {
+    matches!(r, Err(StoreError::KeyBusy { limit: 2 }))
+}
+
+async fn a_key_runs_at_most_its_limit_of_streams(f: Fresh) {
+    let s = &f.store;
+    s.begin(keyed("s1", "k1", 2)).await.unwrap();
+    s.begin(keyed("s2", "k1", 2)).await.unwrap();
+    assert!(busy(s.begin(keyed("s3", "k1", 2)).await));
+    assert!(
+        s.state(Tenant("acme"), StreamId("s3"))
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused stream is not recorded"
+    );
+    s.begin(keyed("t1", "k2", 2)).await.unwrap();
+    s.begin(new_stream("u1", "acme")).await.unwrap();
+    // A final status frees the place.
+    s.finish(finish("s1", Ending::Completed, 0)).await.unwrap();
+    s.begin(keyed("s3", "k1", 2)).await.unwrap();
+    assert!(busy(s.begin(keyed("s4", "k1", 2)).await));
+}
+
+async fn a_key_takes_its_requests_per_minute_from_one_bucket(f: Fresh) {
+    let s = &f.store;
+    for _ in 0..3 {
+        assert_eq!(s.take_request("k1", 3).await.unwrap(), None);
+    }
+    // One request every 20 s: the next comes back in at most 20 s.
+    let wait = s.take_request("k1", 3).await.unwrap().expect("refused");
+    assert!(
+        wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
+        "{wait:?}"
+    );
+    assert_eq!(s.take_request("k2", 3).await.unwrap(), None, "per key");
+}
+
+/// Two nodes on one database count a key's streams and requests together: what one node
+/// admitted, the other sees; a dead node's streams give their places back when it is swept.
+#[tokio::test]
+async fn per_key_limits_hold_across_nodes() {
+    let f = postgres().await;
+    let url = f.url();
+    let (b, _) = Store::connect(&url, PgOptions::default()).await.unwrap();
+    let a = &f.store;
+    a.begin(keyed("a1", "k1", 2)).await.unwrap();
+    b.begin(keyed("b1", "k1", 2)).await.unwrap();
+    assert!(busy(a.begin(keyed("a2", "k1", 2)).await));
+    assert!(busy(b.begin(keyed("b2", "k1", 2)).await));
+    // Admissions racing on both nodes: exactly the free places are taken.
+    b.finish(finish("b1", Ending::Completed, 0)).await.unwrap();
+    let racers = (0..8).map(|i| {
+        let node = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move { node.begin(keyed(&format!("r{i}"), "k1", 2)).await.is_ok() }
+    });
+    let admitted = futures_util::future::join_all(racers).await;
+    assert_eq!(admitted.iter().filter(|ok| **ok).count(), 1, "{admitted:?}");
+
+    for _ in 0..2 {
+        assert_eq!(a.take_request("k1", 3).await.unwrap(), None);
+    }
+    assert_eq!(b.take_request("k1", 3).await.unwrap(), None);
+    assert!(a.take_request("k1", 3).await.unwrap().is_some());
+    assert!(b.take_request("k1", 3).await.unwrap().is_some());
+
+    // Node A dies; once its lease is gone, a node that sweeps frees A's places.
+    let (f, recovered) = f.after_a_crash().await;
+    assert!(recovered >= 1, "A's running streams were marked");
+    let c = &f.store;
+    c.begin(keyed("c1", "k1", 2)).await.unwrap();
+    drop(b);
+}
+
+/// A final status that comes while PostgreSQL is away is kept and written when it returns: the
+/// stream does not stay `streaming`, and its key gets its place back.
+#[tokio::test]
+async fn a_final_status_written_while_postgres_is_away_lands_when_it_returns() {
+    let f = postgres().await;
+    let url = f.url();
+    let proxy = Proxy::start(0).await;
+    let (port, via_proxy) = (proxy.port, proxy.to(&url));
+    let options = PgOptions {
+        retry: Duration::from_millis(300),
+        ..PgOptions::default()
+    };
+    let (node, _) = Store::connect(&via_proxy, options).await.unwrap();
+    node.begin(keyed("s1", "k1", 1)).await.unwrap();
+    proxy.down();
+    let lost = node.finish(finish("s1", Ending::Completed, 0)).await;
+    assert!(lost.is_err(), "the writer gave the batch up");
+    let state = || async {
+        f.store
+            .state(Tenant("acme"), StreamId("s1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+    };
+    assert_eq!(state().await, Status::Streaming);
+
+    let _back = Proxy::start(port).await;
+    common::within("the kept final status is written", async {
+        while state().await != Status::Completed {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    node.begin(keyed("s2", "k1", 1)).await.unwrap();
+}
+
 /// The whole gateway on PostgreSQL: a stream is relayed, recorded (the transcript the API
 /// serves is what the store holds, and the invariants hold), listed and replayed.
 #[tokio::test]
 async fn a_gateway_on_postgres_relays_records_and_replays() {
     let f = postgres().await;
-    let Place::Postgres(schema) = &f.place else {
-        unreachable!("a PostgreSQL store")
-    };
-    let url = schema.url();
+    let url = f.url();
     let g = common::gateway(&format!("[store]\nurl = \"{url}\"\n")).await;
     assert_eq!(g.server.store().backend(), "postgres");
     let (r, t) = common::run_stream(
@@ -283,10 +410,7 @@ async fn a_gateway_on_postgres_relays_records_and_replays() {
 #[tokio::test]
 async fn two_nodes_follow_and_cancel_each_others_streams() {
     let f = postgres().await;
-    let Place::Postgres(schema) = &f.place else {
-        unreachable!("a PostgreSQL store")
-    };
-    let url = schema.url();
+    let url = f.url();
     let config = format!(
         "[store]\nurl = \"{url}\"\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 30 }}\n"
     );
@@ -341,6 +465,54 @@ async fn two_nodes_follow_and_cancel_each_others_streams() {
     b.server.shutdown().await.expect("shutdown B");
 }
 
+/// Through two gateway nodes, a key limited to one stream at a time and three requests a
+/// minute is held to that whichever node each request lands on.
+#[tokio::test]
+async fn two_nodes_hold_a_keys_limits_together() {
+    let f = postgres().await;
+    let url = f.url();
+    let key = sluice::auth::new_key().unwrap();
+    let config = format!(
+        "[store]\nurl = \"{url}\"\n{}max_concurrent_streams = 1\nrequests_per_minute = 3\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 30 }}\n",
+        sluice::auth::config_lines("acme", &key)
+    );
+    let a = common::gateway(&config).await;
+    let b = common::gateway(&config).await;
+    let long = common::chat_body("slow", true, json!({"tokens": 10000}), json!(null));
+    let short = common::chat_body("slow", true, json!({"tokens": 2}), json!(null));
+
+    let mut on_a = common::Reader::open_as(&a.url, &long, Some(&key)).await;
+    common::within("a first chunk on A", on_a.next()).await;
+    let mut on_b = common::Reader::open_as(&b.url, &short, Some(&key)).await;
+    assert_eq!(on_b.status, 429, "A's stream holds the key's one place");
+    assert_eq!(
+        on_b.error_body().await["error"]["code"],
+        "concurrency_limit_exceeded"
+    );
+    let id = on_a.stream_id.clone().expect("stream id");
+    let cancelled = common::client()
+        .post(format!("{}/v1/streams/{id}/cancel", b.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    common::within("the cancelled stream's end on A", on_a.finish()).await;
+    let mut on_b = common::Reader::open_as(&b.url, &short, Some(&key)).await;
+    assert_eq!(on_b.status, 200, "the place came back");
+    common::within("the short stream on B", on_b.finish()).await;
+
+    // Three requests went in (one per node, one refused for concurrency): the fourth is over
+    // the minute's budget, on either node.
+    for node in [&a, &b] {
+        let mut r = common::Reader::open_as(&node.url, &short, Some(&key)).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.error_body().await["error"]["code"], "rate_limit_exceeded");
+    }
+    a.server.shutdown().await.expect("shutdown A");
+    b.server.shutdown().await.expect("shutdown B");
+}
+
 /// A TCP proxy to PostgreSQL that the test can take down and bring back on the same port.
 struct Proxy {
     port: u16,
@@ -367,6 +539,11 @@ impl Proxy {
         Proxy { port, task }
     }
 
+    /// `url` (of the PostgreSQL on 127.0.0.1:5432) through this proxy.
+    fn to(&self, url: &str) -> String {
+        url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port))
+    }
+
     /// Stops accepting and cuts every connection: PostgreSQL is gone, as far as sluice knows.
     fn down(&self) {
         self.task.abort();
@@ -379,13 +556,9 @@ impl Proxy {
 #[tokio::test]
 async fn postgres_out_of_reach_is_a_503_and_the_node_reconnects_by_itself() {
     let f = postgres().await;
-    let Place::Postgres(schema) = &f.place else {
-        unreachable!("a PostgreSQL store")
-    };
-    let url = schema.url();
+    let url = f.url();
     let proxy = Proxy::start(0).await;
-    let port = proxy.port;
-    let via_proxy = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{port}"));
+    let (port, via_proxy) = (proxy.port, proxy.to(&url));
     let g = common::gateway(&format!("[store]\nurl = \"{via_proxy}\"\n")).await;
     let chat = || async {
         common::within(
@@ -449,4 +622,6 @@ on_every_backend!(
     the_list_is_newest_first_and_paged,
     pages_stop_at_their_byte_budget_and_always_move_on,
     a_crash_leaves_no_stream_streaming,
+    a_key_runs_at_most_its_limit_of_streams,
+    a_key_takes_its_requests_per_minute_from_one_bucket,
 );

@@ -17,9 +17,10 @@ use serde_json::{json, Map, Value};
 use sluice_flow::{QueueError, Timed};
 use tokio::time::Instant;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Refused};
 use crate::redact::truncate;
 use crate::relay::{self, Frame, Frames, StreamRequest};
+use crate::store::StoreError;
 use crate::stream::{millis_or, Ending, Millis, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
@@ -227,10 +228,11 @@ pub(super) async fn chat_completions(
             .map_err(|e| ApiError::bad_request(e.param, e.message))?;
     }
     metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
-    let permit = match caller.admit() {
-        Ok(permit) => permit,
-        Err(why) => return Ok(refused(why)),
-    };
+    match caller.take_request(&state.relay.store).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return Ok(refused(why)),
+        Err(e) => return Err(ApiError::store("the request could not be admitted", &e)),
+    }
 
     let client_request = Value::Object(chat.body.clone());
     let mut upstream_body = chat.body;
@@ -259,10 +261,13 @@ pub(super) async fn chat_completions(
         timeouts,
         started,
         on_disconnect: chat.options.on_disconnect.unwrap_or(model.on_disconnect),
+        key: caller.stream_key(),
     };
-    let frames = relay::start(&state.relay, request, permit)
-        .await
-        .map_err(|e| ApiError::store("the stream could not be recorded", &e))?;
+    let frames = match relay::start(&state.relay, request).await {
+        Ok(frames) => frames,
+        Err(StoreError::KeyBusy { limit }) => return Ok(refused(Refused::Concurrency { limit })),
+        Err(e) => return Err(ApiError::store("the stream could not be recorded", &e)),
+    };
     if chat.stream {
         stream_response(frames, id, &model.name).await
     } else {

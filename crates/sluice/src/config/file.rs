@@ -40,6 +40,7 @@ pub(super) struct FileConfig {
 pub(super) struct FileStore {
     pub(super) url: Option<String>,
     pub(super) lease_ms: Option<Millis>,
+    pub(super) retry_ms: Option<Millis>,
 }
 
 #[derive(Debug, Deserialize)]

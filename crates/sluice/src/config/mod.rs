@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::auth::KeyConfig;
 use crate::redact::Redactor;
+use crate::store::PgOptions;
 use crate::stream::{millis_or, OnDisconnect, Timeouts};
 use crate::upstream::openai::OpenAi;
 use crate::upstream::sim::SimDefaults;
@@ -40,9 +41,9 @@ pub struct Config {
     /// The PostgreSQL store (`postgres://user@host:port/db`); `None`: SQLite in `data_dir`.
     /// Never logged: it may hold a password.
     pub store_url: Option<String>,
-    /// With PostgreSQL: how long a node's lease lasts without renewal before other nodes mark
-    /// its running streams `interrupted(crash)` (`[store] lease_ms`).
-    pub store_lease: Duration,
+    /// With PostgreSQL: the node's lease and the writer's patience (`[store] lease_ms`,
+    /// `retry_ms`).
+    pub store_options: PgOptions,
     /// The largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
     /// How long a client may take to send a request body (longer: 408).
@@ -367,10 +368,16 @@ impl Config {
             buffer_bytes: file.buffer_bytes.unwrap_or(1 << 20).max(1),
             record_chunks: file.record_chunks.unwrap_or(true),
             listen,
-            store_lease: millis_or(
-                file.store.as_ref().and_then(|s| s.lease_ms),
-                crate::store::DEFAULT_LEASE,
-            ),
+            store_options: PgOptions {
+                lease: millis_or(
+                    file.store.as_ref().and_then(|s| s.lease_ms),
+                    crate::store::DEFAULT_LEASE,
+                ),
+                retry: millis_or(
+                    file.store.as_ref().and_then(|s| s.retry_ms),
+                    crate::store::DEFAULT_RETRY,
+                ),
+            },
             store_url: match overrides
                 .store_url
                 .clone()

@@ -29,10 +29,9 @@ use sluice_flow::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::auth::StreamPermit;
 use crate::hub::{Hub, Live, Publisher};
 use crate::redact::Redactor;
-use crate::store::{Finish, NewStream, Store, StoreError, Watermark};
+use crate::store::{Finish, NewStream, Store, StoreError, StreamKey, Watermark};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::{Upstream, UpstreamRequest};
 
@@ -119,6 +118,8 @@ pub struct StreamRequest {
     pub started: Instant,
     /// What to do when the client leaves.
     pub on_disconnect: OnDisconnect,
+    /// The key it runs under (taken by [`start`] when it records the stream).
+    pub key: Option<StreamKey>,
 }
 
 /// What the relay knows so far; read by the cleanup guard if the relay is dropped.
@@ -130,17 +131,13 @@ struct Progress {
 }
 
 /// Records the stream, starts its relay task, and returns its frames. The request is in the
-/// store before the upstream is called. `permit` (the caller's place among its key's concurrent
-/// streams) is held until the stream ends.
+/// store before the upstream is called; a key with no place left among its running streams
+/// gets [`StoreError::KeyBusy`].
 ///
 /// Shielded: once recording has begun, the stream gets its relay (and so a final status) even if
 /// the caller is dropped meanwhile; the relay then finds its client gone.
-pub async fn start(
-    ctx: &RelayContext,
-    req: StreamRequest,
-    permit: StreamPermit,
-) -> Result<Frames, StoreError> {
-    let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req, permit));
+pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, StoreError> {
+    let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req));
     job.await.unwrap_or_else(|e| {
         Err(StoreError::Internal(format!(
             "starting the stream failed: {e}"
@@ -148,11 +145,7 @@ pub async fn start(
     })
 }
 
-async fn record_and_spawn(
-    ctx: RelayContext,
-    mut req: StreamRequest,
-    permit: StreamPermit,
-) -> Result<Frames, StoreError> {
+async fn record_and_spawn(ctx: RelayContext, mut req: StreamRequest) -> Result<Frames, StoreError> {
     ctx.store
         .begin(NewStream {
             id: req.id.to_string(),
@@ -160,6 +153,7 @@ async fn record_and_spawn(
             model: req.model.clone(),
             // Recorded once; the relay does not need it afterwards.
             request: std::mem::take(&mut req.client_request),
+            key: req.key.take(),
         })
         .await?;
     let cancel = ctx.shutdown.child();
@@ -172,7 +166,6 @@ async fn record_and_spawn(
     let tasks = ctx.tasks.clone();
     tasks.spawn(async move {
         run(ctx, req, tx, cancel, publisher).await;
-        drop(permit);
     });
     Ok(rx)
 }

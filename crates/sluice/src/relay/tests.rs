@@ -5,7 +5,6 @@
 )]
 
 use super::*;
-use crate::auth::Keys;
 use crate::stream::Status;
 use crate::stream::{StreamId, Tenant};
 use crate::upstream::sim::SimDefaults;
@@ -38,14 +37,10 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
         timeouts: Timeouts::default(),
         started: Instant::now(),
         on_disconnect: OnDisconnect::Cancel,
+        key: None,
     };
-    let permit = Keys::new(&[])
-        .authenticate(None)
-        .expect("open")
-        .admit()
-        .expect("no limits");
     // Poll `start` once (the record is on its way to the writer) and drop it.
-    let dropped = tokio::time::timeout(Duration::ZERO, start(&ctx, req, permit)).await;
+    let dropped = tokio::time::timeout(Duration::ZERO, start(&ctx, req)).await;
     assert!(
         dropped.is_err(),
         "start was still waiting for the record when dropped"

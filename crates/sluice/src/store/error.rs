@@ -37,6 +37,13 @@ pub enum StoreError {
     /// The writer has stopped (the store was closed).
     #[error("the store is closed")]
     Closed,
+    /// A new stream's key already has `limit` streams running (counted across every node
+    /// sharing the store).
+    #[error("the key already has {limit} streams running, its limit")]
+    KeyBusy {
+        /// The key's limit.
+        limit: u32,
+    },
 }
 
 impl StoreError {
@@ -69,7 +76,10 @@ impl StoreError {
                     })
             }
             StoreError::Closed | StoreError::Io { .. } => true,
-            StoreError::Db(_) | StoreError::Damaged { .. } | StoreError::Internal(_) => false,
+            StoreError::Db(_)
+            | StoreError::Damaged { .. }
+            | StoreError::Internal(_)
+            | StoreError::KeyBusy { .. } => false,
         }
     }
 

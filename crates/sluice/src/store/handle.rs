@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::postgres::PgStore;
+use super::postgres::{PgOptions, PgStore};
 use super::sqlite::SqliteStore;
 use super::write::Op;
 use super::{
@@ -47,9 +47,9 @@ impl Store {
 
     /// Connects to the PostgreSQL database at `url` (`postgres://user@host:port/db`), applies
     /// its migrations, marks the streams of nodes that died `interrupted(crash)`, and starts the
-    /// writer. This node's lease lasts `lease` ([`DEFAULT_LEASE`](super::DEFAULT_LEASE)). Returns the store and how many streams were recovered.
-    pub async fn connect(url: &str, lease: Duration) -> Result<(Self, u64), StoreError> {
-        PgStore::connect(url, lease)
+    /// writer. Returns the store and how many streams were recovered.
+    pub async fn connect(url: &str, options: PgOptions) -> Result<(Self, u64), StoreError> {
+        PgStore::connect(url, options)
             .await
             .map(|(s, n)| (Store(Backend::Postgres(s)), n))
     }
@@ -114,9 +114,42 @@ impl Store {
         done.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Records a new stream as `streaming`; returns once it is committed.
+    /// Records a new stream as `streaming`; returns once it is committed. A stream whose key
+    /// limits its running streams takes a place among them, held until its final status is
+    /// written; none left: [`StoreError::KeyBusy`] (see `store/limits.rs`).
     pub async fn begin(&self, stream: NewStream) -> Result<(), StoreError> {
-        self.call(|ack| Op::Begin(stream, ack)).await
+        let limited = stream
+            .key
+            .as_ref()
+            .and_then(|k| Some((k.id.clone(), k.max_running?)));
+        match (&self.0, limited) {
+            (Backend::Postgres(p), Some((key, limit))) => {
+                p.begin_limited(&stream, &key, limit).await
+            }
+            (Backend::Sqlite(s), Some((key, limit))) => {
+                let id = stream.id.clone();
+                s.limits().take_place(&id, &key, limit)?;
+                let begun = self.call(|ack| Op::Begin(stream, ack)).await;
+                if begun.is_err() {
+                    s.limits().free_place(&id);
+                }
+                begun
+            }
+            (_, None) => self.call(|ack| Op::Begin(stream, ack)).await,
+        }
+    }
+
+    /// Takes one of `key`'s `per_minute` chat requests (a token bucket refilled continuously,
+    /// shared by every node): `None` if admitted, else how long until a request would be.
+    pub async fn take_request(
+        &self,
+        key: &str,
+        per_minute: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        match &self.0 {
+            Backend::Sqlite(s) => Ok(s.limits().take_request(key, per_minute)),
+            Backend::Postgres(p) => p.take_request(key, per_minute).await,
+        }
     }
 
     /// Queues a chunk for the writer and returns at once (after waiting only for room in the
@@ -146,8 +179,21 @@ impl Store {
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before
     /// it). Run this under a shield.
+    ///
+    /// The stream's place among its key's running streams is freed once the status is
+    /// written. On PostgreSQL a status the writer had to give up (the database away) is kept and
+    /// written when the database returns; the place is freed then.
     pub async fn finish(&self, finish: Finish) -> Result<(), StoreError> {
-        self.call(|ack| Op::Finish(finish, ack)).await
+        match &self.0 {
+            Backend::Sqlite(s) => {
+                let id = finish.id.clone();
+                let written = self.call(|ack| Op::Finish(finish, ack)).await;
+                // The stream is over in this process, written or not.
+                s.limits().free_place(&id);
+                written
+            }
+            Backend::Postgres(_) => self.call(|ack| Op::Finish(finish, ack)).await,
+        }
     }
 
     /// Waits until every write sent so far is committed.

@@ -1,4 +1,5 @@
-//! The transcript store: streams and their chunks, in an embedded SQLite database.
+//! The transcript store: streams and their chunks, in an embedded SQLite database (one node) or
+//! in PostgreSQL (several nodes as one gateway).
 //!
 //! One writer owns the write connection. Writes arrive over a bounded channel, so a slow
 //! disk slows the relays down instead of growing memory, and the writer commits everything that
@@ -20,11 +21,14 @@
 //! | `records` | what goes in and comes out ([`NewStream`], [`Finish`], [`Transcript`], ...) |
 //! | `error` | [`StoreError`] |
 //! | `watermark` | [`Watermark`]: a stream's last committed chunk, for those who wait on it |
+//! | `limits` | per-key limits (running streams, requests per minute), held by the store so every node counts the same |
 //! | `block` | the codec of a block of chunks |
 //! | `sqlite` | the backend: [`Store`] over one SQLite file (schema, writer, reads, checkpoints) |
 //!
-//! Everything but `sqlite` is what any backend shares: a second one (PostgreSQL, for several
-//! nodes) goes beside `sqlite`, behind the same [`Store`] methods.
+//! | `postgres` | the backend for several nodes: migrations, writer task, reads, leases, limits, news between nodes |
+//!
+//! Everything but the two backends is what they share, behind the same [`Store`] methods. (The
+//! description of writes above is SQLite's; PostgreSQL's is in `postgres`.)
 //!
 //! At open, streams still marked `streaming` belong to a process that died: they are marked
 //! `interrupted(crash)`, and the chunks their runs held are folded into blocks.
@@ -32,6 +36,7 @@
 mod block;
 mod error;
 mod handle;
+mod limits;
 mod postgres;
 mod records;
 mod sqlite;
@@ -42,10 +47,10 @@ mod write;
 pub(crate) use block::{decode as decode_block, encode as encode_block, LoggedChunk};
 pub use error::StoreError;
 pub use handle::Store;
-pub use postgres::DEFAULT_LEASE;
+pub use postgres::{PgOptions, DEFAULT_LEASE, DEFAULT_RETRY, MAX_UNWRITTEN_ENDINGS};
 pub use records::{
-    ChunkRecord, Finish, NewStream, StoredChunk, StreamState, StreamSummary, Timings, Transcript,
-    TranscriptHead,
+    ChunkRecord, Finish, NewStream, StoredChunk, StreamKey, StreamState, StreamSummary, Timings,
+    Transcript, TranscriptHead,
 };
 pub use watermark::Watermark;
 

@@ -18,6 +18,18 @@ pub struct NewStream {
     pub model: String,
     /// The client's request body (holds no secrets: keys travel in headers).
     pub request: Value,
+    /// The key it runs under, when keys are configured.
+    pub key: Option<StreamKey>,
+}
+
+/// The key a stream runs under, and how many streams that key may run at once (see
+/// `store/limits.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamKey {
+    /// The key's id ([`key_id`](crate::auth::key_id)), never the key.
+    pub id: String,
+    /// At most this many of the key's streams run at once, across every node.
+    pub max_running: Option<u32>,
 }
 
 /// A stream's final record.

@@ -43,6 +43,52 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY,
         lease_until TIMESTAMPTZ NOT NULL
     );",
+    // 2: per-key limits across nodes (see `limits`).
+    "ALTER TABLE streams ADD COLUMN key_id TEXT;
+    CREATE INDEX streams_running_by_key ON streams (key_id)
+        WHERE status = 'streaming' AND key_id IS NOT NULL;
+    CREATE TABLE key_buckets (
+        key_id TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        updated TIMESTAMPTZ NOT NULL
+    );
+    CREATE FUNCTION sluice_begin_limited(p_id TEXT, p_tenant TEXT, p_model TEXT, p_request TEXT,
+        p_created BIGINT, p_node TEXT, p_key TEXT, p_limit BIGINT) RETURNS BOOLEAN
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        -- One admission per key at a time, on every node; the count below then sees every
+        -- stream recorded before (each statement of a function takes a fresh snapshot).
+        PERFORM pg_advisory_xact_lock(hashtextextended('sluice key ' || p_key, 0));
+        IF (SELECT count(*) FROM streams WHERE key_id = p_key AND status = 'streaming')
+                >= p_limit THEN
+            RETURN FALSE;
+        END IF;
+        INSERT INTO streams (id, tenant, model, request, status, created, node, key_id)
+            VALUES (p_id, p_tenant, p_model, p_request, 'streaming', p_created, p_node, p_key)
+            ON CONFLICT (id) DO NOTHING;
+        RETURN TRUE;
+    END $$;
+    CREATE FUNCTION sluice_take_request(p_key TEXT, p_per_minute DOUBLE PRECISION)
+        RETURNS DOUBLE PRECISION
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        have DOUBLE PRECISION;
+        since TIMESTAMPTZ;
+        now_ts TIMESTAMPTZ;
+    BEGIN
+        INSERT INTO key_buckets VALUES (p_key, p_per_minute, clock_timestamp())
+            ON CONFLICT (key_id) DO NOTHING;
+        SELECT tokens, updated INTO have, since FROM key_buckets WHERE key_id = p_key FOR UPDATE;
+        now_ts := clock_timestamp();
+        have := LEAST(p_per_minute,
+            have + GREATEST(0, EXTRACT(EPOCH FROM now_ts - since)) * p_per_minute / 60);
+        IF have >= 1 THEN
+            UPDATE key_buckets SET tokens = have - 1, updated = now_ts WHERE key_id = p_key;
+            RETURN NULL;
+        END IF;
+        UPDATE key_buckets SET tokens = have, updated = now_ts WHERE key_id = p_key;
+        RETURN have;
+    END $$;",
 ];
 
 /// The schema version this build expects.

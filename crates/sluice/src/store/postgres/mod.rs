@@ -2,10 +2,12 @@
 //!
 //! - **Schema**: versioned migrations (`migrations`), applied at connect under an advisory lock,
 //!   so nodes starting together migrate once. `sluice migrate` runs them alone.
-//! - **Writes**: one writer task per node owns a connection and commits whatever is queued in one
-//!   transaction (group commit); the chunks of every stream in a batch go in with one multi-row
-//!   insert. A watermark moves only after the commit: no client is sent a chunk that is not
-//!   durable (invariant 1).
+//! - **Writes** (`writer`): one writer task per node owns a connection and commits whatever is
+//!   queued in one transaction (group commit); the chunks of every stream in a batch go in with
+//!   one multi-row insert. A watermark moves only after the commit: no client is sent a chunk
+//!   that is not durable (invariant 1).
+//! - **Limits** (`limits`): per-key running streams and requests per minute, counted in the
+//!   database so they hold across nodes.
 //! - **Reads**: a second connection, shared (tokio-postgres pipelines concurrent queries).
 //! - **Nodes**: each node has a row in `nodes` and renews its lease every third of
 //!   its lease (`[store] lease_ms`, default [`DEFAULT_LEASE`]); any node marks the running streams of a node whose lease has expired
@@ -18,18 +20,42 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{Client, NoTls};
 
-use crate::store::records::{ms, now_unix};
-use crate::store::write::{settle, Op, MAX_BATCH, WRITE_QUEUE};
+use crate::store::records::ms;
+use crate::store::write::{Op, WRITE_QUEUE};
 use crate::store::{
     Change, ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead,
 };
 use crate::stream::{Reason, Status, StreamId, Tenant};
 
+mod limits;
 mod migrations;
 mod notify;
+mod writer;
+
+pub use writer::{DEFAULT_RETRY, MAX_UNWRITTEN_ENDINGS};
 
 /// How long a node's lease lasts without renewal before the others take it for dead, by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// How a node uses the PostgreSQL store (`[store]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgOptions {
+    /// How long this node's lease lasts without renewal before the other nodes mark its running
+    /// streams `interrupted(crash)` (`lease_ms`).
+    pub lease: Duration,
+    /// How long the writer keeps trying a batch while the database cannot be reached before it
+    /// gives the batch up (`retry_ms`).
+    pub retry: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            lease: DEFAULT_LEASE,
+            retry: DEFAULT_RETRY,
+        }
+    }
+}
 
 /// A handle to the PostgreSQL store; cheap to clone.
 #[derive(Clone)]
@@ -97,7 +123,8 @@ impl PgStore {
     /// Connects, migrates, registers this node, marks the streams of dead nodes
     /// `interrupted(crash)`, and starts the writer and the lease task. Returns the store and how
     /// many streams were recovered.
-    pub(crate) async fn connect(url: &str, lease: Duration) -> Result<(Self, u64), StoreError> {
+    pub(crate) async fn connect(url: &str, options: PgOptions) -> Result<(Self, u64), StoreError> {
+        let lease = options.lease;
         let mut writer_conn = open_connection(url).await?;
         migrations::apply(&mut writer_conn).await?;
         let writer = Reconnecting::open(url).await?;
@@ -113,7 +140,7 @@ impl PgStore {
             clippy::disallowed_methods,
             reason = "the writer: it ends when the last handle (and so its queue) is dropped, after the server has flushed it"
         )]
-        tokio::spawn(write_loop(writer, rx, node.clone()));
+        tokio::spawn(writer::write_loop(writer, rx, node.clone(), options.retry));
         let renewer = (Arc::downgrade(&reader), node.clone());
         #[allow(
             clippy::disallowed_methods,
@@ -365,151 +392,4 @@ async fn sweep(client: &Client, lease: Duration) -> Result<u64, StoreError> {
         .await
         .map_err(StoreError::postgres)?;
     Ok(marked)
-}
-
-/// Commits whatever is queued, batch by batch, until every handle is gone.
-async fn write_loop(conn: Reconnecting, mut rx: mpsc::Receiver<Op>, node: Arc<str>) {
-    let mut batch = Vec::new();
-    while let Some(op) = rx.recv().await {
-        batch.push(op);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = commit(&conn, &batch, &node).await;
-        metrics::histogram!("sluice_store_write_seconds").record(started.elapsed().as_secs_f64());
-        settle(&mut batch, &result);
-    }
-}
-
-/// How long the writer keeps trying a batch while the database cannot be reached, before it
-/// gives the batch up (logged, counted, and answered with the error).
-pub const STORE_RETRY: Duration = Duration::from_secs(10);
-
-/// Commits `batch`, reconnecting and trying again while the database cannot be reached, for up
-/// to [`STORE_RETRY`]. Meanwhile the writer's queue (bounded) fills and appends wait: the
-/// relays slow down instead of buffering. Trying a batch again is safe: every statement of it
-/// is idempotent.
-async fn commit(conn: &Reconnecting, batch: &[Op], node: &str) -> Result<(), StoreError> {
-    let give_up = std::time::Instant::now() + STORE_RETRY;
-    loop {
-        let result = match conn.get().await {
-            Ok(client) => apply(&client, batch, node).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Err(e) if e.is_unavailable() && std::time::Instant::now() < give_up => {
-                tracing::warn!(error = %e.report(), "PostgreSQL unavailable: retrying the batch");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            done => return done,
-        }
-    }
-}
-
-/// One batch in one transaction: new streams, then every chunk (one insert), then endings.
-async fn apply(client: &Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
-    client
-        .batch_execute("BEGIN")
-        .await
-        .map_err(StoreError::postgres)?;
-    let applied = apply_in_transaction(client, batch, node).await;
-    let end = if applied.is_ok() {
-        "COMMIT"
-    } else {
-        "ROLLBACK"
-    };
-    let ended = client
-        .batch_execute(end)
-        .await
-        .map_err(StoreError::postgres);
-    applied.and(ended)
-}
-
-async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(), StoreError> {
-    let (mut ids, mut seqs, mut offsets, mut datas, mut contents) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for op in batch {
-        match op {
-            Op::Begin(s, _) => {
-                tx.execute(
-                    "INSERT INTO streams (id, tenant, model, request, status, created, node)
-                     VALUES ($1, $2, $3, $4, 'streaming', $5, $6) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        &s.id,
-                        &s.tenant,
-                        &s.model,
-                        &s.request.to_string(),
-                        &now_unix(),
-                        &node,
-                    ],
-                )
-                .await
-                .map_err(StoreError::postgres)?;
-            }
-            Op::Append {
-                id,
-                seq,
-                offset,
-                data,
-                content,
-                ..
-            } => {
-                ids.push(id.as_ref());
-                seqs.push(*seq as i64);
-                offsets.push(offset.as_micros() as i64);
-                datas.push(data.as_ref());
-                contents.push(content.as_str());
-            }
-            Op::Finish(..) | Op::Flush(_) => {}
-        }
-    }
-    if !ids.is_empty() {
-        tx.execute(
-            "INSERT INTO chunks (stream_id, seq, offset_us, data, content)
-             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[])
-             ON CONFLICT DO NOTHING",
-            &[&ids, &seqs, &offsets, &datas, &contents],
-        )
-        .await
-        .map_err(StoreError::postgres)?;
-    }
-    let mut touched: Vec<&str> = ids.clone();
-    for op in batch {
-        if let Op::Finish(f, _) = op {
-            touched.push(&f.id);
-            tx.execute(
-                "UPDATE streams SET status = $2, reason = $3, detail = $4, first_token_us = $5,
-                     total_us = $6, usage = $7, chunk_count = $8
-                 WHERE id = $1 AND status = 'streaming'",
-                &[
-                    &f.id,
-                    &f.ending.status().as_str(),
-                    &f.ending.reason().map(|r| r.as_str()),
-                    &f.ending.detail(),
-                    &f.first_token.map(|d| d.as_micros() as i64),
-                    &(f.total.as_micros() as i64),
-                    &f.usage.as_ref().map(serde_json::Value::to_string),
-                    &(f.chunks as i64),
-                ],
-            )
-            .await
-            .map_err(StoreError::postgres)?;
-        }
-    }
-    // Followers on other nodes hear of it when the batch commits: once per stream per batch.
-    touched.sort_unstable();
-    touched.dedup();
-    if !touched.is_empty() {
-        tx.execute(
-            "SELECT pg_notify($1, id) FROM UNNEST($2::text[]) AS id",
-            &[&notify::PROGRESS, &touched],
-        )
-        .await
-        .map_err(StoreError::postgres)?;
-    }
-    Ok(())
 }

@@ -16,6 +16,7 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use crate::store::block::Runs;
+use crate::store::limits::LocalLimits;
 use crate::store::StoreError;
 
 use crate::store::write::{Op, WRITE_QUEUE};
@@ -39,6 +40,8 @@ pub struct SqliteStore {
     /// read by readers).
     runs: Arc<Mutex<Runs>>,
     path: PathBuf,
+    /// Per-key limits (this process is the only node).
+    limits: Arc<LocalLimits>,
     /// Stops the checkpoint thread when the last handle goes.
     _checkpoints: Arc<StopOnDrop>,
 }
@@ -118,6 +121,7 @@ impl SqliteStore {
                 reader: Arc::new(Mutex::new(read)),
                 runs,
                 path,
+                limits: Arc::default(),
                 _checkpoints: Arc::new(StopOnDrop(closed)),
             },
             recovered,
@@ -127,6 +131,11 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The per-key limits.
+    pub(crate) fn limits(&self) -> &LocalLimits {
+        &self.limits
     }
 
     /// Queues a write for the writer (waiting for room) and makes sure a writer job will see it.

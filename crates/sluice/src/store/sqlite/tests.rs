@@ -40,6 +40,7 @@ fn new_stream(id: &str) -> NewStream {
         tenant: "local".into(),
         model: "sim".into(),
         request: serde_json::json!({"model": "sim", "messages": []}),
+        key: None,
     }
 }
 
