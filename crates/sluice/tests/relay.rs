@@ -413,6 +413,44 @@ async fn bad_requests_get_openai_errors_and_leave_no_stream() {
     );
 }
 
+/// The list shows a running stream moving (its committed chunks, its first chunk's time) and a
+/// finished one with its timings.
+#[tokio::test(start_paused = true)]
+async fn the_list_shows_running_streams_progress_and_finished_ones_timings() {
+    let g = gateway(SIM).await;
+    let body = chat_body(
+        "sim",
+        true,
+        json!({"tokens": 50, "first_token_ms": 40, "token_interval_ms": 20}),
+        json!(null),
+    );
+    let mut r = Reader::open(&g.url, &body).await;
+    for _ in 0..6 {
+        r.next().await.expect("a chunk");
+    }
+    let list: Value = get_json(&format!("{}/v1/streams?limit=1", g.url)).await;
+    let s = &list["data"][0];
+    assert_eq!(s["status"], "streaming", "{s}");
+    assert!(s["chunk_count"].as_u64().unwrap_or(0) >= 6, "{s}");
+    let ttft = s["timings"]["time_to_first_token_ms"]
+        .as_f64()
+        .expect("first chunk's time");
+    assert!(ttft >= 40.0, "{s}");
+    assert!(s["timings"]["total_ms"].is_null(), "{s}");
+    r.finish().await;
+    let list: Value = get_json(&format!("{}/v1/streams?limit=1", g.url)).await;
+    let s = &list["data"][0];
+    assert_eq!(
+        (s["status"].as_str(), s["chunk_count"].as_u64()),
+        (Some("completed"), Some(51)),
+        "{s}"
+    );
+    assert!(
+        s["timings"]["total_ms"].as_f64().expect("total") >= 40.0 + 49.0 * 20.0,
+        "{s}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn models_health_streams_and_metrics() {
     let g = gateway(SIM).await;

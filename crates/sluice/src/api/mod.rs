@@ -18,6 +18,7 @@
 //! | `sse` | encoding frames and endings as server-sent events |
 //! | `streams` | `GET /v1/streams`, `…/{id}/events` (resume), `POST …/{id}/cancel` |
 //! | `transcript` | `GET /v1/streams/{id}`: a transcript's JSON, streamed page by page |
+//! | `web` | the web page at `/`, its assets compiled in, under a strict Content-Security-Policy |
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ pub mod error;
 mod sse;
 mod streams;
 mod transcript;
+mod web;
 
 use chat::chat_completions;
 pub(crate) use chat::parse_chat;
@@ -67,8 +69,8 @@ const MAX_ECHO: usize = 64;
 
 /// The API's routes.
 ///
-/// Everything under `/v1` needs a key when keys are configured; `/healthz` and `/metrics` do not
-/// (they carry no tenant data). Every request passes the [`edge`] first.
+/// Everything under `/v1` needs a key when keys are configured; `/healthz`, `/metrics` and the
+/// web page's assets do not (they carry no tenant data). Every request passes the [`edge`] first.
 pub fn router(state: AppState) -> Router {
     let policy = EdgePolicy {
         allowed_hosts: (!state.keys.enabled()).then(|| {
@@ -91,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
+        .merge(web::routes())
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .fallback(|| async {

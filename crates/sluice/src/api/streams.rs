@@ -20,7 +20,7 @@ use crate::follow::{follow, news_of, Followed};
 use crate::hub::{CancelResult, Live};
 use crate::redact::truncate;
 use crate::store::{Change, Store, StoreError, StreamState};
-use crate::stream::{StreamId, Tenant};
+use crate::stream::{Status, StreamId, Tenant};
 
 use super::error::not_found;
 use super::sse::{encode_terminal, sse_event, sse_response};
@@ -45,12 +45,30 @@ pub(super) async fn list_streams(
             "`limit` must be between 1 and 100",
         ));
     }
-    let (data, has_more) = state
-        .relay
-        .store
-        .list(Tenant(&caller.tenant), limit, q.after)
+    let store = &state.relay.store;
+    let tenant = Tenant(&caller.tenant);
+    let (mut data, has_more) = store
+        .list(tenant, limit, q.after)
         .await
         .map_err(|e| ApiError::store("the store could not be read", &e))?;
+    // A running stream's chunk count and first-token time are written with its ending: until
+    // then, they are read from its committed chunks, so a list shows running streams move.
+    let running = data
+        .iter_mut()
+        .filter(|s| s.status == Status::Streaming)
+        .map(|s| async move {
+            let (state, first) = futures_util::join!(
+                store.state(tenant, StreamId(&s.id)),
+                store.chunk_page(&s.id, 0, 1, usize::MAX)
+            );
+            if let Ok(Some(state)) = state {
+                s.chunk_count = state.last_seq;
+            }
+            if let Ok(first) = first {
+                s.timings.time_to_first_token_ms = first.first().map(|c| c.offset_ms);
+            }
+        });
+    futures_util::future::join_all(running).await;
     let last_id = data.last().map(|s| s.id.clone());
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": has_more, "last_id": last_id}),

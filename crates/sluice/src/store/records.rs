@@ -66,6 +66,8 @@ pub struct StreamSummary {
     pub reason: Option<Reason>,
     /// How many chunks it has.
     pub chunk_count: u64,
+    /// Its timings (for a running stream, what is known so far).
+    pub timings: Timings,
 }
 
 /// A stream's whole transcript.
@@ -189,6 +191,17 @@ pub struct Timings {
     pub time_to_first_token_ms: Option<f64>,
     /// Start to end, ms (while streaming: none).
     pub total_ms: Option<f64>,
+}
+
+impl Timings {
+    /// From the store's microseconds.
+    pub(super) fn from_us(first_token_us: Option<i64>, total_us: Option<i64>) -> Self {
+        let ms = |us: Option<i64>| us.map(|u| ms(Duration::from_micros(u.max(0) as u64)));
+        Self {
+            time_to_first_token_ms: ms(first_token_us),
+            total_ms: ms(total_us),
+        }
+    }
 }
 
 pub(super) fn now_unix() -> i64 {

@@ -20,7 +20,6 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{Client, NoTls};
 
-use crate::store::records::ms;
 use crate::store::write::{Op, WRITE_QUEUE};
 use crate::store::{
     Change, ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead,
@@ -228,7 +227,8 @@ impl PgStore {
             .get()
             .await?
             .query(
-                "SELECT id, model, created, status, reason, chunk_count FROM streams
+                "SELECT id, model, created, status, reason, chunk_count, first_token_us, total_us
+                 FROM streams
                  WHERE tenant = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
                 &[&tenant.0, &cursor, &((limit + 1) as i64)],
             )
@@ -244,6 +244,7 @@ impl PgStore {
                 status: Status::parse(r.get(3)).unwrap_or(Status::Failed),
                 reason: r.get::<_, Option<&str>>(4).and_then(Reason::parse),
                 chunk_count: r.get::<_, i64>(5) as u64,
+                timings: Timings::from_us(r.get(6), r.get(7)),
             })
             .collect();
         let more = out.len() > limit;
@@ -293,7 +294,6 @@ impl PgStore {
             )
             .await
             .map_err(StoreError::postgres)?;
-        let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
         Ok(row.map(|r| TranscriptHead {
             id: id.0.to_string(),
             model: r.get(0),
@@ -302,10 +302,7 @@ impl PgStore {
             reason: r.get::<_, Option<&str>>(3).and_then(Reason::parse),
             detail: r.get(4),
             request: r.get(5),
-            timings: Timings {
-                time_to_first_token_ms: us(r.get(6)),
-                total_ms: us(r.get(7)),
-            },
+            timings: Timings::from_us(r.get(6), r.get(7)),
             usage: r.get(8),
             last_seq: r.get::<_, i64>(9) as u64,
         }))

@@ -2,12 +2,10 @@
 //! states, pages of chunks (from blocks, then from the stream's run), transcripts.
 
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::store::block::{self, Decoded, LoggedChunk, Run, Runs};
-use crate::store::records::ms;
 use crate::store::{ChunkRecord, StoreError, StreamState, StreamSummary, Timings, TranscriptHead};
 use crate::stream::{Reason, Status, StreamId, Tenant};
 
@@ -49,7 +47,7 @@ impl SqliteStore {
                 None => i64::MAX,
             };
             let mut stmt = c.prepare(
-                "SELECT id, model, created, status, reason, chunk_count FROM streams
+                "SELECT id, model, created, status, reason, chunk_count, first_token_us, total_us FROM streams
                  WHERE tenant = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
             )?;
             let mut rows: Vec<StreamSummary> = stmt
@@ -65,6 +63,7 @@ impl SqliteStore {
                             .as_deref()
                             .and_then(Reason::parse),
                         chunk_count: r.get::<_, i64>(5)? as u64,
+                        timings: Timings::from_us(r.get(6)?, r.get(7)?),
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -181,7 +180,6 @@ impl SqliteStore {
             let Some(((model, created, status, reason, detail), (request, first_us, total_us, usage, last))) = row else {
                 return Ok(None);
             };
-            let us = |v: Option<i64>| v.map(|u| ms(Duration::from_micros(u as u64)));
             Ok(Some(TranscriptHead {
                 id,
                 model,
@@ -190,10 +188,7 @@ impl SqliteStore {
                 reason: reason.as_deref().and_then(Reason::parse),
                 detail,
                 request,
-                timings: Timings {
-                    time_to_first_token_ms: us(first_us),
-                    total_ms: us(total_us),
-                },
+                timings: Timings::from_us(first_us, total_us),
                 usage,
                 last_seq: (last as u64).max(in_run),
             }))
