@@ -138,7 +138,7 @@ impl Server {
             tasks,
             store.clone(),
         ));
-        tracing::info!(%addr, "sluice is listening");
+        tracing::info!(%addr, page = %format!("http://{addr}/"), "sluice is listening; its web page is at `page`");
         Ok(Self {
             addr,
             store,
