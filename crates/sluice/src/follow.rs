@@ -266,6 +266,7 @@ mod tests {
                     total: Duration::ZERO,
                     usage: None,
                     chunks,
+                    attempts: None,
                 })
                 .await
                 .expect("finish");

@@ -188,7 +188,7 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
         }
     };
     let params = match sim::params(&body) {
-        Ok(p) => p,
+        Ok(p) => mock.options.defaults.faults_into(p),
         Err(e) => {
             mock.stats.completed.fetch_add(1, Ordering::SeqCst);
             return error(StatusCode::BAD_REQUEST, &format!("invalid sim field: {e}"));
@@ -206,7 +206,7 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
         .to_string();
     let id = format!("chatcmpl-mock-{}", uuid::Uuid::new_v4().simple());
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let steps = sim::steps(mock.options.defaults, params);
+    let steps = sim::steps(mock.options.defaults, params, sim::continued_from(&body));
     if !streaming {
         return complete(mock, body, steps, id, model).await;
     }

@@ -100,6 +100,7 @@ fn finish(id: &str, ending: Ending, chunks: u64) -> Finish {
         total: Duration::from_millis(20),
         usage: Some(json!({"total_tokens": 3})),
         chunks,
+        attempts: None,
     }
 }
 

@@ -364,9 +364,16 @@ async fn complete_response(
     let mut content = String::new();
     let mut finish_reason = None;
     let mut usage = None;
+    // A gather route's last chunk: every target's outcome and content.
+    let mut gathered = None;
     while let Some(item) = frames.recv().await {
         match item {
             Ok(Frame::Chunk { data, .. }) => {
+                if data.contains("\"sluice_gather\"") {
+                    gathered = serde_json::from_str::<Value>(&data)
+                        .ok()
+                        .and_then(|mut v| v.get_mut("sluice_gather").map(Value::take));
+                }
                 // The relay parsed this chunk before; it cannot fail now.
                 if let Ok(Payload::Chunk(chunk)) = Payload::parse(&data) {
                     content.push_str(&chunk.content);
@@ -383,7 +390,7 @@ async fn complete_response(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let body = json!({
+    let mut body = json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": created,
@@ -395,11 +402,37 @@ async fn complete_response(
         }],
         "usage": usage,
     });
+    if let Some(targets) = gathered {
+        body["choices"] = gather_choices(&targets);
+        body["sluice_gather"] = targets;
+    }
     let mut response = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(STREAM_ID_HEADER, v);
     }
     Ok(response)
+}
+
+/// A gather's answer as choices: one per target, in the route's order, with its text; a target
+/// that did not complete has its status as `finish_reason`.
+fn gather_choices(targets: &Value) -> Value {
+    let choices = targets
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|t| {
+                    let status = t["status"].as_str().unwrap_or("failed");
+                    json!({
+                        "index": t["index"],
+                        "message": {"role": "assistant", "content": t["content"]},
+                        "finish_reason": if status == "completed" { "stop" } else { status },
+                        "sluice_target": t["target"],
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    Value::Array(choices)
 }
 
 #[cfg(test)]

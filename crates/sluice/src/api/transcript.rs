@@ -128,7 +128,13 @@ fn transcript_suffix(head: &TranscriptHead) -> String {
         .as_deref()
         .map(raw_or_string)
         .map_or_else(|| "null".to_string(), |u| u.get().to_string());
-    format!(",\"timings\":{timings},\"usage\":{usage}}}")
+    match head.attempts.as_deref().map(raw_or_string) {
+        Some(attempts) => format!(
+            ",\"timings\":{timings},\"usage\":{usage},\"attempts\":{}}}",
+            attempts.get()
+        ),
+        None => format!(",\"timings\":{timings},\"usage\":{usage}}}"),
+    }
 }
 
 /// Appends `text` escaped as the inside of a JSON string.

@@ -32,6 +32,23 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) keys: Vec<FileKey>,
     pub(super) store: Option<FileStore>,
+    #[serde(default)]
+    pub(super) routes: Vec<FileRoute>,
+}
+
+/// `[[routes]]`: one model name over several models.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRoute {
+    pub(super) name: String,
+    pub(super) strategy: crate::upstream::route::Strategy,
+    pub(super) targets: Vec<String>,
+    pub(super) total_timeout_ms: Option<Millis>,
+    pub(super) idle_timeout_ms: Option<Millis>,
+    pub(super) hedge_after_ms: Option<Millis>,
+    pub(super) retries: Option<u32>,
+    pub(super) retry_backoff_ms: Option<Millis>,
+    pub(super) on_disconnect: Option<OnDisconnect>,
 }
 
 /// `[store]`: where streams are kept when not in the SQLite file of `data_dir`.
@@ -67,6 +84,9 @@ pub(super) struct FileModel {
     pub(super) total_timeout_ms: Option<Millis>,
     pub(super) on_disconnect: Option<OnDisconnect>,
     pub(super) sim: Option<SimDefaults>,
+    pub(super) continue_partial: Option<bool>,
+    pub(super) breaker_failures: Option<u32>,
+    pub(super) breaker_open_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

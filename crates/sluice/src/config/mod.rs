@@ -5,7 +5,7 @@
 //! Unknown keys are errors, and every error names the file, the key and the reason, so a typo
 //! never silently falls back to a default.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use crate::redact::Redactor;
 use crate::store::PgOptions;
 use crate::stream::{millis_or, OnDisconnect, Timeouts};
 use crate::upstream::openai::OpenAi;
+use crate::upstream::route::Breaker;
 use crate::upstream::sim::SimDefaults;
 use crate::upstream::{Upstream, UpstreamLimits};
 
@@ -206,6 +207,7 @@ impl Config {
             ..UpstreamLimits::default()
         };
         let mut models = Vec::new();
+        let mut traits = HashMap::new();
         let mut names = HashSet::new();
         for (i, m) in file.models.into_iter().enumerate() {
             let key = |k: &str| format!("models[{i}].{k}");
@@ -224,12 +226,32 @@ impl Config {
                 idle: millis_or(m.idle_timeout_ms, defaults.idle),
                 total: millis_or(m.total_timeout_ms, defaults.total),
             };
+            if m.breaker_failures == Some(0) {
+                return Err(invalid(
+                    &key("breaker_failures"),
+                    "must be greater than 0".into(),
+                ));
+            }
+            traits.insert(
+                m.name.clone(),
+                routes::TargetTraits {
+                    // The simulated model can always continue an answer.
+                    can_continue: m.kind == Kind::Sim || m.continue_partial == Some(true),
+                    breaker: Arc::new(Breaker::new(
+                        &m.name,
+                        m.breaker_failures
+                            .unwrap_or(routes::DEFAULT_BREAKER_FAILURES),
+                        millis_or(m.breaker_open_ms, routes::DEFAULT_BREAKER_OPEN),
+                    )),
+                },
+            );
             let upstream = match m.kind {
                 Kind::Sim => {
                     for (k, set) in [
                         ("base_url", m.base_url.is_some()),
                         ("api_key_env", m.api_key_env.is_some()),
                         ("headers", !m.headers.is_empty()),
+                        ("continue_partial", m.continue_partial.is_some()),
                     ] {
                         if set {
                             return Err(invalid(
@@ -284,6 +306,17 @@ impl Config {
         // gateway: with keys, a model that costs nothing upstream but fills the store must be
         // asked for by name.
         if !names.contains("sim") && file.keys.is_empty() {
+            traits.insert(
+                "sim".to_string(),
+                routes::TargetTraits {
+                    can_continue: true,
+                    breaker: Arc::new(Breaker::new(
+                        "sim",
+                        routes::DEFAULT_BREAKER_FAILURES,
+                        routes::DEFAULT_BREAKER_OPEN,
+                    )),
+                },
+            );
             models.push(ModelConfig {
                 name: "sim".into(),
                 upstream: Upstream::Sim(SimDefaults::default()),
@@ -292,6 +325,9 @@ impl Config {
                 on_disconnect: OnDisconnect::default(),
             });
         }
+        let routed = routes::build(file.routes, &models, &traits)
+            .map_err(|(key, reason)| invalid(&key, reason))?;
+        models.extend(routed);
         let mut keys = Vec::new();
         for (i, k) in file.keys.into_iter().enumerate() {
             let key = |k: &str| format!("keys[{i}].{k}");
@@ -346,7 +382,7 @@ impl Config {
         let redactor = Arc::new(Redactor::new(models.iter().filter_map(
             |m| match &m.upstream {
                 Upstream::OpenAi(o) => o.api_key(),
-                Upstream::Sim(_) => None,
+                Upstream::Sim(_) | Upstream::Route(_) => None,
             },
         )));
         Ok(Config {
@@ -415,5 +451,6 @@ impl Config {
     }
 }
 
+mod routes;
 #[cfg(test)]
 mod tests;

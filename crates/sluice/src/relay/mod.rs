@@ -33,6 +33,7 @@ use crate::hub::{Hub, Live, Publisher};
 use crate::redact::Redactor;
 use crate::store::{Finish, NewStream, Store, StoreError, StreamKey, Watermark};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
+use crate::upstream::route::Attempts;
 use crate::upstream::{Upstream, UpstreamRequest};
 
 use departure::Departure;
@@ -126,6 +127,8 @@ pub struct StreamRequest {
 #[derive(Debug, Default, Clone)]
 struct Progress {
     chunks: u64,
+    /// A routed stream's attempts (the route notes them as it goes).
+    attempts: Attempts,
     first_token: Option<Duration>,
     usage: Option<Value>,
 }
@@ -251,6 +254,7 @@ fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
         total,
         usage: p.usage.clone(),
         chunks: p.chunks,
+        attempts: p.attempts.finish(),
     }
 }
 
@@ -270,7 +274,12 @@ async fn relay(
         total: Some(req.timeouts.total),
         keep_alive: Some(ctx.keep_alive),
     };
-    let upstream = req.upstream.open(req.upstream_request.clone());
+    let attempts = progress
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .attempts
+        .clone();
+    let upstream = req.upstream.open(req.upstream_request.clone(), &attempts);
     let mut limited = limits.apply_from(upstream, req.started);
     let mut upstream_wait = Duration::ZERO;
     let mut client_wait = Duration::ZERO;

@@ -299,6 +299,7 @@ impl Store {
             chunks,
             timings: head.timings,
             usage: head.usage.and_then(|u| serde_json::from_str(&u).ok()),
+            attempts: head.attempts.and_then(|a| serde_json::from_str(&a).ok()),
         }))
     }
 }

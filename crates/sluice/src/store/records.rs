@@ -47,6 +47,8 @@ pub struct Finish {
     pub usage: Option<Value>,
     /// How many chunks were appended.
     pub chunks: u64,
+    /// A routed stream's attempts (see [`crate::upstream::route`]).
+    pub attempts: Option<Value>,
 }
 
 /// One row of the stream list.
@@ -97,6 +99,9 @@ pub struct Transcript {
     pub timings: Timings,
     /// Token usage, if the upstream reported it.
     pub usage: Option<Value>,
+    /// A routed stream's attempts: target, try, start, first token, end, outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Value>,
 }
 
 /// A stream's transcript without its chunks: what [`Store::head`](super::Store::head) reads before the chunks are
@@ -121,6 +126,8 @@ pub struct TranscriptHead {
     pub timings: Timings,
     /// Token usage, as JSON text, if the upstream reported it.
     pub usage: Option<String>,
+    /// A routed stream's attempts, as JSON text.
+    pub attempts: Option<String>,
     /// The id of its last stored chunk when the head was read (0 if none).
     pub last_seq: u64,
 }

@@ -8,6 +8,7 @@
 //! limit covers connecting too, and dropping the stream closes the upstream connection.
 
 pub mod openai;
+pub mod route;
 pub mod sim;
 pub mod sse;
 
@@ -133,6 +134,8 @@ pub enum UpstreamError {
         status: u16,
         /// The upstream's error message.
         message: String,
+        /// How long the upstream asked to be left alone (`Retry-After`, in seconds).
+        retry_after: Option<std::time::Duration>,
     },
     /// It sent an error event in the stream.
     #[error("upstream sent an error: {message}")]
@@ -149,9 +152,22 @@ pub enum UpstreamError {
     /// It sent something that is not a valid OpenAI event stream.
     #[error("upstream sent an invalid stream: {0}")]
     Protocol(String),
+    /// Every target of a route failed (each one's outcome is in the message and the transcript's
+    /// attempts).
+    #[error("every target of the route failed: {0}")]
+    Exhausted(String),
 }
 
 impl UpstreamError {
+    /// Whether trying the same upstream again may help: a connection failure, `429`, or a `5xx`.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamError::Transport(_) => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
     /// The transcript reason for this failure.
     pub fn reason(&self) -> Reason {
         match self {
@@ -194,14 +210,18 @@ pub enum Upstream {
     OpenAi(openai::OpenAi),
     /// The built-in simulated model.
     Sim(sim::SimDefaults),
+    /// A route over several of the above (see [`route`]).
+    Route(std::sync::Arc<route::Route>),
 }
 
 impl Upstream {
-    /// Opens the stream (lazily: nothing happens until it is polled).
-    pub fn open(&self, request: UpstreamRequest) -> ChunkStream {
+    /// Opens the stream (lazily: nothing happens until it is polled). A route notes each of its
+    /// attempts in `attempts`; the others leave it alone.
+    pub fn open(&self, request: UpstreamRequest, attempts: &route::Attempts) -> ChunkStream {
         match self {
             Upstream::OpenAi(client) => client.open(request),
             Upstream::Sim(defaults) => sim::open(*defaults, request),
+            Upstream::Route(r) => route::open(r.clone(), request, attempts.clone()),
         }
     }
 }

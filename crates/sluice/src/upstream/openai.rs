@@ -103,6 +103,12 @@ impl OpenAi {
                 }
             };
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(std::time::Duration::from_secs);
             let max_error = this.limits.max_error_body_bytes;
             if !status.is_success() {
                 let mut body = Vec::new();
@@ -119,7 +125,7 @@ impl OpenAi {
                     .and_then(|v| v.get("error").map(error_message))
                     .unwrap_or(text);
                 let message = truncate(&message, max_error).into_owned();
-                yield Err(UpstreamError::Status { status: status.as_u16(), message });
+                yield Err(UpstreamError::Status { status: status.as_u16(), message, retry_after });
                 return;
             }
             if let Some(other) = not_an_event_stream(response.headers()) {

@@ -67,6 +67,15 @@ pub struct SimDefaults {
     pub max_tokens: u32,
     /// The fastest an answer is sent, in tokens per second.
     pub max_tokens_per_second: u32,
+    /// Faults every answer has unless the request says otherwise (a flaky model to route
+    /// around): after N tokens, send an error event.
+    pub fail_after: Option<u32>,
+    /// After N tokens, go silent.
+    pub stall_after: Option<u32>,
+    /// After N tokens, cut the connection.
+    pub drop_after: Option<u32>,
+    /// Answer with this HTTP error status.
+    pub http_status: Option<u16>,
 }
 
 impl Default for SimDefaults {
@@ -77,8 +86,48 @@ impl Default for SimDefaults {
             token_interval_ms: 20,
             max_tokens: 10_000,
             max_tokens_per_second: 1_000,
+            fail_after: None,
+            stall_after: None,
+            drop_after: None,
+            http_status: None,
         }
     }
+}
+
+impl SimDefaults {
+    /// `p` with the faults it leaves out taken from these defaults.
+    pub fn faults_into(&self, mut p: SimParams) -> SimParams {
+        p.fail_after = p.fail_after.or(self.fail_after);
+        p.stall_after = p.stall_after.or(self.stall_after);
+        p.drop_after = p.drop_after.or(self.drop_after);
+        p.http_status = p.http_status.or(self.http_status);
+        p
+    }
+}
+
+/// How many tokens of its answer a request already holds: when the last message is the
+/// assistant's and `continue_final_message` is true (vLLM's flag, which routes send to continue
+/// a half-finished answer), the number of leading tokens whose text that message is made of.
+/// The answer then continues from there, so the two halves read as one answer.
+pub fn continued_from(body: &serde_json::Map<String, Value>) -> u32 {
+    if body.get("continue_final_message").and_then(Value::as_bool) != Some(true) {
+        return 0;
+    }
+    let Some(last) = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    else {
+        return 0;
+    };
+    let mut partial = last.get("content").and_then(Value::as_str).unwrap_or("");
+    let mut n = 0;
+    while let Some(rest) = partial.strip_prefix(token_text(n)) {
+        partial = rest;
+        n += 1;
+    }
+    n
 }
 
 /// Why a request's `"sim"` field is refused: the field (`sim.tokens`) and the reason.
@@ -169,13 +218,14 @@ pub fn token_text(i: u32) -> &'static str {
     WORDS[i as usize % WORDS.len()]
 }
 
-/// The steps of an answer, each after its delay. Stalls never end.
-pub fn steps(defaults: SimDefaults, p: SimParams) -> impl Stream<Item = SimStep> + Send {
+/// The steps of an answer from token `from` on (0: the whole answer), each after its delay.
+/// Stalls never end.
+pub fn steps(defaults: SimDefaults, p: SimParams, from: u32) -> impl Stream<Item = SimStep> + Send {
     let tokens = p.tokens.unwrap_or(defaults.tokens);
     let first = Duration::from_millis(p.first_token_ms.unwrap_or(defaults.first_token_ms));
     let interval = Duration::from_millis(p.token_interval_ms.unwrap_or(defaults.token_interval_ms));
     stream! {
-        for i in 0..=tokens {
+        for i in from.min(tokens)..=tokens {
             // Faults trigger after `i` tokens; the earliest-numbered wins.
             if p.stall_after == Some(i) {
                 std::future::pending::<()>().await;
@@ -195,7 +245,7 @@ pub fn steps(defaults: SimDefaults, p: SimParams) -> impl Stream<Item = SimStep>
             if i == tokens {
                 break;
             }
-            let delay = if i == 0 { first } else { interval };
+            let delay = if i == from { first } else { interval };
             // A zero delay must not wait for the timer's next tick (a millisecond).
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -265,20 +315,21 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
         .and_then(Value::as_str)
         .unwrap_or("sim")
         .to_string();
+    let from = continued_from(&request.body);
     let prompt_tokens = usage(&request.body, 0)["prompt_tokens"]
         .as_u64()
         .unwrap_or(0);
     drop(request);
     Box::pin(stream! {
         let p = match params {
-            Ok(p) => p,
+            Ok(p) => defaults.faults_into(p),
             Err(e) => {
-                yield Err(UpstreamError::Status { status: 400, message: format!("invalid sim field: {e}") });
+                yield Err(UpstreamError::Status { status: 400, message: format!("invalid sim field: {e}"), retry_after: None });
                 return;
             }
         };
         if let Some(status) = p.http_status {
-            yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}") });
+            yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}"), retry_after: None });
             return;
         }
         let mut p = p;
@@ -288,7 +339,7 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
         let mut paced_from: Option<tokio::time::Instant> = None;
         let id = format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple());
         let mut count = 0u32;
-        let steps = steps(defaults, p);
+        let steps = steps(defaults, p, from);
         futures_util::pin_mut!(steps);
         while let Some(step) = futures_util::StreamExt::next(&mut steps).await {
             match step {
@@ -386,6 +437,7 @@ mod tests {
                 UpstreamError::Status {
                     status: 429,
                     message: "simulated HTTP 429".into(),
+                    retry_after: None,
                 },
             ),
         ] {

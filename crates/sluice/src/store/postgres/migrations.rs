@@ -114,6 +114,8 @@ const MIGRATIONS: &[&str] = &[
         UPDATE key_buckets SET tokens = have, updated = now_ts WHERE key_id = p_key;
         RETURN have;
     END $$;",
+    // 4: a routed stream's attempts (JSON).
+    "ALTER TABLE streams ADD COLUMN attempts TEXT;",
 ];
 
 /// The schema version this build expects.

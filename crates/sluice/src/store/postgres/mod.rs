@@ -288,7 +288,8 @@ impl PgStore {
             .await?
             .query_opt(
                 "SELECT model, created, status, reason, detail, request, first_token_us, total_us,
-                    usage, (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id)
+                    usage, (SELECT COALESCE(MAX(seq), 0) FROM chunks WHERE stream_id = streams.id),
+                    attempts
                  FROM streams WHERE id = $1 AND tenant = $2",
                 &[&id.0, &tenant.0],
             )
@@ -304,6 +305,7 @@ impl PgStore {
             request: r.get(5),
             timings: Timings::from_us(r.get(6), r.get(7)),
             usage: r.get(8),
+            attempts: r.get(10),
             last_seq: r.get::<_, i64>(9) as u64,
         }))
     }

@@ -229,7 +229,7 @@ async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(
             touched.push(&f.id);
             tx.execute(
                 "UPDATE streams SET status = $2, reason = $3, detail = $4, first_token_us = $5,
-                     total_us = $6, usage = $7, chunk_count = $8
+                     total_us = $6, usage = $7, chunk_count = $8, attempts = $9
                  WHERE id = $1 AND status = 'streaming'",
                 &[
                     &f.id,
@@ -240,6 +240,7 @@ async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(
                     &(f.total.as_micros() as i64),
                     &f.usage.as_ref().map(serde_json::Value::to_string),
                     &(f.chunks as i64),
+                    &f.attempts.as_ref().map(serde_json::Value::to_string),
                 ],
             )
             .await

@@ -21,7 +21,7 @@ use crate::store::StoreError;
 
 use crate::store::write::{Op, WRITE_QUEUE};
 use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
-use schema::{fold_log, SCHEMA};
+use schema::{add_columns, fold_log, SCHEMA};
 use writer::{LogState, Writer, WriterState};
 
 mod checkpoint;
@@ -81,6 +81,7 @@ impl SqliteStore {
         write.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         write.busy_timeout(Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
+        add_columns(&write)?;
         fold_log(&mut write)?;
         let recovered = write.execute(
             "UPDATE streams SET status = 'interrupted', reason = 'crash',

@@ -154,7 +154,8 @@ impl SqliteStore {
             let row = c
                 .query_row(
                     "SELECT model, created, status, reason, detail, request, first_token_us, total_us, usage,
-                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id)
+                        (SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = streams.id),
+                        attempts
                      FROM streams WHERE id = ?1 AND tenant = ?2",
                     params![id, tenant],
                     |r| {
@@ -172,12 +173,13 @@ impl SqliteStore {
                                 r.get::<_, Option<i64>>(7)?,
                                 r.get::<_, Option<String>>(8)?,
                                 r.get::<_, i64>(9)?,
+                                r.get::<_, Option<String>>(10)?,
                             ),
                         ))
                     },
                 )
                 .optional()?;
-            let Some(((model, created, status, reason, detail), (request, first_us, total_us, usage, last))) = row else {
+            let Some(((model, created, status, reason, detail), (request, first_us, total_us, usage, last, attempts))) = row else {
                 return Ok(None);
             };
             Ok(Some(TranscriptHead {
@@ -190,6 +192,7 @@ impl SqliteStore {
                 request,
                 timings: Timings::from_us(first_us, total_us),
                 usage,
+                attempts,
                 last_seq: (last as u64).max(in_run),
             }))
         })

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS streams (
     first_token_us INTEGER,
     total_us INTEGER,
     usage TEXT,
-    chunk_count INTEGER NOT NULL DEFAULT 0
+    chunk_count INTEGER NOT NULL DEFAULT 0,
+    attempts TEXT
 );
 CREATE INDEX IF NOT EXISTS streams_by_tenant ON streams (tenant, seq);
 CREATE TABLE IF NOT EXISTS chunk_log (
@@ -42,6 +43,19 @@ CREATE TABLE IF NOT EXISTS chunk_blocks (
 );
 CREATE INDEX IF NOT EXISTS chunk_blocks_by_stream ON chunk_blocks (stream_id, first_seq);
 ";
+
+/// Adds the columns later versions added to a database an earlier version made.
+pub(super) fn add_columns(conn: &Connection) -> Result<(), StoreError> {
+    let has_attempts: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('streams') WHERE name = 'attempts'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_attempts == 0 {
+        conn.execute_batch("ALTER TABLE streams ADD COLUMN attempts TEXT")?;
+    }
+    Ok(())
+}
 
 /// Folds what the log holds beyond the blocks (the runs of a process that ended) into blocks,
 /// and empties the log. Also moves chunks from the one-row-per-chunk table of earlier versions.

@@ -22,6 +22,7 @@ fn bare_finish(id: &str, ending: Ending) -> Finish {
         total: Duration::ZERO,
         usage: None,
         chunks: 0,
+        attempts: None,
     }
 }
 
@@ -75,6 +76,7 @@ async fn a_stream_round_trips_with_its_chunks_in_order() {
             total: Duration::from_millis(25),
             usage: Some(serde_json::json!({"total_tokens": 2})),
             chunks: 2,
+            attempts: None,
         })
         .await
         .expect("finish");

@@ -241,7 +241,7 @@ pub(super) fn apply(
                     .write(&tx, runs, &id)?;
                 tx.execute(
                     "UPDATE streams SET status = ?2, reason = ?3, detail = ?4, first_token_us = ?5, total_us = ?6,
-                         usage = ?7, chunk_count = ?8
+                         usage = ?7, chunk_count = ?8, attempts = ?9
                      WHERE id = ?1 AND status = 'streaming'",
                     params![
                         f.id,
@@ -252,6 +252,7 @@ pub(super) fn apply(
                         f.total.as_micros() as i64,
                         f.usage.as_ref().map(Value::to_string),
                         f.chunks as i64,
+                        f.attempts.as_ref().map(Value::to_string),
                     ],
                 )?;
             }
