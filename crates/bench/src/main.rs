@@ -29,6 +29,7 @@ use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sim::SimDefaults;
 
 mod cluster;
+mod hedge;
 mod measure;
 mod memory;
 mod report;
@@ -81,6 +82,10 @@ struct Args {
     /// PostgreSQL at `--store-url`, and write `cluster.md` and `cluster.json` to `--out`.
     #[arg(long, requires = "store_url")]
     only_cluster: bool,
+    /// Run only the hedging measurement (two replicas with a slow tail, one directly and both
+    /// behind a hedge route), and write `hedge.md` and `hedge.json` to `--out`.
+    #[arg(long)]
+    only_hedge: bool,
     /// A PostgreSQL (best a fresh schema:
     /// `postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dbench`): adds the target
     /// "sluice on PostgreSQL" and the two-node figures (cross-node follow and cancel).
@@ -135,9 +140,9 @@ impl Plan {
     }
 }
 
-struct Sluice {
-    child: tokio::process::Child,
-    base: String,
+pub(crate) struct Sluice {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) base: String,
     _dir: PathBuf,
 }
 
@@ -183,6 +188,17 @@ async fn start_node(
     tag: &str,
     store_url: Option<&str>,
 ) -> anyhow::Result<Sluice> {
+    let store = store_url.map_or(String::new(), |url| format!("[store]\nurl = \"{url}\"\n"));
+    start_with(
+        bin,
+        tag,
+        &format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n{store}[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n"),
+    )
+    .await
+}
+
+/// Starts `sluice serve` with the config file `config_text`, in a fresh data directory.
+pub(crate) async fn start_with(bin: &Path, tag: &str, config_text: &str) -> anyhow::Result<Sluice> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -190,8 +206,7 @@ async fn start_node(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("sluice.toml");
-    let store = store_url.map_or(String::new(), |url| format!("[store]\nurl = \"{url}\"\n"));
-    std::fs::write(&config, format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n{store}[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n"))?;
+    std::fs::write(&config, config_text)?;
     let child = tokio::process::Command::new(bin)
         .args([
             "serve",
@@ -242,6 +257,7 @@ async fn main() -> anyhow::Result<()> {
             defaults: SimDefaults::default(),
             split_bytes: 0,
             stamp: true,
+            ..MockOptions::default()
         },
     )?;
     let sluice = start_sluice(&sluice_bin, &mock.base_url(), true, "on").await?;
@@ -275,6 +291,11 @@ async fn main() -> anyhow::Result<()> {
         let b = start_node(&sluice_bin, &mock.base_url(), true, "node-b", Some(url)).await?;
         let c = cluster::run(&a.base, &b.base, &mock, 200).await?;
         return write_report(&args, "cluster", &c, cluster::markdown);
+    }
+    if args.only_hedge {
+        drop((sluice, bare));
+        let h = hedge::run(&sluice_bin, plan.ttft_requests.max(500)).await?;
+        return write_report(&args, "hedge", &h, hedge::markdown);
     }
     if args.only_idle {
         let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;

@@ -77,6 +77,17 @@ pub struct MockOptions {
     /// Stamp each token chunk with `"x_sent_ns"`: [`clock_ns`] when it was written, for
     /// measuring per-chunk latency from the same process.
     pub stamp: bool,
+    /// One answer in this many, drawn at random, waits [`slow_first_token_ms`](Self::slow_first_token_ms)
+    /// for its first token (0: never): a replica with a slow tail, for hedging to cut.
+    pub slow_one_in: u32,
+    /// The first-token delay of a slow answer.
+    pub slow_first_token_ms: u64,
+}
+
+/// Whether this answer is one of the slow ones (one in `one_in`, at random).
+fn slow_this_time(one_in: u32) -> bool {
+    let mut b = [0u8; 4];
+    one_in > 0 && getrandom::fill(&mut b).is_ok() && u32::from_le_bytes(b) % one_in == 0
 }
 
 /// Nanoseconds on this process's monotonic clock (since its first use).
@@ -206,6 +217,10 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
         .to_string();
     let id = format!("chatcmpl-mock-{}", uuid::Uuid::new_v4().simple());
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let mut params = params;
+    if slow_this_time(mock.options.slow_one_in) {
+        params.first_token_ms = Some(mock.options.slow_first_token_ms);
+    }
     let steps = sim::steps(mock.options.defaults, params, sim::continued_from(&body));
     if !streaming {
         return complete(mock, body, steps, id, model).await;

@@ -35,7 +35,7 @@ async fn events_and_utf8_split_at_every_byte_arrive_intact() {
     let m = mock(MockOptions {
         defaults: SimDefaults::default(),
         split_bytes: 1,
-        stamp: false,
+        ..MockOptions::default()
     })
     .await;
     let g = gateway(&openai_model(&m, "")).await;

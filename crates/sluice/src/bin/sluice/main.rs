@@ -301,7 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 MockOptions {
                     defaults,
                     split_bytes,
-                    stamp: false,
+                    ..MockOptions::default()
                 },
             )?;
             eprintln!("mock upstream at {}", mock.base_url());
