@@ -187,7 +187,8 @@ async function main() {
   const acme = newKey();
   const globex = newKey();
   const keyed = await gateway(
-    `[[keys]]\ntenant = "acme"\nkey_sha256 = "${acme.sha}"\n[[keys]]\ntenant = "globex"\nkey_sha256 = "${globex.sha}"\n[[models]]\nname = "sim"\nkind = "sim"\n`,
+    `[[keys]]\ntenant = "acme"\nkey_sha256 = "${acme.sha}"\n[[keys]]\ntenant = "globex"\nkey_sha256 = "${globex.sha}"\n[[models]]\nname = "sim"\nkind = "sim"\n` +
+      `[[models]]\nname = "late"\nkind = "sim"\nsim = { first_token_ms = 5000 }\n[[routes]]\nname = "pair"\nstrategy = "gather"\ntargets = ["sim", "late"]\ntotal_timeout_ms = 800\n`,
   );
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   cleanups.push(() => browser.close());
@@ -380,6 +381,18 @@ async function main() {
     await p.reload();
     await p.waitForSelector(`#stream-table tbody tr[data-id="${mine}"]`);
     await screenshot(p, "key-streams");
+
+    // A gather route: each target's answer under its name, and who timed out.
+    await p.click("#tab-chat");
+    await p.selectOption("#model", "pair");
+    await setExtra(p, { sim: { tokens: 6, token_interval_ms: 10 } });
+    await sendPrompt(p, "ask both");
+    await waitForEnd(p);
+    const g = await lastAnswer(p);
+    assert.match(g.ending, /^completed/);
+    assert.match(g.text, /sim \(completed\)/);
+    assert.match(g.text, /late \(timed out\)/);
+    await screenshot(p, "gather");
     await p.context().close();
   });
 }

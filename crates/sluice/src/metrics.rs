@@ -17,6 +17,9 @@
 //! | `sluice_store_write_errors_total` | counter | (writes in batches that failed: chunks or statuses not stored) |
 //! | `sluice_store_wal_frames` | gauge | (SQLite WAL size in 4 KB pages after each checkpoint) |
 //! | `sluice_gateway_overhead_seconds` | histogram | (total time minus time waiting on the upstream and the client) |
+//! | `sluice_store_unwritten_endings` | gauge | (PostgreSQL: final statuses kept until the database answers again) |
+//! | `sluice_route_attempts_total` | counter | `route`, `target`, `outcome` (completed, failed, timed_out, lost, skipped, cancelled) |
+//! | `sluice_route_breaker_open` | gauge | `target` (1 while its circuit breaker skips it) |
 //!
 //! Labels never carry request content, keys or stream ids.
 //!

@@ -419,7 +419,11 @@ async function relay(li, open) {
       }
       const choice = data.choices && data.choices[0];
       const text = choice && choice.delta && choice.delta.content;
-      if (text) msg.content += text;
+      if (data.sluice_target !== undefined || data.sluice_gather) {
+        gathered(msg, data, text);
+      } else if (text) {
+        msg.content += text;
+      }
       if (event.id) msg.seq = event.id;
       // The text and the last event id are saved together: a reload resumes exactly here.
       saveChat();
@@ -430,6 +434,27 @@ async function relay(li, open) {
     if (e instanceof ApiFailure) end(li, "failed", e.code, e.message);
     else end(li, "failed", null, `the connection failed: ${e.message}`);
   }
+}
+
+/**
+ * A gather route's answer: each target's text under its name, and, once the last chunk lists
+ * them, how each one ended.
+ */
+function gathered(msg, data, text) {
+  msg.parts = msg.parts || {};
+  msg.outcomes = msg.outcomes || {};
+  if (data.sluice_target !== undefined && text) msg.parts[data.sluice_target] = (msg.parts[data.sluice_target] || "") + text;
+  for (const t of data.sluice_gather || []) {
+    msg.outcomes[t.target] = t.status;
+    if (!(t.target in msg.parts)) msg.parts[t.target] = "";
+  }
+  msg.content = Object.entries(msg.parts)
+    .map(([target, part]) => {
+      const outcome = msg.outcomes[target];
+      const heading = outcome ? `**${target}** (${describe(outcome, null)})` : `**${target}**`;
+      return `${heading}\n\n${part}`;
+    })
+    .join("\n\n");
 }
 
 function end(li, status, reason, detail) {
