@@ -142,6 +142,44 @@ async fn fallback_retries_then_moves_on_and_the_client_sees_one_clean_answer() {
     assert!((199.0..260.0).contains(&waited), "{slow}");
 }
 
+/// Retries stop at the route's deadline: however many are allowed, none starts after it, and
+/// the stream fails at the deadline saying what each attempt did.
+#[tokio::test(start_paused = true)]
+async fn retries_stay_inside_the_deadline() {
+    let config = format!(
+        "{SIMS}{}",
+        route(
+            "r",
+            "fallback",
+            &["broken"],
+            "retries = 50\nretry_backoff_ms = 100\ntotal_timeout_ms = 1000"
+        )
+    );
+    let g = gateway(&config).await;
+    let started = tokio::time::Instant::now();
+    let response = client()
+        .post(format!("{}/v1/chat/completions", g.url))
+        .json(&chat_body("r", true, json!({"tokens": 3}), json!(null)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert!(
+        started.elapsed() <= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let id = g.newest(1).await[0].id.clone();
+    let t = final_transcript(&g.url, &id).await;
+    let tried = t["attempts"].as_array().unwrap();
+    // Backoffs of 50-100, 100-200, 200-400, 400-800 ms: at most five tries fit in a second.
+    assert!((3..=5).contains(&tried.len()), "{}", t["attempts"]);
+    assert!(tried
+        .iter()
+        .all(|a| a["started_ms"].as_f64().unwrap() < 1000.0 && a["outcome"] == "failed"));
+    assert_eq!(ending(&t), ("failed".into(), Some("upstream_error".into())));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_target_that_fails_mid_answer_is_continued_by_the_next() {
     let config = format!("{SIMS}{}", route("r", "fallback", &["flaky", "ok"], ""));
@@ -236,6 +274,13 @@ async fn race_streams_the_first_and_closes_the_others() {
         slow.stats().wait_disconnected(1),
     )
     .await;
+    // As the mock itself reports it over HTTP.
+    let stats = get_json(&format!(
+        "{}/stats",
+        slow.base_url().trim_end_matches("/v1")
+    ))
+    .await;
+    assert_eq!(stats["requests_disconnected"], 1, "{stats}");
 }
 
 #[tokio::test]
