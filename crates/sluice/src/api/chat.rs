@@ -50,6 +50,11 @@ pub(crate) struct ChatRequest {
 pub(crate) fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+    chat_request(value)
+}
+
+/// Validates a chat request given as JSON.
+pub(super) fn chat_request(value: Value) -> Result<ChatRequest, ApiError> {
     let Value::Object(mut body) = value else {
         return Err(ApiError::bad_request(
             "body",
@@ -122,6 +127,22 @@ pub(crate) fn parse_chat(bytes: &[u8]) -> Result<ChatRequest, ApiError> {
 /// Reads a request body of at most `limit` bytes within `time`. Memory follows the body's
 /// size: each piece is copied out of the connection's read buffer as it arrives (holding on to
 /// hyper's pieces would pin a whole read buffer per byte of a body dripped a byte at a time).
+/// A request's JSON body, within the configured size and time ([`require_json`], [`read_body`]).
+pub(super) async fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
+    require_json(headers)?;
+    read_body(
+        body,
+        headers,
+        state.config.max_body_bytes,
+        state.config.body_timeout,
+    )
+    .await
+}
+
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -172,7 +193,7 @@ async fn read_body(
 
 /// Refuses a body that does not say it is JSON: `415`. Browsers can send `text/plain` and form
 /// bodies across sites without asking; they cannot send `application/json` without a preflight.
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     let essence = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -198,17 +219,37 @@ pub(super) async fn chat_completions(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    require_json(&headers)?;
-    let bytes = read_body(
-        body,
-        &headers,
-        state.config.max_body_bytes,
-        state.config.body_timeout,
-    )
-    .await?;
+    let bytes = json_body(&state, &headers, body).await?;
     let chat = parse_chat(&bytes)?;
     // The parsed request holds what is needed; the raw body need not wait for the stream.
     drop(bytes);
+    let client_request = Value::Object(chat.body.clone());
+    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    let stream = chat.stream;
+    let (frames, model) =
+        match start_stream(&state, &caller, chat, client_request, id.clone(), started).await? {
+            Ok(started) => started,
+            Err(refusal) => return Ok(refusal),
+        };
+    if stream {
+        stream_response(frames, id, &model).await
+    } else {
+        complete_response(frames, id, &model).await
+    }
+}
+
+/// Starts a stream for a validated chat request: finds the model, checks the simulated model's
+/// fields, takes one of the caller's requests, records the stream as `client_request` under
+/// `id`, and starts its relay. Returns its frames and the model's name, or (`Ok(Err)`) the
+/// answer to a request a limit refused.
+pub(super) async fn start_stream(
+    state: &AppState,
+    caller: &Caller,
+    chat: ChatRequest,
+    client_request: Value,
+    id: Arc<str>,
+    started: Instant,
+) -> Result<Result<(Frames, String), Response>, ApiError> {
     let Some(model) = state.config.model(&chat.model) else {
         return Err(ApiError {
             param: Some("model".into()),
@@ -230,11 +271,10 @@ pub(super) async fn chat_completions(
     metrics::counter!("sluice_requests_total", "model" => model.name.clone(), "stream" => if chat.stream { "true" } else { "false" }).increment(1);
     match caller.take_request(&state.relay.store).await {
         Ok(Ok(())) => {}
-        Ok(Err(why)) => return Ok(refused(why)),
+        Ok(Err(why)) => return Ok(Err(refused(why))),
         Err(e) => return Err(ApiError::store("the request could not be admitted", &e)),
     }
 
-    let client_request = Value::Object(chat.body.clone());
     let mut upstream_body = chat.body;
     upstream_body.insert("stream".into(), Value::Bool(true));
     if let Some(name) = &model.upstream_model {
@@ -248,7 +288,6 @@ pub(super) async fn chat_completions(
         idle: millis_or(chat.options.idle_timeout_ms, model.timeouts.idle),
         total: millis_or(chat.options.total_timeout_ms, model.timeouts.total),
     };
-    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
     let request = StreamRequest {
         id: id.clone(),
         tenant: caller.tenant.to_string(),
@@ -263,15 +302,10 @@ pub(super) async fn chat_completions(
         on_disconnect: chat.options.on_disconnect.unwrap_or(model.on_disconnect),
         key: caller.stream_key(),
     };
-    let frames = match relay::start(&state.relay, request).await {
-        Ok(frames) => frames,
-        Err(StoreError::KeyBusy { limit }) => return Ok(refused(Refused::Concurrency { limit })),
-        Err(e) => return Err(ApiError::store("the stream could not be recorded", &e)),
-    };
-    if chat.stream {
-        stream_response(frames, id, &model.name).await
-    } else {
-        complete_response(frames, id, &model.name).await
+    match relay::start(&state.relay, request).await {
+        Ok(frames) => Ok(Ok((frames, model.name.clone()))),
+        Err(StoreError::KeyBusy { limit }) => Ok(Err(refused(Refused::Concurrency { limit }))),
+        Err(e) => Err(ApiError::store("the stream could not be recorded", &e)),
     }
 }
 

@@ -18,6 +18,7 @@
 //! | `sse` | encoding frames and endings as server-sent events |
 //! | `streams` | `GET /v1/streams`, `…/{id}/events` (resume), `POST …/{id}/cancel` |
 //! | `transcript` | `GET /v1/streams/{id}`: a transcript's JSON, streamed page by page |
+//! | `responses` | OpenAI's Responses API (`/v1/responses`) over any model, on top of streams |
 //! | `web` | the web page at `/`, its assets compiled in, under a strict Content-Security-Policy |
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use edge::{EdgePolicy, TenantName};
 mod chat;
 pub mod edge;
 pub mod error;
+mod responses;
 mod sse;
 mod streams;
 mod transcript;
@@ -90,6 +92,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{id}", get(show_stream))
         .route("/v1/streams/{id}/events", get(stream_events))
         .route("/v1/streams/{id}/cancel", post(cancel_stream))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::retrieve))
+        .route("/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)

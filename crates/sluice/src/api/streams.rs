@@ -180,6 +180,32 @@ pub(super) async fn cancel_stream(
 ) -> Result<Json<Value>, ApiError> {
     let id = stream_id(path)?;
     let (tenant, sid) = (Tenant(&caller.tenant), StreamId(&id));
+    stop(&state, tenant, sid).await?;
+    let st = state
+        .relay
+        .store
+        .state(tenant, sid)
+        .await
+        .map_err(|e| ApiError::store("the store could not be read", &e))?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(json!({
+        "id": id,
+        "object": "sluice.stream",
+        "status": st.status,
+        "reason": st.reason,
+        "detail": st.detail,
+    })))
+}
+
+/// Stops `tenant`'s stream `id` wherever it runs (here, or on another node sharing the store)
+/// and waits, up to [`CANCEL_WAIT`], until its final status is written. Nothing happens to a
+/// stream that has ended.
+pub(super) async fn stop(
+    state: &AppState,
+    tenant: Tenant<'_>,
+    sid: StreamId<'_>,
+) -> Result<(), ApiError> {
+    let id = sid.0;
     let (hub, store) = (&state.relay.hub, &state.relay.store);
     let live = hub.subscribe(tenant, sid);
     // Subscribed before the store is read, like a follower.
@@ -207,16 +233,5 @@ pub(super) async fn cancel_stream(
             }
         }
     }
-    let st = store
-        .state(tenant, sid)
-        .await
-        .map_err(|e| ApiError::store("the store could not be read", &e))?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(Json(json!({
-        "id": id,
-        "object": "sluice.stream",
-        "status": st.status,
-        "reason": st.reason,
-        "detail": st.detail,
-    })))
+    Ok(())
 }

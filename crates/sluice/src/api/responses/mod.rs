@@ -1,0 +1,436 @@
+//! OpenAI's Responses API over any model: `POST /v1/responses` (plain, streaming, background),
+//! `GET /v1/responses/{id}` (the object, or its event stream from `starting_after`), `POST
+//! /v1/responses/{id}/cancel` and `GET /v1/responses/{id}/input_items`.
+//!
+//! A response is a sluice stream whose id is the response id (`resp_…`): the upstream is called
+//! with chat completions, the stream is recorded, resumed, cancelled and listed like any other,
+//! and its Responses events are made from its chunks (see `shape` for their numbering), so a
+//! replay from the store, on any node, numbers them exactly as the live stream did.
+
+use std::sync::Arc;
+
+use async_stream::stream;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sluice_flow::QueueError;
+use tokio::time::Instant;
+
+use crate::auth::Caller;
+use crate::follow::{follow, Followed};
+use crate::relay::{Frame, Frames};
+use crate::store::Transcript;
+use crate::stream::{Ending, Status, StreamId, Tenant, Terminal};
+use crate::upstream::Payload;
+
+use super::chat::{chat_request, json_body, start_stream};
+use super::error::not_found;
+use super::sse::sse_response;
+use super::streams::{stop, stream_id};
+use super::{ApiError, AppState};
+
+mod shape;
+
+use shape::{Event, Meta, State as Standing};
+
+/// The recorded request's field holding the conversation so far (for `previous_response_id`).
+const CONVERSATION: &str = "sluice_conversation";
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A response as the store holds it.
+async fn stored(state: &AppState, caller: &Caller, id: &str) -> Result<Transcript, ApiError> {
+    state
+        .relay
+        .store
+        .get(Tenant(&caller.tenant), StreamId(id))
+        .await
+        .map_err(|e| ApiError::store("the store could not be read", &e))?
+        .filter(|t| t.request.get(CONVERSATION).is_some())
+        .ok_or_else(|| not_found(id))
+}
+
+fn meta_of(t: &Transcript) -> Meta {
+    Meta {
+        id: t.id.clone(),
+        created_at: t.created,
+        model: t.model.clone(),
+        request: t.request.clone(),
+    }
+}
+
+fn standing_of(t: &Transcript) -> Standing {
+    let finish_reason = t.chunks.iter().rev().find_map(|c| {
+        c.data["choices"][0]["finish_reason"]
+            .as_str()
+            .map(str::to_string)
+    });
+    Standing {
+        status: t.status,
+        reason: t.reason,
+        detail: t.detail.clone(),
+        finish_reason,
+        usage: t.usage.clone(),
+    }
+}
+
+/// `POST /v1/responses`.
+pub(super) async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let bytes = json_body(&state, &headers, body).await?;
+    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Err(ApiError::bad_request(
+            "body",
+            "the body must be a JSON object",
+        ));
+    };
+    drop(bytes);
+    let previous = match body.get("previous_response_id") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(prev)) => {
+            let t = stored(&state, &caller, prev).await.map_err(|_| ApiError {
+                param: Some("previous_response_id".into()),
+                ..not_found(prev)
+            })?;
+            let mut conversation = t.request[CONVERSATION]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            conversation.push(json!({"role": "assistant", "content": t.content}));
+            conversation
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "previous_response_id",
+                "must be a response id",
+            ))
+        }
+    };
+    let (chat, conversation) = shape::chat_body(&body, previous)?;
+    let chat = chat_request(chat)?;
+    let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let background = body.get("background").and_then(Value::as_bool) == Some(true);
+    body.insert(CONVERSATION.into(), Value::Array(conversation));
+    let request = Value::Object(body);
+    let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
+    let (frames, model) = match start_stream(
+        &state,
+        &caller,
+        chat,
+        request.clone(),
+        Arc::from(id.as_str()),
+        started,
+    )
+    .await?
+    {
+        Ok(started) => started,
+        Err(refusal) => return Ok(refusal),
+    };
+    let meta = Meta {
+        id,
+        created_at: now_unix(),
+        model,
+        request,
+    };
+    if streaming {
+        let id = meta.id.clone();
+        let events = live_events(meta, frames).map(Ok::<_, std::convert::Infallible>);
+        return Ok(sse_response(Body::from_stream(events), &id));
+    }
+    if background {
+        // The answer goes on without this request (its disconnect policy is `continue`).
+        drop(frames);
+        return Ok(Json(shape::response(&meta, &Standing::running(), "")).into_response());
+    }
+    let (standing, text, _) = collect(frames).await;
+    Ok(Json(shape::response(&meta, &standing, &text)).into_response())
+}
+
+/// What a stream's frames came to: how it ended, its text, and its ending's event id.
+async fn collect(mut frames: Frames) -> (Standing, String, u64) {
+    let mut answer = Answer::default();
+    loop {
+        match next_chunk(&mut frames).await {
+            Next::Chunk { seq, chunk } => answer.chunk(seq, &chunk),
+            Next::KeepAlive => {}
+            Next::End(t) => {
+                let terminal = answer.end(&t);
+                return (answer.standing, answer.text, terminal);
+            }
+        }
+    }
+}
+
+/// An answer so far: its text, how it stands, its last event id.
+struct Answer {
+    text: String,
+    standing: Standing,
+    last: u64,
+}
+
+impl Default for Answer {
+    fn default() -> Self {
+        Self {
+            text: String::new(),
+            standing: Standing::running(),
+            last: 0,
+        }
+    }
+}
+
+impl Answer {
+    fn chunk(&mut self, seq: u64, chunk: &Option<crate::upstream::Chunk>) {
+        self.last = seq;
+        if let Some(c) = chunk {
+            self.text.push_str(&c.content);
+            if c.finish_reason.is_some() {
+                self.standing.finish_reason.clone_from(&c.finish_reason);
+            }
+            if c.usage.is_some() {
+                self.standing.usage.clone_from(&c.usage);
+            }
+        }
+    }
+
+    /// Notes the ending; returns its event id.
+    fn end(&mut self, t: &Terminal) -> u64 {
+        end(&mut self.standing, &t.ending);
+        t.seq.max(self.last + 1)
+    }
+}
+
+enum Next {
+    Chunk {
+        seq: u64,
+        chunk: Option<crate::upstream::Chunk>,
+    },
+    KeepAlive,
+    End(Terminal),
+}
+
+/// The next frame, once it is in the transcript (a chunk the store lost comes as `None`).
+async fn next_chunk(frames: &mut Frames) -> Next {
+    match frames.recv().await {
+        Some(Ok(Frame::Chunk {
+            seq,
+            data,
+            committed,
+            ..
+        })) => {
+            let mut stored = true;
+            if let Some(committed) = committed {
+                committed.reached(seq).await;
+                stored = committed.is_stored(seq);
+            }
+            let chunk = match Payload::parse(&data) {
+                Ok(Payload::Chunk(c)) if stored => Some(c),
+                _ => None,
+            };
+            Next::Chunk { seq, chunk }
+        }
+        Some(Ok(Frame::KeepAlive)) => Next::KeepAlive,
+        Some(Err(QueueError::Failed(t))) => Next::End(t),
+        Some(Err(QueueError::Abandoned)) => Next::End(Terminal {
+            seq: 0,
+            ending: Ending::abnormal(
+                crate::stream::Reason::Shutdown,
+                "the relay stopped before the response ended",
+            ),
+        }),
+        None => Next::End(Terminal {
+            seq: 0,
+            ending: Ending::Completed,
+        }),
+    }
+}
+
+fn end(standing: &mut Standing, ending: &Ending) {
+    standing.status = ending.status();
+    standing.reason = ending.reason();
+    standing.detail = ending.detail().map(str::to_string);
+}
+
+/// A live response's events: the prefix, a delta per chunk as it is committed, the ending.
+fn live_events(meta: Meta, mut frames: Frames) -> impl futures_util::Stream<Item = String> {
+    stream! {
+        for e in shape::prefix(&meta) {
+            yield shape::sse(&e);
+        }
+        let mut answer = Answer::default();
+        loop {
+            match next_chunk(&mut frames).await {
+                Next::Chunk { seq, chunk } => {
+                    if let Some(c) = &chunk {
+                        if let Some(e) = shape::delta(&meta, seq, &c.content) {
+                            yield shape::sse(&e);
+                        }
+                    }
+                    answer.chunk(seq, &chunk);
+                }
+                Next::KeepAlive => yield ": keep-alive\n\n".to_string(),
+                Next::End(t) => {
+                    let terminal = answer.end(&t);
+                    for e in shape::suffix(&meta, terminal, &answer.standing, &answer.text) {
+                        yield shape::sse(&e);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RetrieveQuery {
+    stream: Option<bool>,
+    starting_after: Option<u64>,
+}
+
+/// `GET /v1/responses/{id}`: the Response object; with `stream=true`, its events after
+/// `starting_after` (from the start when absent), then the live tail, each exactly once.
+pub(super) async fn retrieve(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RetrieveQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = stream_id(path)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
+    let t = stored(&state, &caller, &id).await?;
+    if q.stream != Some(true) {
+        return Ok(
+            Json(shape::response(&meta_of(&t), &standing_of(&t), &t.content)).into_response(),
+        );
+    }
+    let after = q.starting_after.unwrap_or(0);
+    let has_after = q.starting_after.is_some();
+    let meta = meta_of(&t);
+    drop(t);
+    let followed = follow(
+        &state.relay.hub,
+        &state.relay.store,
+        Tenant(&caller.tenant),
+        StreamId(&id),
+        after.saturating_sub(shape::PREFIX),
+    )
+    .await
+    .map_err(|e| ApiError::store("the store could not be read", &e))?
+    .ok_or_else(|| not_found(&id))?;
+    let wanted = move |e: &Event| !has_after || e.0 > after;
+    let (store_state, tenant) = (state.clone(), caller.clone());
+    let events = stream! {
+        for e in shape::prefix(&meta).iter().filter(|e| wanted(e)) {
+            yield Ok::<_, std::io::Error>(shape::sse(e));
+        }
+        let mut last = 0;
+        futures_util::pin_mut!(followed);
+        while let Some(item) = followed.next().await {
+            match item {
+                Ok(Followed::Chunk { seq, data }) => {
+                    last = seq;
+                    if let Ok(Payload::Chunk(c)) = Payload::parse(&data) {
+                        if let Some(e) = shape::delta(&meta, seq, &c.content).filter(|e| wanted(e)) {
+                            yield Ok(shape::sse(&e));
+                        }
+                    }
+                }
+                Ok(Followed::End(terminal)) => {
+                    // The whole text and the final figures, as recorded.
+                    let t = stored(&store_state, &tenant, &meta.id).await;
+                    let (standing, text) = match &t {
+                        Ok(t) => (standing_of(t), t.content.clone()),
+                        Err(_) => {
+                            let mut s = Standing::running();
+                            end(&mut s, &terminal.ending);
+                            (s, String::new())
+                        }
+                    };
+                    for e in shape::suffix(&meta, terminal.seq.max(last + 1), &standing, &text).iter().filter(|e| wanted(e)) {
+                        yield Ok(shape::sse(e));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    yield Err(std::io::Error::other(e.report()));
+                    return;
+                }
+            }
+        }
+    };
+    Ok(sse_response(Body::from_stream(events), &id))
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a response in progress and answers with it. A
+/// response that has ended cannot be cancelled: `400`, as OpenAI answers.
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = stream_id(path)?;
+    let t = stored(&state, &caller, &id).await?;
+    if t.status != Status::Streaming {
+        let (status, _) = (shape::response(&meta_of(&t), &standing_of(&t), ""), ());
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "the response is {}: only a response in progress can be cancelled",
+                status["status"].as_str().unwrap_or("finished")
+            ),
+        ));
+    }
+    stop(&state, Tenant(&caller.tenant), StreamId(&id)).await?;
+    let t = stored(&state, &caller, &id).await?;
+    Ok(Json(shape::response(&meta_of(&t), &standing_of(&t), &t.content)).into_response())
+}
+
+/// `GET /v1/responses/{id}/input_items`: the input the response was given (after the
+/// conversation of `previous_response_id`), as message items, oldest first.
+pub(super) async fn input_items(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = stream_id(path)?;
+    let t = stored(&state, &caller, &id).await?;
+    let input = t.request.get("input").cloned().unwrap_or(Value::Null);
+    let messages = shape::input_messages(&input).unwrap_or_default();
+    let short = id.trim_start_matches("resp_");
+    let data: Vec<Value> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m["role"].as_str().unwrap_or("user");
+            let kind = if role == "assistant" { "output_text" } else { "input_text" };
+            json!({"id": format!("msg_{short}_{i}"), "type": "message", "role": role, "status": "completed",
+                   "content": [{"type": kind, "text": m["content"]}]})
+        })
+        .collect();
+    let (first, last) = (
+        data.first().map(|d| d["id"].clone()),
+        data.last().map(|d| d["id"].clone()),
+    );
+    let mut list = Map::new();
+    list.insert("object".into(), json!("list"));
+    list.insert("data".into(), Value::Array(data));
+    list.insert("first_id".into(), first.unwrap_or(Value::Null));
+    list.insert("last_id".into(), last.unwrap_or(Value::Null));
+    list.insert("has_more".into(), json!(false));
+    Ok(Json(Value::Object(list)))
+}
