@@ -171,6 +171,17 @@ def a_timeout_is_incomplete():
     assert events[-1].response.to_dict()["sluice"]["reason"] == "idle"
 
 
+def a_deleted_response_is_gone():
+    r = client.responses.create(model="sim", input="forget me", extra_body={"sim": {"tokens": 2}})
+    deleted = client.responses.delete(r.id)
+    assert deleted is None or getattr(deleted, "deleted", True), deleted
+    try:
+        client.responses.retrieve(r.id)
+    except openai.NotFoundError:
+        return
+    raise AssertionError("a deleted response is still there")
+
+
 def an_unknown_response_is_not_found():
     for call in (
         lambda: client.responses.retrieve("resp_nope"),
@@ -191,6 +202,7 @@ CHECKS = [
     cancel_stops_the_upstream,
     previous_response_id_continues_the_conversation,
     a_timeout_is_incomplete,
+    a_deleted_response_is_gone,
     an_unknown_response_is_not_found,
 ]
 

@@ -140,6 +140,7 @@ async fn another_tenants_response_does_not_exist_on_any_endpoint() {
             format!("/v1/responses/{id}/input_items"),
         ),
         (reqwest::Method::POST, format!("/v1/responses/{id}/cancel")),
+        (reqwest::Method::DELETE, format!("/v1/responses/{id}")),
     ] {
         let response = client()
             .request(method.clone(), format!("{url}{path}"))

@@ -265,6 +265,40 @@ fn busy(r: Result<(), StoreError>) -> bool {
     matches!(r, Err(StoreError::KeyBusy { limit: 2 }))
 }
 
+async fn a_deleted_stream_is_gone_with_its_chunks(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("s1", "acme")).await.unwrap();
+    append(s, "s1", 1..=40).await;
+    s.delete(Tenant("acme"), StreamId("s1")).await.unwrap();
+    assert!(
+        s.state(Tenant("acme"), StreamId("s1"))
+            .await
+            .unwrap()
+            .is_some(),
+        "a running stream is not deleted"
+    );
+    s.finish(finish("s1", Ending::Completed, 40)).await.unwrap();
+    s.delete(Tenant("other"), StreamId("s1")).await.unwrap();
+    assert!(
+        s.state(Tenant("acme"), StreamId("s1"))
+            .await
+            .unwrap()
+            .is_some(),
+        "another tenant cannot delete it"
+    );
+    s.delete(Tenant("acme"), StreamId("s1")).await.unwrap();
+    assert!(s
+        .get(Tenant("acme"), StreamId("s1"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .chunks_after("s1", 0, 100, usize::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 async fn a_key_runs_at_most_its_limit_of_streams(f: Fresh) {
     let s = &f.store;
     s.begin(keyed("s1", "k1", 2)).await.unwrap();
@@ -625,4 +659,5 @@ on_every_backend!(
     a_crash_leaves_no_stream_streaming,
     a_key_runs_at_most_its_limit_of_streams,
     a_key_takes_its_requests_per_minute_from_one_bucket,
+    a_deleted_stream_is_gone_with_its_chunks,
 );

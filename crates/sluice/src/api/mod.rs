@@ -93,7 +93,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{id}/events", get(stream_events))
         .route("/v1/streams/{id}/cancel", post(cancel_stream))
         .route("/v1/responses", post(responses::create))
-        .route("/v1/responses/{id}", get(responses::retrieve))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
         .route("/v1/responses/{id}/cancel", post(responses::cancel))
         .route(
             "/v1/responses/{id}/input_items",

@@ -196,6 +196,13 @@ impl Store {
         }
     }
 
+    /// Forgets `tenant`'s stream `id` and its chunks, if it has ended (a running stream is left
+    /// alone: cancel it first); returns once committed.
+    pub async fn delete(&self, tenant: Tenant<'_>, id: StreamId<'_>) -> Result<(), StoreError> {
+        let (tenant, id) = (tenant.0.to_string(), id.0.to_string());
+        self.call(|ack| Op::Delete { tenant, id, ack }).await
+    }
+
     /// Waits until every write sent so far is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.call(Op::Flush).await

@@ -17,7 +17,7 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
     }
     for op in batch.drain(..) {
         match op {
-            Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) => {
+            Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) | Op::Delete { ack, .. } => {
                 // A caller that stopped waiting needs no answer.
                 let _ = ack.send(result.clone());
             }
@@ -48,4 +48,10 @@ pub(super) enum Op {
     },
     Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Forget `tenant`'s stream `id` (one that has ended) and its chunks.
+    Delete {
+        tenant: String,
+        id: String,
+        ack: oneshot::Sender<Result<(), StoreError>>,
+    },
 }

@@ -1,6 +1,7 @@
 //! OpenAI's Responses API over any model: `POST /v1/responses` (plain, streaming, background),
 //! `GET /v1/responses/{id}` (the object, or its event stream from `starting_after`), `POST
-//! /v1/responses/{id}/cancel` and `GET /v1/responses/{id}/input_items`.
+//! /v1/responses/{id}/cancel`, `DELETE /v1/responses/{id}` and `GET
+//! /v1/responses/{id}/input_items`.
 //!
 //! A response is a sluice stream whose id is the response id (`resp_…`): the upstream is called
 //! with chat completions, the stream is recorded, resumed, cancelled and listed like any other,
@@ -398,6 +399,29 @@ pub(super) async fn cancel(
     stop(&state, Tenant(&caller.tenant), StreamId(&id)).await?;
     let t = stored(&state, &caller, &id).await?;
     Ok(Json(shape::response(&meta_of(&t), &standing_of(&t), &t.content)).into_response())
+}
+
+/// `DELETE /v1/responses/{id}`: forgets a response (cancelling it first if it is in progress).
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = stream_id(path)?;
+    let t = stored(&state, &caller, &id).await?;
+    let (tenant, sid) = (Tenant(&caller.tenant), StreamId(&id));
+    if t.status == Status::Streaming {
+        stop(&state, tenant, sid).await?;
+    }
+    state
+        .relay
+        .store
+        .delete(tenant, sid)
+        .await
+        .map_err(|e| ApiError::store("the response could not be deleted", &e))?;
+    Ok(Json(
+        json!({"id": id, "object": "response", "deleted": true}),
+    ))
 }
 
 /// `GET /v1/responses/{id}/input_items`: the input the response was given (after the

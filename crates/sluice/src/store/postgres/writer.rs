@@ -210,6 +210,18 @@ async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(
                 datas.push(data.as_ref());
                 contents.push(content.as_str());
             }
+            Op::Delete { tenant, id, .. } => {
+                tx.execute(
+                    "WITH gone AS (
+                        DELETE FROM streams WHERE id = $1 AND tenant = $2 AND status != 'streaming'
+                        RETURNING id
+                     )
+                     DELETE FROM chunks WHERE stream_id IN (SELECT id FROM gone)",
+                    &[id, tenant],
+                )
+                .await
+                .map_err(StoreError::postgres)?;
+            }
             Op::Finish(..) | Op::Flush(_) => {}
         }
     }

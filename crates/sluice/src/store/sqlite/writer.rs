@@ -257,6 +257,16 @@ pub(super) fn apply(
                 )?;
             }
             Op::Flush(_) => {}
+            Op::Delete { tenant, id, .. } => {
+                let gone = tx.execute(
+                    "DELETE FROM streams WHERE id = ?1 AND tenant = ?2 AND status != 'streaming'",
+                    params![id, tenant],
+                )?;
+                if gone > 0 {
+                    tx.execute("DELETE FROM chunk_blocks WHERE stream_id = ?1", params![id])?;
+                    tx.execute("DELETE FROM chunk_log WHERE stream_id = ?1", params![id])?;
+                }
+            }
         }
     }
     if log.appended >= block::LOG_CHECK_EVERY {
