@@ -171,6 +171,45 @@ def a_timeout_is_incomplete():
     assert events[-1].response.to_dict()["sluice"]["reason"] == "idle"
 
 
+def tool_calls_become_function_call_items_and_events():
+    tools = [
+        {
+            "type": "function",
+            "name": "lookup",
+            "description": "look something up",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        }
+    ]
+    events = checked(
+        client.responses.create(
+            model="sim",
+            input="use the tool",
+            tools=tools,
+            stream=True,
+            extra_body={"sim": {"tokens": 2, "tool_call": True}},
+        )
+    )
+    types = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in types, types
+    done = [e for e in events if e.type == "response.function_call_arguments.done"][0]
+    assert (done.name, done.arguments) == ("lookup", '{"query":"sluice"}'), done
+    final = events[-1].response
+    assert final.status == "completed", final.status
+    call = [o for o in final.output if o.type == "function_call"][0]
+    assert call.name == "lookup" and call.arguments == '{"query":"sluice"}', call
+    # The tool loop: its output goes back as the next input.
+    follow_up = client.responses.create(
+        model="sim",
+        previous_response_id=final.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "42"}],
+        extra_body={"sim": {"tokens": 3}},
+    )
+    assert follow_up.status == "completed", follow_up.status
+    sent = get_json(f"{URL}/v1/streams/{follow_up.id}")["request"]["sluice_conversation"]
+    assert sent[1]["tool_calls"][0]["id"] == call.call_id, sent
+    assert sent[2] == {"role": "tool", "tool_call_id": call.call_id, "content": "42"}, sent
+
+
 def a_deleted_response_is_gone():
     r = client.responses.create(model="sim", input="forget me", extra_body={"sim": {"tokens": 2}})
     deleted = client.responses.delete(r.id)
@@ -202,6 +241,7 @@ CHECKS = [
     cancel_stops_the_upstream,
     previous_response_id_continues_the_conversation,
     a_timeout_is_incomplete,
+    tool_calls_become_function_call_items_and_events,
     a_deleted_response_is_gone,
     an_unknown_response_is_not_found,
 ]

@@ -13,6 +13,7 @@
 //! | `drop_after` | after N tokens, cut the connection with no `[DONE]` |
 //! | `garbage_after` | after N tokens, send malformed SSE |
 //! | `http_status` | answer with this HTTP error status before streaming |
+//! | `tool_call` | after the text, call the request's first tool, and finish with `tool_calls` (in-process only) |
 //!
 //! Fields left out take the model's defaults (`[[models]] sim = {...}` or mock-upstream's flags).
 //!
@@ -50,6 +51,9 @@ pub struct SimParams {
     pub garbage_after: Option<u32>,
     /// Answer with this HTTP error status.
     pub http_status: Option<u16>,
+    /// After the text, call the request's first tool (arguments `{"query":"sluice"}`, in three
+    /// pieces), and finish with `tool_calls` (in-process `sim` models only).
+    pub tool_call: Option<bool>,
 }
 
 /// A simulated model's defaults for `tokens`, `first_token_ms` and `token_interval_ms`, and its
@@ -276,6 +280,38 @@ pub fn chunk_json(id: &str, model: &str, content: Option<&str>, usage: Option<Va
     chunk.to_string()
 }
 
+/// The chunks of a simulated call of tool `name` (its first chunk names it; the arguments come
+/// in pieces), then the last chunk, finishing with `tool_calls`, carrying `usage`.
+pub fn tool_call_chunks(id: &str, model: &str, name: &str, usage: Value) -> Vec<String> {
+    let call_id = format!("call_{}", uuid::Uuid::new_v4().simple());
+    let pieces = ["", "{\"query\":", "\"sluice\"", "}"];
+    let mut out: Vec<String> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, args)| {
+            let call = if i == 0 {
+                json!({"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+            } else {
+                json!({"index": 0, "function": {"arguments": args}})
+            };
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
+                "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}],
+            })
+            .to_string()
+        })
+        .collect();
+    out.push(
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": unix_now(), "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+            "usage": usage,
+        })
+        .to_string(),
+    );
+    out
+}
+
 /// The usage object for an answer of `completion` tokens to `body`'s messages.
 pub fn usage(body: &serde_json::Map<String, Value>, completion: u32) -> Value {
     let prompt = body
@@ -316,6 +352,13 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
         .unwrap_or("sim")
         .to_string();
     let from = continued_from(&request.body);
+    // The tool a `tool_call` answer calls: the request's first.
+    let tool = request
+        .body
+        .get("tools")
+        .and_then(|t| t[0]["function"]["name"].as_str())
+        .unwrap_or("tool")
+        .to_string();
     let prompt_tokens = usage(&request.body, 0)["prompt_tokens"]
         .as_u64()
         .unwrap_or(0);
@@ -366,9 +409,15 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
                         "completion_tokens": count,
                         "total_tokens": prompt_tokens + u64::from(count),
                     });
-                    let last = chunk_json(&id, &model, None, Some(usage));
-                    if let Ok(Payload::Chunk(c)) = Payload::parse(&last) {
-                        yield Ok(c);
+                    let last = if p.tool_call == Some(true) {
+                        tool_call_chunks(&id, &model, &tool, usage)
+                    } else {
+                        vec![chunk_json(&id, &model, None, Some(usage))]
+                    };
+                    for data in last {
+                        if let Ok(Payload::Chunk(c)) = Payload::parse(&data) {
+                            yield Ok(c);
+                        }
                     }
                     return;
                 }

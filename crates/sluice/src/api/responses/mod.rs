@@ -28,7 +28,6 @@ use crate::follow::{follow, Followed};
 use crate::relay::{Frame, Frames};
 use crate::store::Transcript;
 use crate::stream::{Ending, Status, StreamId, Tenant, Terminal};
-use crate::upstream::Payload;
 
 use super::chat::{chat_request, json_body, start_stream};
 use super::error::not_found;
@@ -71,18 +70,17 @@ fn meta_of(t: &Transcript) -> Meta {
 }
 
 fn standing_of(t: &Transcript) -> Standing {
-    let finish_reason = t.chunks.iter().rev().find_map(|c| {
-        c.data["choices"][0]["finish_reason"]
-            .as_str()
-            .map(str::to_string)
-    });
-    Standing {
-        status: t.status,
-        reason: t.reason,
-        detail: t.detail.clone(),
-        finish_reason,
-        usage: t.usage.clone(),
+    let mut standing = Standing::running();
+    for c in &t.chunks {
+        standing.note(&c.data);
     }
+    standing.status = t.status;
+    standing.reason = t.reason;
+    standing.detail.clone_from(&t.detail);
+    if t.usage.is_some() {
+        standing.usage.clone_from(&t.usage);
+    }
+    standing
 }
 
 /// `POST /v1/responses`.
@@ -112,7 +110,17 @@ pub(super) async fn create(
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            conversation.push(json!({"role": "assistant", "content": t.content}));
+            let calls: Vec<Value> = standing_of(&t)
+                .calls
+                .iter()
+                .map(|c| json!({"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .collect();
+            let mut answer = json!({"role": "assistant", "content": t.content});
+            if !calls.is_empty() {
+                // A tool's output that follows must answer a call the conversation holds.
+                answer["tool_calls"] = Value::Array(calls);
+            }
+            conversation.push(answer);
             conversation
         }
         Some(_) => {
@@ -167,7 +175,7 @@ async fn collect(mut frames: Frames) -> (Standing, String, u64) {
     let mut answer = Answer::default();
     loop {
         match next_chunk(&mut frames).await {
-            Next::Chunk { seq, chunk } => answer.chunk(seq, &chunk),
+            Next::Chunk { seq, data } => answer.chunk(seq, data.as_ref()),
             Next::KeepAlive => {}
             Next::End(t) => {
                 let terminal = answer.end(&t);
@@ -195,16 +203,13 @@ impl Default for Answer {
 }
 
 impl Answer {
-    fn chunk(&mut self, seq: u64, chunk: &Option<crate::upstream::Chunk>) {
+    fn chunk(&mut self, seq: u64, data: Option<&Value>) {
         self.last = seq;
-        if let Some(c) = chunk {
-            self.text.push_str(&c.content);
-            if c.finish_reason.is_some() {
-                self.standing.finish_reason.clone_from(&c.finish_reason);
+        if let Some(data) = data {
+            if let Some(text) = data["choices"][0]["delta"]["content"].as_str() {
+                self.text.push_str(text);
             }
-            if c.usage.is_some() {
-                self.standing.usage.clone_from(&c.usage);
-            }
+            self.standing.note(data);
         }
     }
 
@@ -216,9 +221,10 @@ impl Answer {
 }
 
 enum Next {
+    /// A chunk's event id and JSON (`None`: the store lost it, so it is not sent).
     Chunk {
         seq: u64,
-        chunk: Option<crate::upstream::Chunk>,
+        data: Option<Value>,
     },
     KeepAlive,
     End(Terminal),
@@ -238,11 +244,12 @@ async fn next_chunk(frames: &mut Frames) -> Next {
                 committed.reached(seq).await;
                 stored = committed.is_stored(seq);
             }
-            let chunk = match Payload::parse(&data) {
-                Ok(Payload::Chunk(c)) if stored => Some(c),
-                _ => None,
+            let data = if stored {
+                serde_json::from_str(&data).ok()
+            } else {
+                None
             };
-            Next::Chunk { seq, chunk }
+            Next::Chunk { seq, data }
         }
         Some(Ok(Frame::KeepAlive)) => Next::KeepAlive,
         Some(Err(QueueError::Failed(t))) => Next::End(t),
@@ -275,13 +282,13 @@ fn live_events(meta: Meta, mut frames: Frames) -> impl futures_util::Stream<Item
         let mut answer = Answer::default();
         loop {
             match next_chunk(&mut frames).await {
-                Next::Chunk { seq, chunk } => {
-                    if let Some(c) = &chunk {
-                        if let Some(e) = shape::delta(&meta, seq, &c.content) {
+                Next::Chunk { seq, data } => {
+                    if let Some(data) = &data {
+                        for e in shape::chunk_events(&meta, seq, data) {
                             yield shape::sse(&e);
                         }
                     }
-                    answer.chunk(seq, &chunk);
+                    answer.chunk(seq, data.as_ref());
                 }
                 Next::KeepAlive => yield ": keep-alive\n\n".to_string(),
                 Next::End(t) => {
@@ -327,7 +334,7 @@ pub(super) async fn retrieve(
         &state.relay.store,
         Tenant(&caller.tenant),
         StreamId(&id),
-        after.saturating_sub(shape::PREFIX),
+        shape::chunk_after(after),
     )
     .await
     .map_err(|e| ApiError::store("the store could not be read", &e))?
@@ -344,9 +351,9 @@ pub(super) async fn retrieve(
             match item {
                 Ok(Followed::Chunk { seq, data }) => {
                     last = seq;
-                    if let Ok(Payload::Chunk(c)) = Payload::parse(&data) {
-                        if let Some(e) = shape::delta(&meta, seq, &c.content).filter(|e| wanted(e)) {
-                            yield Ok(shape::sse(&e));
+                    if let Ok(data) = serde_json::from_str::<Value>(&data) {
+                        for e in shape::chunk_events(&meta, seq, &data).iter().filter(|e| wanted(e)) {
+                            yield Ok(shape::sse(e));
                         }
                     }
                 }

@@ -3,17 +3,84 @@
 //! sequence numbers (so a replay from the store numbers them as the live stream did).
 //!
 //! Sequence numbers: `response.created` 0, `response.in_progress` 1, `response.output_item.added`
-//! 2, `response.content_part.added` 3; the chunk with event id `k` is
-//! `response.output_text.delta` number `3 + k` (a chunk with no text has none: numbers may skip);
-//! the ending, whose event id is `T`, is numbered from `3 + T`.
+//! 2, `response.content_part.added` 3. The chunk with event id `k` owns numbers `4k` to `4k + 3`:
+//! its `response.output_text.delta` is `4k`; a tool call it starts is announced
+//! (`response.output_item.added`) at `4k + 1` and its arguments' piece
+//! (`response.function_call_arguments.delta`) is `4k + 2`. A chunk with none of these has no
+//! event, so numbers skip. The ending, whose event id is `T`, is numbered from `4T`.
 
 use serde_json::{json, Map, Value};
 
 use crate::api::ApiError;
 use crate::stream::{Reason, Status};
 
-/// Events before the first chunk.
-pub(super) const PREFIX: u64 = 3;
+/// Numbers each chunk owns.
+const SLOTS: u64 = 4;
+
+/// The chunk to replay after so that every event numbered above `n` is sent (the caller still
+/// filters out those at or below `n`).
+pub(super) fn chunk_after(n: u64) -> u64 {
+    n.saturating_sub(SLOTS) / SLOTS
+}
+
+/// One function call the model made.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Call {
+    pub(super) index: u64,
+    pub(super) call_id: String,
+    pub(super) name: String,
+    pub(super) arguments: String,
+}
+
+/// What one chunk says of a tool call.
+struct CallPiece {
+    index: u64,
+    /// The call's id and the function's name, if this chunk starts the call.
+    start: Option<(String, String)>,
+    /// A piece of its arguments.
+    args: String,
+}
+
+/// The text and the tool-call pieces of one chunk's JSON.
+struct Piece {
+    text: String,
+    calls: Vec<CallPiece>,
+    finish_reason: Option<String>,
+}
+
+fn piece(data: &Value) -> Piece {
+    let choice = &data["choices"][0];
+    let delta = &choice["delta"];
+    let calls = delta["tool_calls"]
+        .as_array()
+        .map(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let start = c["id"].as_str().map(|id| {
+                        (
+                            id.to_string(),
+                            c["function"]["name"].as_str().unwrap_or("").to_string(),
+                        )
+                    });
+                    CallPiece {
+                        index: c["index"].as_u64().unwrap_or(0),
+                        start,
+                        args: c["function"]["arguments"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Piece {
+        text: delta["content"].as_str().unwrap_or("").to_string(),
+        calls,
+        finish_reason: choice["finish_reason"].as_str().map(str::to_string),
+    }
+}
 
 /// What a Response object is made of, whatever its source (a live stream or the store).
 #[derive(Debug, Clone)]
@@ -34,6 +101,8 @@ pub(super) struct State {
     /// The upstream's finish reason (`length`: the answer hit `max_output_tokens`).
     pub(super) finish_reason: Option<String>,
     pub(super) usage: Option<Value>,
+    /// The function calls it made.
+    pub(super) calls: Vec<Call>,
 }
 
 impl State {
@@ -45,6 +114,31 @@ impl State {
             detail: None,
             finish_reason: None,
             usage: None,
+            calls: Vec::new(),
+        }
+    }
+
+    /// Notes what chunk `data` adds: its finish reason, usage and tool calls.
+    pub(super) fn note(&mut self, data: &Value) {
+        let p = piece(data);
+        if p.finish_reason.is_some() {
+            self.finish_reason = p.finish_reason;
+        }
+        if let Some(u) = data.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(u.clone());
+        }
+        for CallPiece { index, start, args } in p.calls {
+            if let Some((call_id, name)) = start {
+                self.calls.push(Call {
+                    index,
+                    call_id,
+                    name,
+                    arguments: String::new(),
+                });
+            }
+            if let Some(call) = self.calls.iter_mut().rev().find(|c| c.index == index) {
+                call.arguments.push_str(&args);
+            }
         }
     }
 
@@ -88,6 +182,15 @@ pub(super) fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
                 let role = item.get("role").and_then(Value::as_str);
                 match (kind, role) {
+                    ("function_call", _) => Ok(json!({"role": "assistant", "content": null, "tool_calls": [{
+                        "id": item.get("call_id").cloned().unwrap_or(Value::Null),
+                        "type": "function",
+                        "function": {"name": item.get("name").cloned().unwrap_or(Value::Null),
+                                     "arguments": item.get("arguments").cloned().unwrap_or(json!("{}"))},
+                    }]})),
+                    ("function_call_output", _) => Ok(json!({"role": "tool",
+                        "tool_call_id": item.get("call_id").cloned().unwrap_or(Value::Null),
+                        "content": item.get("output").cloned().unwrap_or(json!(""))})),
                     ("message", Some(role @ ("user" | "assistant" | "system" | "developer"))) => {
                         let text = item.get("content").and_then(text_of).ok_or_else(|| {
                             ApiError::bad_request(
@@ -100,7 +203,7 @@ pub(super) fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                     }
                     _ => Err(ApiError::bad_request(
                         format!("input[{i}]"),
-                        "only message items (role user, assistant, system or developer) are supported",
+                        "only message, function_call and function_call_output items are supported",
                     )),
                 }
             })
@@ -149,6 +252,33 @@ pub(super) fn chat_body(
     if let Some(n) = body.get("max_output_tokens").filter(|v| !v.is_null()) {
         chat.insert("max_tokens".into(), n.clone());
     }
+    if let Some(Value::Array(tools)) = body.get("tools") {
+        // Responses' function tools are flat; chat's nest the function.
+        let tools: Vec<Value> = tools
+            .iter()
+            .filter(|t| t["type"] == "function")
+            .map(|t| {
+                let mut function = t.as_object().cloned().unwrap_or_default();
+                function.remove("type");
+                json!({"type": "function", "function": function})
+            })
+            .collect();
+        if !tools.is_empty() {
+            chat.insert("tools".into(), Value::Array(tools));
+        }
+    }
+    match body.get("tool_choice") {
+        Some(Value::String(c)) => {
+            chat.insert("tool_choice".into(), json!(c));
+        }
+        Some(Value::Object(c)) if c.get("type").and_then(Value::as_str) == Some("function") => {
+            chat.insert(
+                "tool_choice".into(),
+                json!({"type": "function", "function": {"name": c.get("name").cloned().unwrap_or(Value::Null)}}),
+            );
+        }
+        _ => {}
+    }
     for key in ["temperature", "top_p", "sim"] {
         if let Some(v) = body.get(key).filter(|v| !v.is_null()) {
             chat.insert(key.into(), v.clone());
@@ -183,6 +313,21 @@ fn item_id(meta: &Meta) -> String {
     format!("msg_{}", meta.id.trim_start_matches("resp_"))
 }
 
+fn call_item_id(meta: &Meta, index: u64) -> String {
+    format!("fc_{}_{index}", meta.id.trim_start_matches("resp_"))
+}
+
+fn call_item(meta: &Meta, call: &Call, arguments: &str, status: &str) -> Value {
+    json!({
+        "id": call_item_id(meta, call.index),
+        "type": "function_call",
+        "call_id": call.call_id,
+        "name": call.name,
+        "arguments": arguments,
+        "status": status,
+    })
+}
+
 /// Chat usage (`prompt_tokens`, `completion_tokens`) as Responses usage.
 fn usage(usage: Option<&Value>) -> Value {
     let Some(u) = usage else { return Value::Null };
@@ -209,7 +354,19 @@ pub(super) fn response(meta: &Meta, state: &State, text: &str) -> Value {
             "in_progress" => "in_progress",
             _ => "incomplete",
         };
-        vec![message_item(meta, text, item_status)]
+        let mut output = vec![message_item(meta, text, item_status)];
+        let call_status = if status == "in_progress" {
+            "in_progress"
+        } else {
+            "completed"
+        };
+        output.extend(
+            state
+                .calls
+                .iter()
+                .map(|c| call_item(meta, c, &c.arguments, call_status)),
+        );
+        output
     };
     let error = match status {
         "failed" => json!({
@@ -281,49 +438,80 @@ pub(super) fn prefix(meta: &Meta) -> Vec<Event> {
     ]
 }
 
-/// The event of chunk `seq` adding `text` (none for a chunk with no text).
-pub(super) fn delta(meta: &Meta, seq: u64, text: &str) -> Option<Event> {
-    (!text.is_empty()).then(|| {
-        let n = PREFIX + seq;
-        (
-            n,
-            json!({"type": "response.output_text.delta", "sequence_number": n, "item_id": item_id(meta),
-                   "output_index": 0, "content_index": 0, "delta": text, "logprobs": []}),
-        )
-    })
+/// The events of chunk `seq` (its JSON `data`): its text, and the tool calls it starts or adds
+/// arguments to.
+pub(super) fn chunk_events(meta: &Meta, seq: u64, data: &Value) -> Vec<Event> {
+    let p = piece(data);
+    let base = SLOTS * seq;
+    let mut out = Vec::new();
+    if !p.text.is_empty() {
+        out.push((
+            base,
+            json!({"type": "response.output_text.delta", "sequence_number": base, "item_id": item_id(meta),
+                   "output_index": 0, "content_index": 0, "delta": p.text, "logprobs": []}),
+        ));
+    }
+    // One call per chunk is what upstreams send; the numbering leaves room for one.
+    if let Some(CallPiece { index, start, args }) = p.calls.into_iter().next() {
+        let output_index = 1 + index;
+        if let Some((call_id, name)) = start {
+            let call = Call {
+                index,
+                call_id,
+                name,
+                arguments: String::new(),
+            };
+            out.push((
+                base + 1,
+                json!({"type": "response.output_item.added", "sequence_number": base + 1,
+                       "output_index": output_index, "item": call_item(meta, &call, "", "in_progress")}),
+            ));
+        }
+        if !args.is_empty() {
+            out.push((
+                base + 2,
+                json!({"type": "response.function_call_arguments.delta", "sequence_number": base + 2,
+                       "item_id": call_item_id(meta, index), "output_index": output_index, "delta": args}),
+            ));
+        }
+    }
+    out
 }
 
 /// The events that end a response whose ending has event id `terminal`, with all its text.
 pub(super) fn suffix(meta: &Meta, terminal: u64, state: &State, text: &str) -> Vec<Event> {
     let (status, last) = state.status();
-    let n = PREFIX + terminal;
+    let n = SLOTS * terminal;
     let item_status = if status == "completed" {
         "completed"
     } else {
         "incomplete"
     };
     let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
-    vec![
-        (
-            n,
-            json!({"type": "response.output_text.done", "sequence_number": n, "item_id": item_id(meta),
-                   "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
-        ),
-        (
-            n + 1,
-            json!({"type": "response.content_part.done", "sequence_number": n + 1, "item_id": item_id(meta),
-                       "output_index": 0, "content_index": 0, "part": part}),
-        ),
-        (
-            n + 2,
-            json!({"type": "response.output_item.done", "sequence_number": n + 2, "output_index": 0,
-                       "item": message_item(meta, text, item_status)}),
-        ),
-        (
-            n + 3,
-            json!({"type": last, "sequence_number": n + 3, "response": response(meta, state, text)}),
-        ),
-    ]
+    let mut out = vec![
+        json!({"type": "response.output_text.done", "item_id": item_id(meta),
+               "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+        json!({"type": "response.content_part.done", "item_id": item_id(meta),
+               "output_index": 0, "content_index": 0, "part": part}),
+        json!({"type": "response.output_item.done", "output_index": 0,
+               "item": message_item(meta, text, item_status)}),
+    ];
+    for call in &state.calls {
+        out.push(json!({"type": "response.function_call_arguments.done", "item_id": call_item_id(meta, call.index),
+                        "output_index": 1 + call.index, "name": call.name, "arguments": call.arguments}));
+        out.push(
+            json!({"type": "response.output_item.done", "output_index": 1 + call.index,
+                        "item": call_item(meta, call, &call.arguments, "completed")}),
+        );
+    }
+    out.push(json!({"type": last, "response": response(meta, state, text)}));
+    out.into_iter()
+        .zip(n..)
+        .map(|(mut event, number)| {
+            event["sequence_number"] = json!(number);
+            (number, event)
+        })
+        .collect()
 }
 
 /// An event as SSE: its type, its sequence number as the event id, its JSON.
@@ -371,7 +559,7 @@ mod tests {
         assert_eq!(chat["max_tokens"], 5);
         assert_eq!(chat["stream"], true);
         assert_eq!(chat["sluice"]["on_disconnect"], "continue");
-        let bad = json!({"model": "sim", "input": [{"type": "function_call_output"}]});
+        let bad = json!({"model": "sim", "input": [{"type": "reasoning"}]});
         assert_eq!(
             chat_body(bad.as_object().unwrap(), vec![])
                 .err()
@@ -385,9 +573,11 @@ mod tests {
         let m = meta();
         let p = prefix(&m);
         assert_eq!(p.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
-        assert_eq!(delta(&m, 1, "He").map(|e| e.0), Some(4));
+        let text = |t: &str| json!({"choices": [{"delta": {"content": t}}]});
+        let numbers = |events: Vec<Event>| events.iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(numbers(chunk_events(&m, 1, &text("He"))), [4]);
         assert!(
-            delta(&m, 2, "").is_none(),
+            chunk_events(&m, 2, &text("")).is_empty(),
             "no event for a chunk without text"
         );
         let done = State {
@@ -396,9 +586,17 @@ mod tests {
             detail: None,
             finish_reason: Some("stop".into()),
             usage: Some(json!({"prompt_tokens": 1, "completion_tokens": 2})),
+            calls: Vec::new(),
         };
         let s = suffix(&m, 3, &done, "Hello");
-        assert_eq!(s.iter().map(|e| e.0).collect::<Vec<_>>(), [6, 7, 8, 9]);
+        assert_eq!(numbers(s.clone()), [12, 13, 14, 15]);
+        assert!(s.iter().all(|(n, e)| e["sequence_number"] == *n));
+        assert_eq!(
+            chunk_after(15),
+            2,
+            "replay after chunk 2 to send what follows 15"
+        );
+        assert_eq!(chunk_after(3), 0);
         assert_eq!(s[3].1["type"], "response.completed");
         assert_eq!(s[3].1["response"]["usage"]["total_tokens"], 3);
         assert_eq!(
@@ -421,5 +619,51 @@ mod tests {
             response(&m, &capped, "x")["incomplete_details"]["reason"],
             "max_output_tokens"
         );
+    }
+
+    #[test]
+    fn tool_calls_become_function_call_items_and_events() {
+        let m = meta();
+        let start = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "lookup", "arguments": ""}}]}}]});
+        let more = json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"q\":1}"}}]}}]});
+        let end = json!({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]});
+        let e = chunk_events(&m, 2, &start);
+        assert_eq!(
+            (e[0].0, e[0].1["type"].as_str()),
+            (9, Some("response.output_item.added"))
+        );
+        let e = chunk_events(&m, 3, &more);
+        assert_eq!((e[0].0, e[0].1["delta"].as_str()), (14, Some("{\"q\":1}")));
+        let mut s = State::running();
+        for chunk in [&start, &more, &end] {
+            s.note(chunk);
+        }
+        s.status = Status::Completed;
+        assert_eq!(s.calls[0].arguments, "{\"q\":1}");
+        let events = suffix(&m, 5, &s, "");
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|e| e.1["type"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
+        assert_eq!(
+            events.iter().map(|e| e.0).collect::<Vec<_>>(),
+            [20, 21, 22, 23, 24, 25]
+        );
+        let r = &events[5].1["response"];
+        assert_eq!(r["output"][1]["type"], "function_call");
+        assert_eq!(r["output"][1]["name"], "lookup");
+        assert_eq!(r["status"], "completed");
     }
 }
