@@ -120,6 +120,9 @@ impl Server {
         if let Some(news) = store.changes() {
             tasks.spawn(forward_cancels(news, relay.hub.clone(), shutdown.clone()));
         }
+        if let Some(keep) = config.retention {
+            tasks.spawn(expire(store.clone(), keep, shutdown.clone()));
+        }
         let send_buffer = config.send_buffer_bytes;
         let app = api::router(AppState {
             config: Arc::new(config),
@@ -210,6 +213,27 @@ async fn forward_cancels(
                 );
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// How often streams past their retention are forgotten.
+const EXPIRE_EVERY: Duration = Duration::from_secs(600);
+
+/// Forgets the streams that ended and started more than `keep` ago, at start and then every
+/// [`EXPIRE_EVERY`], until shutdown begins.
+async fn expire(store: Store, keep: Duration, shutdown: Shutdown) {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let before = now.saturating_sub(keep.as_secs()) as i64;
+        if let Err(e) = store.expire(before).await {
+            tracing::warn!(error = %e.report(), "streams past their retention were not expired");
+        }
+        tokio::select! {
+            () = shutdown.begun() => return,
+            () = tokio::time::sleep(EXPIRE_EVERY) => {}
         }
     }
 }

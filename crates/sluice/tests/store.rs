@@ -299,6 +299,44 @@ async fn a_deleted_stream_is_gone_with_its_chunks(f: Fresh) {
         .is_empty());
 }
 
+async fn streams_past_their_retention_are_forgotten(f: Fresh) {
+    let s = &f.store;
+    s.begin(new_stream("old", "acme")).await.unwrap();
+    append(s, "old", 1..=3).await;
+    s.finish(finish("old", Ending::Completed, 3)).await.unwrap();
+    s.begin(new_stream("running", "acme")).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    s.expire(now - 3600).await.unwrap();
+    assert!(
+        s.state(Tenant("acme"), StreamId("old"))
+            .await
+            .unwrap()
+            .is_some(),
+        "not old enough"
+    );
+    s.expire(now + 10).await.unwrap();
+    assert!(s
+        .get(Tenant("acme"), StreamId("old"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .chunks_after("old", 0, 10, usize::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        s.state(Tenant("acme"), StreamId("running"))
+            .await
+            .unwrap()
+            .is_some(),
+        "a running stream is kept"
+    );
+}
+
 async fn a_key_runs_at_most_its_limit_of_streams(f: Fresh) {
     let s = &f.store;
     s.begin(keyed("s1", "k1", 2)).await.unwrap();
@@ -660,4 +698,5 @@ on_every_backend!(
     a_key_runs_at_most_its_limit_of_streams,
     a_key_takes_its_requests_per_minute_from_one_bucket,
     a_deleted_stream_is_gone_with_its_chunks,
+    streams_past_their_retention_are_forgotten,
 );

@@ -58,6 +58,7 @@ pub(super) struct FileStore {
     pub(super) url: Option<String>,
     pub(super) lease_ms: Option<Millis>,
     pub(super) retry_ms: Option<Millis>,
+    pub(super) retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

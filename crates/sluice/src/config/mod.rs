@@ -45,6 +45,9 @@ pub struct Config {
     /// With PostgreSQL: the node's lease and the writer's patience (`[store] lease_ms`,
     /// `retry_ms`).
     pub store_options: PgOptions,
+    /// How long a stream (and so a response) is kept after it started, once it has ended
+    /// (`[store] retention_hours`); `None`: for good.
+    pub retention: Option<Duration>,
     /// The largest request body accepted, in bytes (larger: 413).
     pub max_body_bytes: usize,
     /// How long a client may take to send a request body (longer: 408).
@@ -404,6 +407,15 @@ impl Config {
             buffer_bytes: file.buffer_bytes.unwrap_or(1 << 20).max(1),
             record_chunks: file.record_chunks.unwrap_or(true),
             listen,
+            retention: match file.store.as_ref().and_then(|s| s.retention_hours) {
+                Some(0) => {
+                    return Err(invalid(
+                        "store.retention_hours",
+                        "must be greater than 0 (leave it out to keep streams for good)".into(),
+                    ))
+                }
+                hours => hours.map(|h| Duration::from_secs(h.saturating_mul(3600))),
+            },
             store_options: PgOptions {
                 lease: millis_or(
                     file.store.as_ref().and_then(|s| s.lease_ms),

@@ -175,3 +175,14 @@ fn a_missing_file_is_named() {
         "{e}"
     );
 }
+
+#[test]
+fn store_retention_is_in_hours_and_off_by_default() {
+    assert_eq!(parse("").expect("empty").retention, None);
+    let c = parse("[store]\nretention_hours = 720\n").expect("valid");
+    assert_eq!(c.retention, Some(Duration::from_secs(720 * 3600)));
+    let err = parse("[store]\nretention_hours = 0\n")
+        .expect_err("zero")
+        .to_string();
+    assert!(err.contains("store.retention_hours"), "{err}");
+}

@@ -203,6 +203,12 @@ impl Store {
         self.call(|ack| Op::Delete { tenant, id, ack }).await
     }
 
+    /// Forgets every stream that has ended and started before `before` (Unix seconds), with its
+    /// chunks (`[store] retention_hours`).
+    pub async fn expire(&self, before: i64) -> Result<(), StoreError> {
+        self.call(|ack| Op::Expire { before, ack }).await
+    }
+
     /// Waits until every write sent so far is committed.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.call(Op::Flush).await

@@ -17,7 +17,11 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
     }
     for op in batch.drain(..) {
         match op {
-            Op::Begin(_, ack) | Op::Finish(_, ack) | Op::Flush(ack) | Op::Delete { ack, .. } => {
+            Op::Begin(_, ack)
+            | Op::Finish(_, ack)
+            | Op::Flush(ack)
+            | Op::Delete { ack, .. }
+            | Op::Expire { ack, .. } => {
                 // A caller that stopped waiting needs no answer.
                 let _ = ack.send(result.clone());
             }
@@ -52,6 +56,11 @@ pub(super) enum Op {
     Delete {
         tenant: String,
         id: String,
+        ack: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Forget every stream that ended and started before `before` (Unix seconds).
+    Expire {
+        before: i64,
         ack: oneshot::Sender<Result<(), StoreError>>,
     },
 }

@@ -222,6 +222,17 @@ async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(
                 .await
                 .map_err(StoreError::postgres)?;
             }
+            Op::Expire { before, .. } => {
+                tx.execute(
+                    "WITH gone AS (
+                        DELETE FROM streams WHERE created < $1 AND status != 'streaming' RETURNING id
+                     )
+                     DELETE FROM chunks WHERE stream_id IN (SELECT id FROM gone)",
+                    &[before],
+                )
+                .await
+                .map_err(StoreError::postgres)?;
+            }
             Op::Finish(..) | Op::Flush(_) => {}
         }
     }

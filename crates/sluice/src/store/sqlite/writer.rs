@@ -257,6 +257,22 @@ pub(super) fn apply(
                 )?;
             }
             Op::Flush(_) => {}
+            Op::Expire { before, .. } => {
+                tx.execute(
+                    "DELETE FROM chunk_blocks WHERE stream_id IN
+                        (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
+                    params![before],
+                )?;
+                tx.execute(
+                    "DELETE FROM chunk_log WHERE stream_id IN
+                        (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
+                    params![before],
+                )?;
+                tx.execute(
+                    "DELETE FROM streams WHERE created < ?1 AND status != 'streaming'",
+                    params![before],
+                )?;
+            }
             Op::Delete { tenant, id, .. } => {
                 let gone = tx.execute(
                     "DELETE FROM streams WHERE id = ?1 AND tenant = ?2 AND status != 'streaming'",
