@@ -538,6 +538,80 @@ async fn two_nodes_follow_and_cancel_each_others_streams() {
     b.server.shutdown().await.expect("shutdown B");
 }
 
+/// A background response started on node A is followed through node B (its Responses events,
+/// numbered as on A, from `starting_after`) and cancelled there.
+#[tokio::test]
+async fn a_response_runs_on_one_node_and_is_followed_and_cancelled_on_another() {
+    let f = postgres().await;
+    let url = f.url();
+    let config = format!(
+        "[store]\nurl = \"{url}\"\n[[models]]\nname = \"slow\"\nkind = \"sim\"\nsim = {{ first_token_ms = 10, token_interval_ms = 20 }}\n"
+    );
+    let a = common::gateway(&config).await;
+    let b = common::gateway(&config).await;
+    let created: serde_json::Value = common::client()
+        .post(format!("{}/v1/responses", a.url))
+        .json(
+            &json!({"model": "slow", "input": "hi", "background": true, "sim": {"tokens": 5000}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(created["status"], "in_progress", "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut follow = common::client()
+        .get(format!(
+            "{}/v1/responses/{id}?stream=true&starting_after=20",
+            b.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("response.output_text.delta") {
+        let bytes = common::within("events through B", follow.chunk())
+            .await
+            .unwrap()
+            .expect("more events");
+        seen.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    assert!(
+        !seen.contains("response.created"),
+        "nothing at or before 20: {seen}"
+    );
+    let first_id: u64 = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(first_id > 20, "{first_id}");
+    let cancelled: serde_json::Value = common::client()
+        .post(format!("{}/v1/responses/{id}/cancel", b.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let rest = common::within("the end of the follow through B", async {
+        let mut rest = String::new();
+        while let Some(bytes) = follow.chunk().await.unwrap() {
+            rest.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        rest
+    })
+    .await;
+    assert!(rest.contains("event: response.incomplete"), "{rest}");
+    assert!(rest.contains("\"status\":\"cancelled\""), "{rest}");
+    a.server.shutdown().await.expect("shutdown A");
+    b.server.shutdown().await.expect("shutdown B");
+}
+
 /// Through two gateway nodes, a key limited to one stream at a time and three requests a
 /// minute is held to that whichever node each request lands on.
 #[tokio::test]
