@@ -551,9 +551,7 @@ async fn a_response_runs_on_one_node_and_is_followed_and_cancelled_on_another() 
     let b = common::gateway(&config).await;
     let created: serde_json::Value = common::client()
         .post(format!("{}/v1/responses", a.url))
-        .json(
-            &json!({"model": "slow", "input": "hi", "background": true, "sim": {"tokens": 5000}}),
-        )
+        .json(&json!({"model": "slow", "input": "hi", "background": true, "sim": {"tokens": 5000}}))
         .send()
         .await
         .unwrap()
