@@ -176,31 +176,16 @@ async fn another_tenants_response_does_not_exist_on_any_endpoint() {
 #[tokio::test(start_paused = true)]
 async fn a_response_replays_the_same_after_a_restart() {
     let g = gateway("").await;
-    let created: Value = client()
-        .post(format!("{}/v1/responses", g.url))
-        .json(&json!({"model": "sim", "input": "hi", "sim": {"tokens": 5}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = post_body(
+        &format!("{}/v1/responses", g.url),
+        &json!({"model": "sim", "input": "hi", "sim": {"tokens": 5}}),
+    )
+    .await;
     let id = created["id"].as_str().unwrap().to_string();
     let before = events(&format!("{}/v1/responses/{id}?stream=true", g.url)).await;
     let data_dir = g.dir.path().join("data");
     g.server.shutdown().await.unwrap();
-    let config = sluice::Config::parse(
-        "",
-        std::path::Path::new("t"),
-        &sluice::Overrides {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            data_dir: Some(data_dir),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let server = sluice::Server::bind(config).await.unwrap();
-    let url = format!("http://{}", server.addr());
+    let (server, url) = restart_on(data_dir).await;
     let after = events(&format!("{url}/v1/responses/{id}?stream=true")).await;
     let kinds = |e: &[(String, Value)]| {
         e.iter()

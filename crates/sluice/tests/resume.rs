@@ -369,18 +369,7 @@ async fn replay_works_after_a_restart_and_ids_are_not_reused() {
     stop.await.unwrap().unwrap();
 
     let dir = g.dir; // keep the directory alive
-    let config = sluice::Config::parse(
-        "",
-        std::path::Path::new("t"),
-        &sluice::Overrides {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            data_dir: Some(data_dir),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let server = sluice::Server::bind(config).await.unwrap();
-    let url = format!("http://{}", server.addr());
+    let (_server, url) = restart_on(data_dir).await;
     for original in [&done, &cut] {
         let mut r = resume(&url, original.stream_id.as_deref().unwrap(), None).await;
         r.finish().await;

@@ -549,15 +549,11 @@ async fn a_response_runs_on_one_node_and_is_followed_and_cancelled_on_another() 
     );
     let a = common::gateway(&config).await;
     let b = common::gateway(&config).await;
-    let created: serde_json::Value = common::client()
-        .post(format!("{}/v1/responses", a.url))
-        .json(&json!({"model": "slow", "input": "hi", "background": true, "sim": {"tokens": 5000}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: serde_json::Value = common::post_body(
+        &format!("{}/v1/responses", a.url),
+        &json!({"model": "slow", "input": "hi", "background": true, "sim": {"tokens": 5000}}),
+    )
+    .await;
     assert_eq!(created["status"], "in_progress", "{created}");
     let id = created["id"].as_str().unwrap().to_string();
     let mut follow = common::client()

@@ -66,14 +66,40 @@ impl Gateway {
 
 /// `POST url` with no body; the JSON answer.
 pub async fn post_json(url: &str) -> Value {
-    client()
-        .post(url)
+    json_answer(client().post(url)).await
+}
+
+/// Sends `request`; its JSON answer.
+async fn json_answer(request: reqwest::RequestBuilder) -> Value {
+    request
         .send()
         .await
         .expect("request")
         .json()
         .await
         .expect("a JSON answer")
+}
+
+/// `POST url` with the JSON `body`; the JSON answer.
+pub async fn post_body(url: &str, body: &Value) -> Value {
+    json_answer(client().post(url).json(body)).await
+}
+
+/// A gateway started again on `data_dir` (a restart), with an empty config.
+pub async fn restart_on(data_dir: std::path::PathBuf) -> (Server, String) {
+    let config = Config::parse(
+        "",
+        Path::new("t"),
+        &Overrides {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: Some(data_dir),
+            ..Default::default()
+        },
+    )
+    .expect("config");
+    let server = Server::bind(config).await.expect("server");
+    let url = format!("http://{}", server.addr());
+    (server, url)
 }
 
 /// Polls `url` until it answers 200, for up to 10 s; whether it did.
