@@ -60,6 +60,31 @@ async fn stored(state: &AppState, caller: &Caller, id: &str) -> Result<Transcrip
         .ok_or_else(|| not_found(id))
 }
 
+/// A response's head (its request and status, without its chunks), for what needs no text: a
+/// large response is not read whole to cancel, delete or list its input.
+async fn head(state: &AppState, caller: &Caller, id: &str) -> Result<(Meta, Status), ApiError> {
+    let h = state
+        .relay
+        .store
+        .head(Tenant(&caller.tenant), StreamId(id))
+        .await
+        .map_err(|e| ApiError::store("the store could not be read", &e))?
+        .ok_or_else(|| not_found(id))?;
+    let request: Value = serde_json::from_str(&h.request).unwrap_or(Value::Null);
+    if request.get(CONVERSATION).is_none() {
+        return Err(not_found(id));
+    }
+    Ok((
+        Meta {
+            id: h.id,
+            created_at: h.created,
+            model: h.model,
+            request,
+        },
+        h.status,
+    ))
+}
+
 fn meta_of(t: &Transcript) -> Meta {
     Meta {
         id: t.id.clone(),
@@ -319,16 +344,15 @@ pub(super) async fn retrieve(
 ) -> Result<Response, ApiError> {
     let id = stream_id(path)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("query", e.body_text()))?;
-    let t = stored(&state, &caller, &id).await?;
     if q.stream != Some(true) {
+        let t = stored(&state, &caller, &id).await?;
         return Ok(
             Json(shape::response(&meta_of(&t), &standing_of(&t), &t.content)).into_response(),
         );
     }
     let after = q.starting_after.unwrap_or(0);
     let has_after = q.starting_after.is_some();
-    let meta = meta_of(&t);
-    drop(t);
+    let (meta, _) = head(&state, &caller, &id).await?;
     let followed = follow(
         &state.relay.hub,
         &state.relay.store,
@@ -391,15 +415,17 @@ pub(super) async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = stream_id(path)?;
-    let t = stored(&state, &caller, &id).await?;
-    if t.status != Status::Streaming {
-        let (status, _) = (shape::response(&meta_of(&t), &standing_of(&t), ""), ());
+    let (meta, status) = head(&state, &caller, &id).await?;
+    if status != Status::Streaming {
+        let mut standing = Standing::running();
+        standing.status = status;
+        let finished = shape::response(&meta, &standing, "");
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             format!(
                 "the response is {}: only a response in progress can be cancelled",
-                status["status"].as_str().unwrap_or("finished")
+                finished["status"].as_str().unwrap_or("finished")
             ),
         ));
     }
@@ -415,9 +441,9 @@ pub(super) async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = stream_id(path)?;
-    let t = stored(&state, &caller, &id).await?;
+    let (_, status) = head(&state, &caller, &id).await?;
     let (tenant, sid) = (Tenant(&caller.tenant), StreamId(&id));
-    if t.status == Status::Streaming {
+    if status == Status::Streaming {
         stop(&state, tenant, sid).await?;
     }
     state
@@ -439,8 +465,8 @@ pub(super) async fn input_items(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = stream_id(path)?;
-    let t = stored(&state, &caller, &id).await?;
-    let input = t.request.get("input").cloned().unwrap_or(Value::Null);
+    let (meta, _) = head(&state, &caller, &id).await?;
+    let input = meta.request.get("input").cloned().unwrap_or(Value::Null);
     let messages = shape::input_messages(&input).unwrap_or_default();
     let short = id.trim_start_matches("resp_");
     let data: Vec<Value> = messages
