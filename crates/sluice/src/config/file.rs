@@ -94,6 +94,7 @@ pub(super) struct FileModel {
 #[serde(rename_all = "snake_case")]
 pub(super) enum Kind {
     Openai,
+    Anthropic,
     Sim,
 }
 

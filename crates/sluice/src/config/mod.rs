@@ -265,7 +265,13 @@ impl Config {
                     }
                     Upstream::Sim(m.sim.unwrap_or_default())
                 }
-                Kind::Openai => {
+                Kind::Openai | Kind::Anthropic => {
+                    if m.kind == Kind::Anthropic && m.continue_partial.is_some() {
+                        return Err(invalid(
+                            &key("continue_partial"),
+                            "only applies to kind = \"openai\"".into(),
+                        ));
+                    }
                     if m.sim.is_some() {
                         return Err(invalid(
                             &key("sim"),
@@ -273,7 +279,10 @@ impl Config {
                         ));
                     }
                     let base_url = m.base_url.ok_or_else(|| {
-                        invalid(&key("base_url"), "is required for kind = \"openai\"".into())
+                        invalid(
+                            &key("base_url"),
+                            "is required for kind = \"openai\" and \"anthropic\"".into(),
+                        )
                     })?;
                     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                         return Err(invalid(
@@ -291,10 +300,13 @@ impl Config {
                         })?),
                     };
                     let headers: Vec<(String, String)> = m.headers.into_iter().collect();
-                    Upstream::OpenAi(
-                        OpenAi::new(&base_url, api_key, &headers, upstream_limits)
-                            .map_err(|e| invalid(&key("headers"), e.to_string()))?,
-                    )
+                    let client = OpenAi::new(&base_url, api_key, &headers, upstream_limits)
+                        .map_err(|e| invalid(&key("headers"), e.to_string()))?;
+                    Upstream::OpenAi(if m.kind == Kind::Anthropic {
+                        client.anthropic()
+                    } else {
+                        client
+                    })
                 }
             };
             models.push(ModelConfig {

@@ -7,6 +7,7 @@
 //! stream is lazy: nothing is sent upstream until it is first polled, so the relay's first-token
 //! limit covers connecting too, and dropping the stream closes the upstream connection.
 
+pub mod anthropic;
 pub mod openai;
 pub mod route;
 pub mod sim;

@@ -1,8 +1,10 @@
-//! OpenAI-compatible upstreams over HTTP (OpenAI, vLLM, Ollama, llama.cpp, LM Studio, ...).
+//! Upstreams over HTTP: OpenAI-compatible servers (OpenAI, vLLM, Ollama, llama.cpp, LM Studio,
+//! ...) and, in the Anthropic dialect, Anthropic's Messages API.
 //!
-//! Posts the request to `{base_url}/chat/completions` with `stream: true` and reads the answer as
-//! server-sent events with [`SseParser`]. The API key is sent as a bearer
-//! token and is never printed: this type's `Debug` leaves it out and error messages never carry
+//! Posts the request to `{base_url}/chat/completions` (Anthropic: `{base_url}/messages`, the
+//! request translated by [`super::anthropic`]) with `stream: true` and reads the answer as
+//! server-sent events with [`SseParser`]. The API key is sent as a bearer token (Anthropic:
+//! `x-api-key`, with `anthropic-version`) and is never printed: this type's `Debug` leaves it out and error messages never carry
 //! request headers (what the upstream itself echoes is redacted by the relay).
 //!
 //! What the upstream sends is bounded: an error body is read up to
@@ -17,6 +19,7 @@ use async_stream::stream;
 use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::anthropic::{self, Step, Translator};
 use super::sse::SseParser;
 use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamLimits, UpstreamRequest};
 use crate::redact::truncate;
@@ -29,6 +32,16 @@ pub struct OpenAi {
     api_key: Option<String>,
     headers: HeaderMap,
     limits: UpstreamLimits,
+    dialect: Dialect,
+}
+
+/// Which API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's chat completions.
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
 }
 
 impl fmt::Debug for OpenAi {
@@ -36,6 +49,7 @@ impl fmt::Debug for OpenAi {
         f.debug_struct("OpenAi")
             .field("url", &self.url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("dialect", &self.dialect)
             .finish()
     }
 }
@@ -79,7 +93,21 @@ impl OpenAi {
             api_key,
             headers,
             limits,
+            dialect: Dialect::OpenAi,
         })
+    }
+
+    /// The same upstream speaking Anthropic's Messages API at `{base_url}/messages`.
+    pub fn anthropic(mut self) -> Self {
+        if let Some(base) = self.url.strip_suffix("/chat/completions") {
+            self.url = format!("{base}/messages");
+        }
+        self.headers.insert(
+            "anthropic-version",
+            HeaderValue::from_static(anthropic::VERSION),
+        );
+        self.dialect = Dialect::Anthropic;
+        self
     }
 
     /// The API key, for the redactor (see [`crate::redact`]).
@@ -91,9 +119,18 @@ impl OpenAi {
     pub fn open(&self, request: UpstreamRequest) -> ChunkStream {
         let this = self.clone();
         Box::pin(stream! {
-            let mut post = this.client.post(&this.url).headers(this.headers.clone()).json(&request.body);
-            if let Some(key) = &this.api_key {
-                post = post.bearer_auth(key);
+            let anthropic = this.dialect == Dialect::Anthropic;
+            let body = if anthropic {
+                anthropic::request(&request.body)
+            } else {
+                serde_json::Value::Object(request.body)
+            };
+            let mut post = this.client.post(&this.url).headers(this.headers.clone()).json(&body);
+            drop(body);
+            match (&this.api_key, anthropic) {
+                (Some(key), false) => post = post.bearer_auth(key),
+                (Some(key), true) => post = post.header("x-api-key", key),
+                (None, _) => {}
             }
             let mut response = match post.send().await {
                 Ok(r) => r,
@@ -122,7 +159,9 @@ impl OpenAi {
                 let text = String::from_utf8_lossy(&body).to_string();
                 let message = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
-                    .and_then(|v| v.get("error").map(error_message))
+                    .and_then(|v| {
+                        v.get("error").map(|e| if anthropic { anthropic::error_text(e) } else { error_message(e) })
+                    })
                     .unwrap_or(text);
                 let message = truncate(&message, max_error).into_owned();
                 yield Err(UpstreamError::Status { status: status.as_u16(), message, retry_after });
@@ -137,6 +176,7 @@ impl OpenAi {
             }
             let mut parser = SseParser::with_max_event(this.limits.max_event_bytes);
             let mut events = Vec::new();
+            let mut translator = Translator::default();
             let mut body = response.bytes_stream();
             loop {
                 match body.next().await {
@@ -146,9 +186,18 @@ impl OpenAi {
                             return;
                         }
                         for event in events.drain(..) {
-                            match Payload::parse(&event.data) {
-                                Ok(Payload::Chunk(chunk)) => yield Ok(chunk),
-                                Ok(Payload::Done) => return,
+                            let step = if anthropic {
+                                translator.event(&event.data)
+                            } else {
+                                Payload::parse(&event.data).map(|p| match p {
+                                    Payload::Chunk(chunk) => Step::Chunk(chunk),
+                                    Payload::Done => Step::Done,
+                                })
+                            };
+                            match step {
+                                Ok(Step::Chunk(chunk)) => yield Ok(chunk),
+                                Ok(Step::Nothing) => {}
+                                Ok(Step::Done) => return,
                                 Err(e) => { yield Err(e); return; }
                             }
                         }

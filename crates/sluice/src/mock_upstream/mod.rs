@@ -6,6 +6,8 @@
 //! `GET /stats` reports `requests_started`, `requests_completed` and `requests_disconnected`
 //! (the client went away before the end).
 
+mod anthropic;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -163,6 +165,7 @@ impl MockUpstream {
 fn router(mock: Mock) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(|| async { Json(json!({"object": "list", "data": [{"id": "sim", "object": "model", "created": 0, "owned_by": "sluice-mock"}]})) }))
         .route("/stats", get(|State(m): State<Mock>| async move { Json(m.stats.json()) }))
         .with_state(mock)
@@ -270,15 +273,19 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
             }
         }
     };
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(events))
-        .unwrap_or_else(|_| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "response could not be built",
-            )
-        })
+    event_stream(events)
+}
+
+/// An event-stream response with `events` as its body.
+fn event_stream(
+    events: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> Response {
+    let mut response = Body::from_stream(events).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 async fn complete(
