@@ -8,14 +8,14 @@ own event types (pydantic, strict about required fields and literals).
 
 import json
 import os
-import sys
 import time
-import traceback
 import urllib.request
 
 import openai
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
+
+import checks
 
 URL = os.environ["SLUICE_URL"]
 MOCK = os.environ["SLUICE_MOCK_URL"]
@@ -247,15 +247,4 @@ CHECKS = [
 ]
 
 if __name__ == "__main__":
-    passed = failed = 0
-    for check in CHECKS:
-        try:
-            check()
-            print(f"responses {check.__name__} ... ok")
-            passed += 1
-        except Exception:
-            print(f"responses {check.__name__} ... FAILED")
-            traceback.print_exc()
-            failed += 1
-    print(f"responses (openai {openai.__version__}): {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run("responses", CHECKS, f"openai {openai.__version__}")

@@ -1,14 +1,14 @@
 """The official `openai` Python SDK talks to sluice by changing `base_url`, nothing else.
 
-Run by scripts/python-sdk-test against a real `sluice serve`. Prints one line per check and a
+Run by scripts/sdk-test against a real `sluice serve`. Prints one line per check and a
 closing 'N passed, N failed' line; exits non-zero on any failure.
 """
 
 import os
-import sys
-import traceback
 
 import openai
+
+import checks
 
 URL = os.environ["SLUICE_URL"]
 client = openai.OpenAI(base_url=f"{URL}/v1", api_key="not-needed-locally", max_retries=0)
@@ -88,15 +88,4 @@ CHECKS = [
 ]
 
 if __name__ == "__main__":
-    passed = failed = 0
-    for check in CHECKS:
-        try:
-            check()
-            print(f"python-sdk {check.__name__} ... ok")
-            passed += 1
-        except Exception:  # noqa: BLE001 - report every failure, then fail the run
-            print(f"python-sdk {check.__name__} ... FAILED")
-            traceback.print_exc()
-            failed += 1
-    print(f"python-sdk (openai {openai.__version__}): {passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run("python-sdk", CHECKS, f"openai {openai.__version__}")

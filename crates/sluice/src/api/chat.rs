@@ -127,6 +127,38 @@ pub(super) fn chat_request(value: Value) -> Result<ChatRequest, ApiError> {
 /// Reads a request body of at most `limit` bytes within `time`. Memory follows the body's
 /// size: each piece is copied out of the connection's read buffer as it arrives (holding on to
 /// hyper's pieces would pin a whole read buffer per byte of a body dripped a byte at a time).
+/// A request's body as a JSON object (what the Responses and Messages front doors read).
+pub(super) async fn json_object(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, ApiError> {
+    let bytes = json_body(state, headers, body).await?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(body)) => Ok(body),
+        _ => Err(ApiError::bad_request(
+            "body",
+            "the body must be a JSON object",
+        )),
+    }
+}
+
+/// The start of a chat request translated from another API's `body`: its `model`, these
+/// `messages`, and its `stream`.
+pub(super) fn chat_base(body: &Map<String, Value>, messages: Vec<Value>) -> Map<String, Value> {
+    let mut chat = Map::new();
+    chat.insert(
+        "model".into(),
+        body.get("model").cloned().unwrap_or(Value::Null),
+    );
+    chat.insert("messages".into(), Value::Array(messages));
+    chat.insert(
+        "stream".into(),
+        Value::Bool(body.get("stream").and_then(Value::as_bool).unwrap_or(false)),
+    );
+    chat
+}
+
 /// A request's JSON body, within the configured size and time ([`require_json`], [`read_body`]).
 pub(super) async fn json_body(
     state: &AppState,

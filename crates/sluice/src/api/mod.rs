@@ -19,6 +19,7 @@
 //! | `streams` | `GET /v1/streams`, `…/{id}/events` (resume), `POST …/{id}/cancel` |
 //! | `transcript` | `GET /v1/streams/{id}`: a transcript's JSON, streamed page by page |
 //! | `responses` | OpenAI's Responses API (`/v1/responses`) over any model, on top of streams |
+//! | `messages` | an Anthropic-compatible front door (`/v1/messages`) over any model |
 //! | `web` | the web page at `/`, its assets compiled in, under a strict Content-Security-Policy |
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ use edge::{EdgePolicy, TenantName};
 mod chat;
 pub mod edge;
 pub mod error;
+mod messages;
 mod responses;
 mod sse;
 mod streams;
@@ -92,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/streams/{id}", get(show_stream))
         .route("/v1/streams/{id}/events", get(stream_events))
         .route("/v1/streams/{id}/cancel", post(cancel_stream))
+        .route("/v1/messages", post(messages::messages))
         .route("/v1/responses", post(responses::create))
         .route(
             "/v1/responses/{id}",
@@ -122,13 +125,22 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(policy, edge::edge))
 }
 
-/// Finds the caller's tenant from `Authorization: Bearer KEY`; 401 without a valid key.
+/// Finds the caller's tenant from `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`);
+/// 401 without a valid key.
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let x_api_key = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|k| format!("Bearer {k}"));
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match state.keys.authenticate(header) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(x_api_key);
+    let anthropic = request.uri().path() == "/v1/messages";
+    match state.keys.authenticate(header.as_deref()) {
         Ok(caller) => {
             let tenant = TenantName(caller.tenant.clone());
             request.extensions_mut().insert(caller);
@@ -143,6 +155,10 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
                 }
                 Unauthenticated::Unknown => "the API key is not valid",
             };
+            if anthropic {
+                let body = messages::error_body(StatusCode::UNAUTHORIZED, message);
+                return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            }
             ApiError {
                 code: Some("invalid_api_key"),
                 ..ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)

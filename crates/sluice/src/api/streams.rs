@@ -125,6 +125,17 @@ pub(super) async fn stream_events(
     .await
     .map_err(|e| ApiError::store("the store could not be read", &e))?
     .ok_or_else(|| not_found(&id))?;
+    // A stream asked for in Anthropic's shape is replayed in it.
+    let head = state
+        .relay
+        .store
+        .head(Tenant(&caller.tenant), StreamId(&id))
+        .await
+        .map_err(|e| ApiError::store("the store could not be read", &e))?;
+    if head.is_some_and(|h| h.request.contains("\"sluice_api\":\"anthropic\"")) {
+        let body = super::messages::replay(id.clone(), after == 0, followed);
+        return Ok(sse_response(Body::from_stream(body), &id));
+    }
     let stream_id = id.clone();
     let body = followed.map(move |item| match item {
         Ok(Followed::Chunk { seq, data }) => Ok(sse_event(seq, &data)),

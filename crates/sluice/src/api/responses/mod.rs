@@ -29,7 +29,7 @@ use crate::relay::{Frame, Frames};
 use crate::store::Transcript;
 use crate::stream::{Ending, Status, StreamId, Tenant, Terminal};
 
-use super::chat::{chat_request, json_body, start_stream};
+use super::chat::{chat_request, json_object, start_stream};
 use super::error::not_found;
 use super::sse::sse_response;
 use super::streams::{stop, stream_id};
@@ -116,14 +116,7 @@ pub(super) async fn create(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let bytes = json_body(&state, &headers, body).await?;
-    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&bytes) else {
-        return Err(ApiError::bad_request(
-            "body",
-            "the body must be a JSON object",
-        ));
-    };
-    drop(bytes);
+    let mut body = json_object(&state, &headers, body).await?;
     let previous = match body.get("previous_response_id") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(prev)) => {

@@ -239,16 +239,7 @@ pub(super) fn chat_body(
         }
     }
     messages.extend(conversation.iter().cloned());
-    let mut chat = Map::new();
-    chat.insert(
-        "model".into(),
-        body.get("model").cloned().unwrap_or(Value::Null),
-    );
-    chat.insert("messages".into(), Value::Array(messages));
-    chat.insert(
-        "stream".into(),
-        Value::Bool(body.get("stream").and_then(Value::as_bool).unwrap_or(false)),
-    );
+    let mut chat = crate::api::chat::chat_base(body, messages);
     if let Some(n) = body.get("max_output_tokens").filter(|v| !v.is_null()) {
         chat.insert("max_tokens".into(), n.clone());
     }
