@@ -125,3 +125,22 @@ async fn tool_use_becomes_openai_tool_calls() {
         "tool_calls"
     );
 }
+
+/// Pings keep coming while the upstream stalls; they are not tokens, so the idle timer fires.
+#[tokio::test]
+async fn pings_never_reset_the_idle_timer() {
+    let (g, _m) = claude().await;
+    let (r, t) = run_stream(
+        &g.url,
+        &chat_body(
+            "claude",
+            true,
+            json!({"tokens": 6, "stall_after": 2}),
+            // A regression (pings taken for tokens) ends at the total deadline instead.
+            json!({"idle_timeout_ms": 400, "total_timeout_ms": 3000}),
+        ),
+    )
+    .await;
+    assert_eq!(ending(&t), ("timed_out".into(), Some("idle".into())));
+    assert_eq!(r.content(), (0..2).map(token_text).collect::<String>());
+}

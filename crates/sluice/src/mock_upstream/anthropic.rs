@@ -1,6 +1,6 @@
 //! The mock upstream's Anthropic dialect: `POST /v1/messages` answers with Anthropic's event
 //! stream, made from the same simulated steps (and the same `"sim"` staging) as the OpenAI
-//! dialect: `message_start`, a text block (a `ping` after the first token), a `tool_use` block
+//! dialect: `message_start`, a text block (a `ping` whenever the next step is 100 ms late), a `tool_use` block
 //! when `sim.tool_call` is set, `message_delta` with the stop reason and usage, `message_stop`.
 //! `fail_after` sends an `error` event (`overloaded_error`); `http_status` answers Anthropic's
 //! error JSON (`529`: `overloaded_error`).
@@ -26,6 +26,9 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response {
     )
         .into_response()
 }
+
+/// How long the mock waits for the next step before it sends a `ping`.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn event(kind: &str, data: &Value) -> String {
     format!("event: {kind}\ndata: {data}\n\n")
@@ -78,16 +81,22 @@ pub(super) async fn messages(State(mock): State<Mock>, body: Bytes) -> Response 
             "content_block": {"type": "text", "text": ""}}))));
         let mut count = 0u64;
         futures_util::pin_mut!(steps);
-        while let Some(step) = steps.next().await {
+        loop {
+            // While a step is late (a slow token, a stall), a ping every so often, as Anthropic
+            // sends them: it is not a token, and must never look like progress.
+            let step = tokio::select! {
+                step = steps.next() => step,
+                () = tokio::time::sleep(PING_EVERY) => {
+                    yield Ok(Bytes::from(event("ping", &json!({"type": "ping"}))));
+                    continue;
+                }
+            };
+            let Some(step) = step else { break };
             match step {
                 SimStep::Token(text) => {
                     count += 1;
                     yield Ok(Bytes::from(event("content_block_delta", &json!({"type": "content_block_delta", "index": 0,
                         "delta": {"type": "text_delta", "text": text}}))));
-                    if count == 1 {
-                        // A ping is not a token: the gateway must not take it for progress.
-                        yield Ok(Bytes::from(event("ping", &json!({"type": "ping"}))));
-                    }
                 }
                 SimStep::Fail => {
                     watch.done = true;
