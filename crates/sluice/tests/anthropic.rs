@@ -14,6 +14,11 @@ use sluice::upstream::sim::token_text;
 
 const KEY: &str = "sk-ant-secret-key-1234567890";
 
+/// Streams from `claude` with these `sim` and `sluice` fields; the answer and its transcript.
+async fn ask(g: &Gateway, sim: Value, sluice: Value) -> (Reader, Value) {
+    run_stream(&g.url, &chat_body("claude", true, sim, sluice)).await
+}
+
 async fn claude() -> (Gateway, sluice::mock_upstream::MockUpstream) {
     let m = mock(MockOptions::default()).await;
     let config = format!(
@@ -29,11 +34,7 @@ async fn claude() -> (Gateway, sluice::mock_upstream::MockUpstream) {
 #[tokio::test]
 async fn an_anthropic_stream_is_relayed_as_openai_chunks() {
     let (g, _m) = claude().await;
-    let (r, t) = run_stream(
-        &g.url,
-        &chat_body("claude", true, json!({"tokens": 6}), json!(null)),
-    )
-    .await;
+    let (r, t) = ask(&g, json!({"tokens": 6}), json!(null)).await;
     assert_eq!(ending(&t), ("completed".into(), None));
     assert_eq!(r.content(), (0..6).map(token_text).collect::<String>());
     let chunks = chunk_events(&r.events);
@@ -46,16 +47,7 @@ async fn an_anthropic_stream_is_relayed_as_openai_chunks() {
 #[tokio::test]
 async fn an_error_event_mid_stream_fails_with_its_type_and_message() {
     let (g, _m) = claude().await;
-    let (r, t) = run_stream(
-        &g.url,
-        &chat_body(
-            "claude",
-            true,
-            json!({"tokens": 6, "fail_after": 3}),
-            json!(null),
-        ),
-    )
-    .await;
+    let (r, t) = ask(&g, json!({"tokens": 6, "fail_after": 3}), json!(null)).await;
     assert_eq!(ending(&t), ("failed".into(), Some("upstream_error".into())));
     assert!(
         t["detail"]
@@ -130,15 +122,11 @@ async fn tool_use_becomes_openai_tool_calls() {
 #[tokio::test]
 async fn pings_never_reset_the_idle_timer() {
     let (g, _m) = claude().await;
-    let (r, t) = run_stream(
-        &g.url,
-        &chat_body(
-            "claude",
-            true,
-            json!({"tokens": 6, "stall_after": 2}),
-            // A regression (pings taken for tokens) ends at the total deadline instead.
-            json!({"idle_timeout_ms": 400, "total_timeout_ms": 3000}),
-        ),
+    let (r, t) = ask(
+        &g,
+        json!({"tokens": 6, "stall_after": 2}),
+        // A regression (pings taken for tokens) ends at the total deadline instead.
+        json!({"idle_timeout_ms": 400, "total_timeout_ms": 3000}),
     )
     .await;
     assert_eq!(ending(&t), ("timed_out".into(), Some("idle".into())));
