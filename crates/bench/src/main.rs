@@ -33,6 +33,7 @@ mod hedge;
 mod measure;
 mod memory;
 mod report;
+mod short;
 
 use measure::{
     chunk_latency, client, close_delay, idle_streams, throughput, ttft, Target, TargetResult,
@@ -82,6 +83,10 @@ struct Args {
     /// PostgreSQL at `--store-url`, and write `cluster.md` and `cluster.json` to `--out`.
     #[arg(long, requires = "store_url")]
     only_cluster: bool,
+    /// Run only the per-stream and per-chunk costs (short streams at 64 connections, CPU per
+    /// stream and per chunk), and write `short.md` and `short.json` to `--out`.
+    #[arg(long)]
+    only_short: bool,
     /// Run only the hedging measurement (two replicas with a slow tail, one directly and both
     /// behind a hedge route), and write `hedge.md` and `hedge.json` to `--out`.
     #[arg(long)]
@@ -178,6 +183,19 @@ fn write_report<T: Serialize>(
     std::fs::write(args.out.join(format!("{name}.md")), &md)?;
     println!("{md}");
     Ok(())
+}
+
+/// The upstream itself, as a target: the physical limit.
+fn direct(mock: &MockUpstream) -> Target {
+    Target {
+        id: "direct",
+        name: "direct (upstream itself)".into(),
+        base: mock.base_url(),
+        key: None,
+        model: "sim",
+        client: client(),
+        stamps: true,
+    }
 }
 
 /// `start_sluice`, on the PostgreSQL at `store_url` if given.
@@ -292,6 +310,12 @@ async fn main() -> anyhow::Result<()> {
         let c = cluster::run(&a.base, &b.base, &mock, 200).await?;
         return write_report(&args, "cluster", &c, cluster::markdown);
     }
+    if args.only_short {
+        drop(bare);
+        let seconds = if args.full { 20.0 } else { 10.0 };
+        let s = short::run(&direct(&mock), &sluice_target, sluice_pid, seconds).await?;
+        return write_report(&args, "short", &s, short::markdown);
+    }
     if args.only_hedge {
         drop((sluice, bare));
         let h = hedge::run(&sluice_bin, plan.ttft_requests.max(500)).await?;
@@ -304,15 +328,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut targets = vec![
-        Target {
-            id: "direct",
-            name: "direct (upstream itself)".into(),
-            base: mock.base_url(),
-            key: None,
-            model: "sim",
-            client: client(),
-            stamps: true,
-        },
+        direct(&mock),
         sluice_target.clone(),
         Target {
             id: "sluice_no_transcripts",
