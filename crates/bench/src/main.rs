@@ -311,9 +311,21 @@ async fn main() -> anyhow::Result<()> {
         return write_report(&args, "cluster", &c, cluster::markdown);
     }
     if args.only_short {
-        drop(bare);
         let seconds = if args.full { 20.0 } else { 10.0 };
-        let s = short::run(&direct(&mock), &sluice_target, sluice_pid, seconds).await?;
+        let bare_target = Target {
+            id: "sluice_no_transcripts",
+            name: "sluice, record_chunks = false".into(),
+            base: bare.base.clone(),
+            ..sluice_target.clone()
+        };
+        let bare_pid = bare.child.id().context("sluice pid")?;
+        let s = short::run(
+            &direct(&mock),
+            (&sluice_target, sluice_pid),
+            Some((&bare_target, bare_pid)),
+            seconds,
+        )
+        .await?;
         return write_report(&args, "short", &s, short::markdown);
     }
     if args.only_hedge {

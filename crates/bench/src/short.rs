@@ -30,8 +30,39 @@ pub struct Short {
     pub cpu_per_chunk_us: f64,
     /// CPU per short stream beyond its chunks, µs.
     pub stream_overhead_us: f64,
+    /// The same three with transcripts off (`record_chunks = false`): what recording costs.
+    pub bare: Option<Costs>,
     /// How long each run lasted, s.
     pub seconds: f64,
+}
+
+/// A gateway's CPU costs, µs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Costs {
+    /// Per short stream.
+    pub per_stream_us: f64,
+    /// Per chunk of long streams.
+    pub per_chunk_us: f64,
+    /// Per short stream beyond its chunks.
+    pub overhead_us: f64,
+}
+
+/// `t`'s CPU costs, `pid` being its process.
+async fn costs(t: &Target, pid: u32, seconds: f64) -> (Level, Costs) {
+    let before = cpu_seconds(pid).unwrap_or(0.0);
+    let level = throughput(t, CONNECTIONS, seconds, SHORT_TOKENS).await;
+    let after = cpu_seconds(pid).unwrap_or(0.0);
+    let per_stream_us = (after - before) / (level.streams_per_s * seconds).max(1.0) * 1e6;
+    let before = cpu_seconds(pid).unwrap_or(0.0);
+    let long = throughput(t, LONG_CONNECTIONS, seconds, LONG_TOKENS).await;
+    let after = cpu_seconds(pid).unwrap_or(0.0);
+    let per_chunk_us = (after - before) / (long.chunks_per_s * seconds).max(1.0) * 1e6;
+    let costs = Costs {
+        per_stream_us,
+        per_chunk_us,
+        overhead_us: per_stream_us - f64::from(SHORT_TOKENS + 1) * per_chunk_us,
+    };
+    (level, costs)
 }
 
 /// The CPU time (user + system) process `pid` has used, in seconds (`USER_HZ` is 100 on Linux).
@@ -45,29 +76,27 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// Both runs: `direct` is the upstream, `sluice` the gateway whose process is `pid`.
+/// The runs: `direct` is the upstream, `sluice` the gateway whose process is `pid`, and `bare`
+/// (if given) a gateway with transcripts off and its process.
 pub async fn run(
     direct: &Target,
-    sluice: &Target,
-    pid: u32,
+    sluice: (&Target, u32),
+    bare: Option<(&Target, u32)>,
     seconds: f64,
 ) -> anyhow::Result<Short> {
     let direct_level = throughput(direct, CONNECTIONS, seconds, SHORT_TOKENS).await;
-    let before = cpu_seconds(pid).unwrap_or(0.0);
-    let sluice_level = throughput(sluice, CONNECTIONS, seconds, SHORT_TOKENS).await;
-    let after = cpu_seconds(pid).unwrap_or(0.0);
-    let streams = sluice_level.streams_per_s * seconds;
-    let cpu_per_stream_us = (after - before) / streams.max(1.0) * 1e6;
-    let before = cpu_seconds(pid).unwrap_or(0.0);
-    let long = throughput(sluice, LONG_CONNECTIONS, seconds, LONG_TOKENS).await;
-    let after = cpu_seconds(pid).unwrap_or(0.0);
-    let cpu_per_chunk_us = (after - before) / (long.chunks_per_s * seconds).max(1.0) * 1e6;
+    let (sluice_level, c) = costs(sluice.0, sluice.1, seconds).await;
+    let bare = match bare {
+        Some((t, pid)) => Some(costs(t, pid, seconds).await.1),
+        None => None,
+    };
     Ok(Short {
         direct: direct_level,
         sluice: sluice_level,
-        cpu_per_stream_us,
-        cpu_per_chunk_us,
-        stream_overhead_us: cpu_per_stream_us - f64::from(SHORT_TOKENS + 1) * cpu_per_chunk_us,
+        cpu_per_stream_us: c.per_stream_us,
+        cpu_per_chunk_us: c.per_chunk_us,
+        stream_overhead_us: c.overhead_us,
+        bare,
         seconds,
     })
 }
@@ -85,7 +114,7 @@ pub fn markdown(raw: &serde_json::Value, s: &Short) -> String {
          | sluice CPU | µs | goal |\n|---|---|---|\n\
          | per {tokens}-chunk stream | {cps:.1} | |\n\
          | per chunk (long streams) | {cpc:.2} | ≤ 3 |\n\
-         | per stream beyond its chunks | {over:.1} | ≤ 100 |\n",
+         | per stream beyond its chunks | {over:.1} | ≤ 100 |\n{bare}",
         header = header("Per-stream and per-chunk costs", raw),
         tokens = SHORT_TOKENS,
         conns = CONNECTIONS,
@@ -100,5 +129,13 @@ pub fn markdown(raw: &serde_json::Value, s: &Short) -> String {
         cps = s.cpu_per_stream_us,
         cpc = s.cpu_per_chunk_us,
         over = s.stream_overhead_us,
+        bare = s.bare.map_or(String::new(), |b| format!(
+            "\nWith transcripts off (`record_chunks = false`): {:.1} µs per stream, {:.2} µs per \
+             chunk, {:.1} µs per stream beyond its chunks: recording costs {:.2} µs per chunk.\n",
+            b.per_stream_us,
+            b.per_chunk_us,
+            b.overhead_us,
+            s.cpu_per_chunk_us - b.per_chunk_us
+        )),
     )
 }

@@ -268,6 +268,10 @@ async fn relay(
     publisher: &Publisher,
     progress: &Mutex<Progress>,
 ) -> (Ending, Option<Producer<Frame, Terminal>>) {
+    // The per-chunk metrics' handles, looked up once per stream rather than per chunk.
+    let inter_chunk = metrics::histogram!("sluice_inter_chunk_seconds");
+    let relayed = metrics::counter!("sluice_chunks_relayed_total");
+    let buffer_depth = metrics::histogram!("sluice_stream_buffer_depth");
     let limits = StreamLimits {
         first_item: Some(req.timeouts.first_token),
         idle: Some(req.timeouts.idle),
@@ -374,9 +378,7 @@ async fn relay(
         match last_chunk.replace(now) {
             None => metrics::histogram!("sluice_time_to_first_token_seconds")
                 .record(offset.as_secs_f64()),
-            Some(prev) => {
-                metrics::histogram!("sluice_inter_chunk_seconds").record((now - prev).as_secs_f64())
-            }
+            Some(prev) => inter_chunk.record((now - prev).as_secs_f64()),
         }
         // What the upstream says goes no further than here with a key in it.
         let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
@@ -410,12 +412,12 @@ async fn relay(
             }),
         }
         publish_committed(&mut unpublished, &watermark, publisher);
-        metrics::counter!("sluice_chunks_relayed_total").increment(1);
+        relayed.increment(1);
 
         let Some(tx) = &client else {
             continue; // nobody on the original connection: recorded and published is all
         };
-        metrics::histogram!("sluice_stream_buffer_depth").record(tx.depth() as f64);
+        buffer_depth.record(tx.depth() as f64);
         let sending = Instant::now();
         // Room first (bytes, then a place in the queue), all under the slow-client limit. The
         // send goes first: a chunk already committed and published reaches the client if there
