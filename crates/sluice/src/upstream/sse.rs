@@ -117,7 +117,8 @@ impl SseParser {
                 bytes = rest;
             }
         }
-        while let Some(end) = bytes.iter().position(|b| *b == b'\n' || *b == b'\r') {
+        // memchr looks for the line ends a word at a time, not a byte at a time.
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', bytes) {
             self.extend_line(&bytes[..end])?;
             let terminator = bytes[end];
             bytes = &bytes[end + 1..];
@@ -128,8 +129,12 @@ impl SseParser {
                     Some(_) => {}
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            self.process_line(&line, out)?;
+            // The line's buffer is handed back and reused: no allocation per line.
+            let mut line = std::mem::take(&mut self.line);
+            let processed = self.process_line(&line, out);
+            line.clear();
+            self.line = line;
+            processed?;
         }
         self.extend_line(bytes)?;
         if !self.line.is_empty() {
