@@ -172,16 +172,23 @@ impl Keys {
 
     /// The caller behind an `Authorization` header value.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, Unauthenticated> {
-        if !self.enabled() {
-            return Ok(self.local.clone());
-        }
         // The scheme is case-insensitive (RFC 9110 §11.1), and may be followed by more than one
         // space.
         let key = authorization
             .map(str::trim_start)
             .and_then(|h| h.split_once([' ', '\t']))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim())
+            .map(|(_, key)| key);
+        self.authenticate_key(key)
+    }
+
+    /// The caller behind a bare key (Anthropic's `x-api-key` header value).
+    pub fn authenticate_key(&self, key: Option<&str>) -> Result<Caller, Unauthenticated> {
+        if !self.enabled() {
+            return Ok(self.local.clone());
+        }
+        let key = key
+            .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(Unauthenticated::Missing)?;
         let state = self

@@ -430,22 +430,18 @@ async fn complete_response(
     let mut content = String::new();
     let mut finish_reason = None;
     let mut usage = None;
-    // A gather route's last chunk: every target's outcome and content.
-    let mut gathered = None;
+    // The last chunk: a gather route's lists every target's outcome and content.
+    let mut last = None;
     while let Some(item) = frames.recv().await {
         match item {
             Ok(Frame::Chunk { data, .. }) => {
-                if data.contains("\"sluice_gather\"") {
-                    gathered = serde_json::from_str::<Value>(&data)
-                        .ok()
-                        .and_then(|mut v| v.get_mut("sluice_gather").map(Value::take));
-                }
                 // The relay parsed this chunk before; it cannot fail now.
                 if let Ok(Payload::Chunk(chunk)) = Payload::parse(&data) {
                     content.push_str(&chunk.content);
                     finish_reason = chunk.finish_reason.or(finish_reason);
                     usage = chunk.usage.or(usage);
                 }
+                last = Some(data);
             }
             Ok(Frame::KeepAlive) => {}
             Err(QueueError::Failed(t)) => return Err(ApiError::for_ending(&t.ending, id)),
@@ -468,6 +464,10 @@ async fn complete_response(
         }],
         "usage": usage,
     });
+    let gathered = last
+        .filter(|data| data.contains("\"sluice_gather\""))
+        .and_then(|data| serde_json::from_str::<Value>(&data).ok())
+        .and_then(|mut v| v.get_mut("sluice_gather").map(Value::take));
     if let Some(targets) = gathered {
         body["choices"] = gather_choices(&targets);
         body["sluice_gather"] = targets;

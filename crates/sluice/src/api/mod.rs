@@ -25,7 +25,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -128,19 +128,19 @@ pub fn router(state: AppState) -> Router {
 /// Finds the caller's tenant from `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`);
 /// 401 without a valid key.
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let x_api_key = request
-        .headers()
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(|k| format!("Bearer {k}"));
-    let header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(x_api_key);
+    let caller = {
+        let headers = request.headers();
+        let text = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        match (
+            text(header::AUTHORIZATION),
+            text(HeaderName::from_static("x-api-key")),
+        ) {
+            (None, Some(key)) => state.keys.authenticate_key(Some(key)),
+            (authorization, _) => state.keys.authenticate(authorization),
+        }
+    };
     let anthropic = request.uri().path() == "/v1/messages";
-    match state.keys.authenticate(header.as_deref()) {
+    match caller {
         Ok(caller) => {
             let tenant = TenantName(caller.tenant.clone());
             request.extensions_mut().insert(caller);
