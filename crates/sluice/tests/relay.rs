@@ -507,16 +507,14 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
 
 #[tokio::test(start_paused = true)]
 async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_sent() {
-    let g = gateway("").await;
-    // Break chunk writes behind the server's back: every append batch now fails.
-    let db = rusqlite::Connection::open(
-        g.server
-            .store()
-            .path()
-            .expect("the default store is SQLite"),
-    )
-    .unwrap();
-    db.execute_batch("DROP TABLE chunk_log").unwrap();
+    // A disk that is full for the journal: its first segment is /dev/full, where every write
+    // fails with ENOSPC (the journal opens that segment in place at start).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("data").join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    std::os::unix::fs::symlink("/dev/full", journal.join(format!("{:020}.journal", 0))).unwrap();
+    let (server, url) = restart_on(dir.path().join("data")).await;
+    let g = Gateway { server, url, dir };
     let mut r = Reader::open(
         &g.url,
         &chat_body("sim", true, json!({"tokens": 3}), json!(null)),

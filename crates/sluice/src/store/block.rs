@@ -1,22 +1,22 @@
-//! How chunks are laid out on disk: an arrival-order log, folded into per-stream blocks.
+//! How chunks are laid out on disk: an arrival-order journal, folded into per-stream blocks.
 //!
 //! Why not one row per chunk keyed by (stream, seq)? With many streams running at once, every
 //! commit then touches one B-tree page per stream, scattered over the file, and SQLite rewrites
 //! each whole page into the WAL: at 256 streams that write amplification cost more than half of
 //! the gateway's throughput (see `docs/benchmarks/README.md`). Instead:
 //!
-//! - each chunk is appended to `chunk_log` (rowid order = arrival order, no index), so a commit
-//!   writes a few consecutive pages however many streams it carries. This is what makes a chunk
-//!   durable before anyone sees it.
-//! - the writer keeps each stream's chunks that are in the log but not yet in a block (its
+//! - each chunk is appended to the journal (`store/sqlite/journal`: a file, arrival order, one
+//!   `write` per batch). This is what makes a chunk durable before anyone sees it.
+//! - the writer keeps each stream's chunks that are in the journal but not yet in a block (its
 //!   [`Run`], at most [`BLOCK_CHUNKS`] chunks or [`BLOCK_BYTES`] bytes, so memory per stream stays
 //!   bounded) and, when a run is full or its stream ends, writes it as one `chunk_blocks` row:
 //!   one index entry per block instead of one per chunk.
-//! - the log's head, once every chunk in it is also in a block, is deleted now and then.
+//! - the journal's head, once every chunk in it is also in a committed block, is deleted now and
+//!   then, a segment at a time.
 //!
 //! Readers see a chunk either in a block or in its stream's run (runs are shared with readers and
-//! only hold committed chunks). At open, what the log holds beyond the blocks (a crash) is folded
-//! into blocks.
+//! only hold committed chunks). At open, what the journal holds beyond the blocks (a crash) is
+//! folded into blocks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,11 +26,11 @@ pub(crate) const BLOCK_CHUNKS: usize = 32;
 /// A run this large (chunk JSON and text, in bytes) is written as a block even before it has
 /// [`BLOCK_CHUNKS`] chunks.
 pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
-/// How many log rows are appended between two looks at the log's head.
+/// How many chunks are journaled between two looks at the journal's head.
 pub(crate) const LOG_CHECK_EVERY: i64 = 4096;
-/// A run whose first chunk is this many log rows behind the newest is written as a (short)
-/// block, so one quiet stream cannot keep the log from being trimmed.
-pub(crate) const LOG_SPAN: i64 = 65_536;
+/// A run whose first chunk is this many journal bytes behind the newest is written as a (short)
+/// block, so one quiet stream cannot keep the journal from being trimmed.
+pub(crate) const LOG_SPAN: i64 = 16 * 1024 * 1024;
 
 /// The format version written as a block's first byte.
 const VERSION: u8 = 1;
@@ -54,10 +54,10 @@ impl LoggedChunk {
     }
 }
 
-/// A stream's chunks that are committed in the log but not yet in a block.
+/// A stream's chunks that are committed in the journal but not yet in a block.
 #[derive(Debug, Default)]
 pub(crate) struct Run {
-    /// The log rowid of its first chunk.
+    /// The journal position of its first chunk.
     pub first_log: i64,
     /// The chunks, in order.
     pub chunks: Vec<LoggedChunk>,
@@ -66,10 +66,10 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    /// Adds a chunk logged at `rowid`.
-    pub fn push(&mut self, rowid: i64, chunk: LoggedChunk) {
+    /// Adds a chunk journaled at `position`.
+    pub fn push(&mut self, position: i64, chunk: LoggedChunk) {
         if self.chunks.is_empty() {
-            self.first_log = rowid;
+            self.first_log = position;
         }
         self.bytes += chunk.bytes();
         self.chunks.push(chunk);

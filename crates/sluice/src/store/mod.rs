@@ -9,12 +9,14 @@
 //! writer. Writes on the channel are applied in order: a stream's final status is always written
 //! after every chunk appended before it. `begin`, `finish` and `flush` return once committed;
 //! `append` returns once queued, and the stream's [`Watermark`] reaches the chunk when it is
-//! committed (so a relay never waits for one chunk's commit before reading the next). With WAL
-//! and `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily
-//! a power cut: the WAL is synced at checkpoints, which run on their own thread).
+//! committed (so a relay never waits for one chunk's commit before reading the next).
 //!
-//! Chunks are appended to a log in arrival order and folded into per-stream blocks (see
-//! `store/block.rs` for why).
+//! On SQLite, chunks are made durable by appending them to a checksummed journal file (one
+//! `write` per batch) and reach the database in per-stream blocks (see `store/block.rs` and
+//! `store/sqlite/journal.rs` for why); streams and statuses are SQLite rows. With WAL and
+//! `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily a
+//! power cut: the WAL and the journal are synced at checkpoints, which run on their own thread).
+//! `docs/durability.md` says what survives what, per backend.
 //!
 //! | module | owns |
 //! |---|---|
@@ -43,7 +45,7 @@ mod sqlite;
 mod watermark;
 mod write;
 
-/// The block codec, for the fuzz entry points in [`crate::fuzzing`].
+/// The block and journal codecs, for the fuzz entry points in [`crate::fuzzing`].
 pub(crate) use block::{decode as decode_block, encode as encode_block, LoggedChunk};
 pub use error::StoreError;
 pub use handle::Store;
@@ -52,6 +54,7 @@ pub use records::{
     ChunkRecord, Finish, NewStream, StoredChunk, StreamKey, StreamState, StreamSummary, Timings,
     Transcript, TranscriptHead,
 };
+pub(crate) use sqlite::journal::{decode_all as decode_journal, encode as encode_journal};
 pub use watermark::Watermark;
 
 /// News from another node sharing the store.

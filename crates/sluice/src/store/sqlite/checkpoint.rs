@@ -1,10 +1,12 @@
-//! The checkpoint thread: copies the WAL into the database, and keeps the WAL bounded under
-//! writes that never pause.
+//! The checkpoint thread: copies the WAL into the database (which syncs it to disk), keeps the
+//! WAL bounded under writes that never pause, and syncs the chunk journal to disk.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::Connection;
+
+use super::journal::Unsynced;
 
 /// Sets its flag when dropped.
 pub(super) struct StopOnDrop(pub(super) Arc<std::sync::atomic::AtomicBool>);
@@ -36,7 +38,8 @@ impl Default for Checkpoints {
 /// What a WAL is cut back to (bytes) when it rewinds after a burst.
 pub(super) const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-/// Copies the WAL into the database every `when.every`, until `stop` is set.
+/// Copies the WAL into the database and syncs the `journal` every `when.every`, until `stop`
+/// is set.
 ///
 /// A passive checkpoint waits for no one, so commits never stall behind it. But SQLite only
 /// rewinds the WAL to its start when a write begins after *every* frame has been copied, and a
@@ -51,6 +54,7 @@ pub(super) fn checkpointer(
     when: Checkpoints,
     stop: &std::sync::atomic::AtomicBool,
     gate: &Mutex<()>,
+    journal: &Unsynced,
 ) {
     let checkpoint = |conn: &Connection| {
         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
@@ -67,6 +71,9 @@ pub(super) fn checkpointer(
         match frames {
             Ok(frames) => metrics::gauge!("sluice_store_wal_frames").set(frames as f64),
             Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
+        }
+        if let Err(e) = journal.sync() {
+            tracing::warn!(error = %e, "the journal was not synced to disk");
         }
     }
 }

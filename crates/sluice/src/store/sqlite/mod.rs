@@ -1,9 +1,11 @@
-//! The SQLite backend: one database file in the data directory, in WAL mode.
+//! The SQLite backend: one database file in the data directory, in WAL mode, and the chunk
+//! journal beside it (`journal/`).
 //!
 //! | module | owns |
 //! |---|---|
-//! | `schema` | the tables, and folding what a crash left in the chunk log (or an earlier layout) into blocks |
-//! | `writer` | the group-commit writer: the one write connection, batches, the chunk log and its runs |
+//! | `schema` | the tables, and folding what a crash left in the journal (or an earlier layout) into blocks |
+//! | `journal` | the chunk journal: checksummed records appended to segment files, read back at open |
+//! | `writer` | the group-commit writer: the one write connection, batches, the journal and its runs |
 //! | `read` | reads on their own connection: lists, states, chunk pages, transcripts |
 //! | `checkpoint` | the thread that copies the WAL into the database and keeps it bounded |
 
@@ -21,10 +23,12 @@ use crate::store::StoreError;
 
 use crate::store::write::{Op, WRITE_QUEUE};
 use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
+use journal::Journal;
 use schema::{add_columns, fold_log, SCHEMA};
 use writer::{LogState, Writer, WriterState};
 
 mod checkpoint;
+pub(super) mod journal;
 mod read;
 mod schema;
 #[cfg(test)]
@@ -82,7 +86,14 @@ impl SqliteStore {
         write.busy_timeout(Duration::from_secs(5))?;
         write.execute_batch(SCHEMA)?;
         add_columns(&write)?;
-        fold_log(&mut write)?;
+        let journal_dir = data_dir.join("journal");
+        // The fold is synced to disk before the journal it empties is deleted, so that not even
+        // an OS crash right after can lose both.
+        write.pragma_update(None, "synchronous", "FULL")?;
+        fold_log(&mut write, Journal::recover(&journal_dir)?)?;
+        write.pragma_update(None, "synchronous", "NORMAL")?;
+        // What the journal held is in blocks now (committed): it starts anew.
+        let journal = Journal::start(&journal_dir)?;
         let recovered = write.execute(
             "UPDATE streams SET status = 'interrupted', reason = 'crash',
                  detail = 'the gateway process ended while the stream was running'
@@ -94,11 +105,12 @@ impl SqliteStore {
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpoints = Connection::open(&path)?;
         let stop = closed.clone();
+        let unsynced = journal.unsynced();
         let gate = Arc::new(Mutex::new(()));
         let writer_gate = gate.clone();
         std::thread::Builder::new()
             .name("sluice-store-checkpoint".into())
-            .spawn(move || checkpointer(checkpoints, when, &stop, &gate))
+            .spawn(move || checkpointer(checkpoints, when, &stop, &gate, &unsynced))
             .map_err(|e| StoreError::io("cannot start the checkpoint thread", e))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let runtime = tokio::runtime::Handle::try_current()
@@ -110,7 +122,10 @@ impl SqliteStore {
             state: Mutex::new(WriterState {
                 rx,
                 conn: write,
-                log: LogState::default(),
+                log: LogState {
+                    journal,
+                    appended: 0,
+                },
             }),
             runs: runs.clone(),
             gate: writer_gate,

@@ -1,5 +1,5 @@
 //! The tables, and what opening the database does to what an earlier process left: chunks in
-//! the log (or in the one-row-per-chunk table of earlier versions) are folded into blocks.
+//! the journal (or in the chunk tables of earlier versions) are folded into blocks.
 
 use std::sync::Arc;
 
@@ -26,14 +26,6 @@ CREATE TABLE IF NOT EXISTS streams (
     attempts TEXT
 );
 CREATE INDEX IF NOT EXISTS streams_by_tenant ON streams (tenant, seq);
-CREATE TABLE IF NOT EXISTS chunk_log (
-    id INTEGER PRIMARY KEY,
-    stream_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    offset_us INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    content TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS chunk_blocks (
     id INTEGER PRIMARY KEY,
     stream_id TEXT NOT NULL,
@@ -57,45 +49,72 @@ pub(super) fn add_columns(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Folds what the log holds beyond the blocks (the runs of a process that ended) into blocks,
-/// and empties the log. Also moves chunks from the one-row-per-chunk table of earlier versions.
-pub(super) fn fold_log(conn: &mut Connection) -> Result<(), StoreError> {
+/// Folds what the journal holds beyond the blocks (the runs of a process that ended) into
+/// blocks. Also moves chunks from the tables of earlier versions (`chunks`: one row per chunk;
+/// `chunk_log`: the log the journal replaced) and drops those tables.
+pub(super) fn fold_log(
+    conn: &mut Connection,
+    journal: Vec<(String, LoggedChunk)>,
+) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
-    let old_table: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
-        [],
-        |r| r.get(0),
-    )?;
-    if old_table {
-        fold(
-            &tx,
-            "SELECT stream_id, seq, offset_us, data, content FROM chunks ORDER BY stream_id, seq",
+    for (table, order) in [("chunks", "stream_id, seq"), ("chunk_log", "stream_id, id")] {
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            params![table],
+            |r| r.get(0),
         )?;
-        tx.execute_batch("DROP TABLE chunks")?;
+        if exists {
+            let rows = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT stream_id, seq, offset_us, data, content FROM {table} ORDER BY {order}"
+                ))?;
+                let rows = stmt.query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        LoggedChunk {
+                            seq: row.get::<_, i64>(1)? as u64,
+                            offset_us: row.get(2)?,
+                            data: Arc::from(row.get::<_, String>(3)?),
+                            content: row.get(4)?,
+                        },
+                    ))
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            fold(&tx, rows)?;
+            tx.execute_batch(&format!("DROP TABLE {table}"))?;
+        }
     }
-    fold(
-        &tx,
-        "SELECT stream_id, seq, offset_us, data, content FROM chunk_log ORDER BY stream_id, id",
-    )?;
-    tx.execute("DELETE FROM chunk_log", [])?;
+    let mut journal = journal;
+    // Grouped by stream, each stream's chunks in the order they were written.
+    journal.sort_by(|a, b| a.0.cmp(&b.0));
+    fold(&tx, journal)?;
     tx.commit()?;
     Ok(())
 }
 
-/// Writes the chunks `query` yields (grouped by stream, in order) as blocks, skipping those a
-/// block already holds.
-pub(super) fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare(query)?;
-    let mut rows = stmt.query([])?;
-    // The stream being folded, the last seq its blocks already hold, and its run so far.
+/// Writes `chunks` (grouped by stream, each stream's in order) as blocks, skipping those a block
+/// already holds and those of streams the database does not know (their record was never
+/// committed).
+pub(super) fn fold(
+    tx: &rusqlite::Transaction<'_>,
+    chunks: impl IntoIterator<Item = (String, LoggedChunk)>,
+) -> Result<(), StoreError> {
+    // The stream being folded, whether it is known, the last seq its blocks already hold, and
+    // its run so far.
     let mut current = String::new();
+    let mut known = false;
     let mut blocked = 0u64;
     let mut run = Run::default();
-    while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
+    for (id, chunk) in chunks {
         if id != current {
             write_block(tx, &current, &run.chunks)?;
             run = Run::default();
+            known = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM streams WHERE id = ?1)",
+                params![id],
+                |r| r.get(0),
+            )?;
             blocked = tx.query_row(
                 "SELECT COALESCE(MAX(last_seq), 0) FROM chunk_blocks WHERE stream_id = ?1",
                 params![id],
@@ -103,19 +122,11 @@ pub(super) fn fold(tx: &rusqlite::Transaction<'_>, query: &str) -> Result<(), St
             )? as u64;
             current = id;
         }
-        let seq = row.get::<_, i64>(1)? as u64;
-        if seq <= blocked {
+        if !known || chunk.seq <= blocked {
             continue;
         }
-        run.push(
-            0,
-            LoggedChunk {
-                seq,
-                offset_us: row.get(2)?,
-                data: Arc::from(row.get::<_, String>(3)?),
-                content: row.get(4)?,
-            },
-        );
+        blocked = chunk.seq;
+        run.push(0, chunk);
         if run.is_full() {
             write_block(tx, &current, &run.chunks)?;
             run = Run::default();

@@ -1,4 +1,4 @@
-//! The SQLite store's behaviour: round trips, crash recovery, the writer, the log, the WAL.
+//! The SQLite store's behaviour: round trips, crash recovery, the writer, the journal, the WAL.
 #![allow(
     clippy::disallowed_methods,
     reason = "tests spawn and time out raw futures, as outside callers do"
@@ -99,8 +99,21 @@ async fn a_stream_round_trips_with_its_chunks_in_order() {
 
 /// Appends chunk `seq` of stream `id` (its text is `"{id}.{seq} "`).
 async fn append_chunk(store: &crate::store::Store, id: &Arc<str>, seq: u64, watermark: &Watermark) {
+    append_padded(store, id, seq, watermark, 0).await;
+}
+
+/// [`append_chunk`] with `pad` more bytes of JSON.
+async fn append_padded(
+    store: &crate::store::Store,
+    id: &Arc<str>,
+    seq: u64,
+    watermark: &Watermark,
+    pad: usize,
+) {
     let text = format!("{id}.{seq} ");
-    let data = serde_json::json!({"choices": [{"delta": {"content": text}}]}).to_string();
+    let data =
+        serde_json::json!({"choices": [{"delta": {"content": text}}], "pad": " ".repeat(pad)})
+            .to_string();
     store
         .append(
             id,
@@ -182,9 +195,14 @@ async fn interleaved_streams_read_back_whole_at_every_point() {
     );
 }
 
-/// A process that dies leaves chunks only in the log; opening folds them into blocks.
+/// The chunks in the journal, read back as opening would.
+fn journaled(dir: &std::path::Path) -> Vec<(String, block::LoggedChunk)> {
+    journal::Journal::recover(&dir.join("journal")).expect("recover")
+}
+
+/// A process that dies leaves chunks only in the journal; opening folds them into blocks.
 #[tokio::test]
-async fn chunks_only_in_the_log_survive_a_crash() {
+async fn chunks_only_in_the_journal_survive_a_crash() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let (store, _) = crate::store::Store::open(dir.path()).expect("open");
@@ -196,6 +214,29 @@ async fn chunks_only_in_the_log_survive_a_crash() {
         }
         mark.reached(45).await;
         // Dropped with 13 chunks in a run: like a kill, nothing more is written.
+        assert_eq!(journaled(dir.path()).len(), 45);
+    }
+    // A chunk of a stream whose record never made it (its batch failed) is not folded.
+    {
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut j = journal::Journal::start(other.path()).expect("start");
+        j.stage(
+            "ghost",
+            &block::LoggedChunk {
+                seq: 1,
+                offset_us: 0,
+                data: "{}".into(),
+                content: String::new(),
+            },
+        );
+        j.write().expect("write");
+        std::fs::copy(
+            other.path().join(format!("{:020}.journal", 0)),
+            dir.path()
+                .join("journal")
+                .join(format!("{:020}.journal", 1u64 << 40)),
+        )
+        .expect("copy");
     }
     let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
     assert_eq!(recovered, 1);
@@ -205,11 +246,19 @@ async fn chunks_only_in_the_log_survive_a_crash() {
         (Status::Interrupted, Some(Reason::Crash))
     );
     assert_eq!(t.content, expected_text("a", 45));
+    assert!(
+        journaled(dir.path()).is_empty(),
+        "the journal is emptied once folded"
+    );
     let c = Connection::open(store.path().expect("sqlite")).expect("open db");
-    let logged: i64 = c
-        .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
+    let ghosts: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'ghost'",
+            [],
+            |r| r.get(0),
+        )
         .expect("count");
-    assert_eq!(logged, 0, "the log is emptied once folded");
+    assert_eq!(ghosts, 0);
     // Opening again changes nothing.
     drop(store);
     let (store, _) = crate::store::Store::open(dir.path()).expect("reopen");
@@ -309,7 +358,8 @@ async fn no_write_is_stranded_while_the_writer_starts_and_stops() {
     assert!(done.is_ok(), "a write was left waiting for a writer");
 }
 
-/// Databases of earlier versions kept one row per chunk; opening moves them into blocks.
+/// Databases of earlier versions kept one row per chunk (`chunks`), or chunks in a log table
+/// (`chunk_log`); opening moves them into blocks and drops those tables.
 #[tokio::test]
 async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -323,7 +373,12 @@ async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
                      reason TEXT, detail TEXT, created INTEGER NOT NULL, first_token_us INTEGER,
                      total_us INTEGER, usage TEXT, chunk_count INTEGER NOT NULL DEFAULT 0);
                  INSERT INTO streams (id, tenant, model, request, status, created, chunk_count)
-                     VALUES ('old', 'local', 'sim', '{}', 'completed', 0, 40);",
+                     VALUES ('old', 'local', 'sim', '{}', 'completed', 0, 40);
+                 CREATE TABLE chunk_log (id INTEGER PRIMARY KEY, stream_id TEXT NOT NULL,
+                     seq INTEGER NOT NULL, offset_us INTEGER NOT NULL, data TEXT NOT NULL,
+                     content TEXT NOT NULL);
+                 INSERT INTO streams (id, tenant, model, request, status, created)
+                     VALUES ('logged', 'local', 'sim', '{}', 'streaming', 0);",
             )
             .expect("old schema");
         for seq in (1..=40).rev() {
@@ -333,18 +388,40 @@ async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
             )
             .expect("old chunk");
         }
+        for seq in 1..=5 {
+            c.execute(
+                "INSERT INTO chunk_log (stream_id, seq, offset_us, data, content) VALUES ('logged', ?1, ?1, '{}', ?2)",
+                params![seq, format!("logged.{seq} ")],
+            )
+            .expect("logged chunk");
+        }
     }
     let (store, recovered) = crate::store::Store::open(dir.path()).expect("open");
-    assert_eq!(recovered, 0);
+    assert_eq!(recovered, 1);
     let t = transcript(&store, "old").await;
     assert_eq!(t.status, Status::Completed);
     assert_eq!(t.content, expected_text("old", 40));
+    let t = transcript(&store, "logged").await;
+    assert_eq!(
+        (t.status, t.reason),
+        (Status::Interrupted, Some(Reason::Crash))
+    );
+    assert_eq!(t.content, expected_text("logged", 5));
+    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
+    let tables: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('chunks', 'chunk_log')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(tables, 0);
 }
 
-/// The log is trimmed as runs become blocks, and a quiet stream's run is written as a block
-/// before it can hold the log back for long.
+/// The journal is trimmed as runs become blocks, and a quiet stream's run is written as a block
+/// before it can hold the journal back for long.
 #[tokio::test]
-async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
+async fn the_journal_stays_short_and_a_quiet_stream_does_not_pin_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = crate::store::Store::open(dir.path()).expect("open");
     let quiet: Arc<str> = Arc::from("quiet");
@@ -353,19 +430,26 @@ async fn the_log_stays_short_and_a_quiet_stream_does_not_pin_it() {
     store.begin(new_stream(&quiet)).await.expect("begin");
     store.begin(new_stream(&busy)).await.expect("begin");
     append_chunk(&store, &quiet, 1, &quiet_mark).await;
-    let total = (block::LOG_SPAN + 3 * block::LOG_CHECK_EVERY) as u64;
+    // About 4 KiB per chunk: well past the span and several looks at the journal's head.
+    let pad = 4000;
+    let total = (block::LOG_SPAN as u64 / pad as u64) + 3 * block::LOG_CHECK_EVERY as u64;
     for seq in 1..=total {
-        append_chunk(&store, &busy, seq, &busy_mark).await;
+        append_padded(&store, &busy, seq, &busy_mark, pad).await;
     }
     busy_mark.reached(total).await;
-    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
-    let logged: i64 = c
-        .query_row("SELECT COUNT(*) FROM chunk_log", [], |r| r.get(0))
-        .expect("count");
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("journal"))
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("size").len())
+        .sum();
+    let written = total * (pad as u64 + 100);
+    let bound = block::LOG_SPAN as u64
+        + journal::SEGMENT_BYTES
+        + block::LOG_CHECK_EVERY as u64 * (pad as u64 + 100);
     assert!(
-        logged <= 2 * block::LOG_CHECK_EVERY,
-        "{logged} rows left in the log"
+        on_disk <= bound && on_disk < written / 2,
+        "{on_disk} journal bytes on disk after {written} written"
     );
+    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
     let quiet_blocks: i64 = c
         .query_row(
             "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",

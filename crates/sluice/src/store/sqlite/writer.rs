@@ -1,6 +1,6 @@
 //! The group-commit writer: writes arrive over a bounded channel and are committed in batches by
-//! one blocking job on the one write connection; chunks go to a log and are folded into
-//! per-stream blocks as their runs fill.
+//! one blocking job on the one write connection; chunks go to the journal and are written to the
+//! database in per-stream blocks as their runs fill.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use crate::store::records::now_unix;
 use crate::store::write::{settle, Op, MAX_BATCH};
 use crate::store::StoreError;
 
+use super::journal::Journal;
 use super::lock;
 use super::schema::insert_block;
 
@@ -138,11 +139,13 @@ impl Writer {
     }
 }
 
-/// What the writer remembers about the log between batches.
-#[derive(Debug, Default)]
+/// The journal, and what the writer remembers about it between batches.
+#[derive(Debug)]
 pub(super) struct LogState {
-    /// Rows appended since the log's head was last trimmed.
-    appended: i64,
+    /// Where chunks become durable.
+    pub(super) journal: Journal,
+    /// Chunks appended since the journal's head was last trimmed.
+    pub(super) appended: i64,
 }
 
 /// What a batch does to one stream's run; applied to the shared runs once committed.
@@ -202,10 +205,10 @@ pub(super) fn apply(
     for op in batch {
         match op {
             Op::Begin(s, _) => {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO streams (id, tenant, model, request, status, created) VALUES (?1, ?2, ?3, ?4, 'streaming', ?5)",
-                    params![s.id, s.tenant, s.model, s.request.to_string(), now_unix()],
-                )?;
+                )?
+                .execute(params![s.id, s.tenant, s.model, s.request.to_string(), now_unix()])?;
             }
             Op::Append {
                 id,
@@ -215,20 +218,16 @@ pub(super) fn apply(
                 content,
                 ..
             } => {
-                let offset_us = offset.as_micros() as i64;
-                tx.prepare_cached("INSERT INTO chunk_log (stream_id, seq, offset_us, data, content) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                    .execute(params![&**id, *seq as i64, offset_us, &**data, content])?;
+                let chunk = LoggedChunk {
+                    seq: *seq,
+                    offset_us: offset.as_micros() as i64,
+                    data: data.clone(),
+                    content: content.clone(),
+                };
+                let position = log.journal.stage(id, &chunk);
                 log.appended += 1;
                 let change = changes.entry(id.clone()).or_default();
-                change.staged.push(
-                    tx.last_insert_rowid(),
-                    LoggedChunk {
-                        seq: *seq,
-                        offset_us,
-                        data: data.clone(),
-                        content: content.clone(),
-                    },
-                );
+                change.staged.push(position, chunk);
                 if change.is_full(&lock(runs), id) {
                     change.write(&tx, runs, id)?;
                 }
@@ -239,11 +238,12 @@ pub(super) fn apply(
                     .entry(id.clone())
                     .or_default()
                     .write(&tx, runs, &id)?;
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE streams SET status = ?2, reason = ?3, detail = ?4, first_token_us = ?5, total_us = ?6,
                          usage = ?7, chunk_count = ?8, attempts = ?9
                      WHERE id = ?1 AND status = 'streaming'",
-                    params![
+                )?
+                .execute(params![
                         f.id,
                         f.ending.status().as_str(),
                         f.ending.reason().map(|r| r.as_str()),
@@ -253,18 +253,12 @@ pub(super) fn apply(
                         f.usage.as_ref().map(Value::to_string),
                         f.chunks as i64,
                         f.attempts.as_ref().map(Value::to_string),
-                    ],
-                )?;
+                    ])?;
             }
             Op::Flush(_) => {}
             Op::Expire { before, .. } => {
                 tx.execute(
                     "DELETE FROM chunk_blocks WHERE stream_id IN
-                        (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
-                    params![before],
-                )?;
-                tx.execute(
-                    "DELETE FROM chunk_log WHERE stream_id IN
                         (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
                     params![before],
                 )?;
@@ -280,16 +274,27 @@ pub(super) fn apply(
                 )?;
                 if gone > 0 {
                     tx.execute("DELETE FROM chunk_blocks WHERE stream_id = ?1", params![id])?;
-                    tx.execute("DELETE FROM chunk_log WHERE stream_id = ?1", params![id])?;
                 }
             }
         }
     }
-    if log.appended >= block::LOG_CHECK_EVERY {
-        trim_log(&tx, runs, &mut changes)?;
+    let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
         log.appended = 0;
-    }
+        Some(trim_log(&tx, runs, &mut changes, log.journal.position())?)
+    } else {
+        None
+    };
+    // The chunks are durable before the batch is acked; if they cannot be, the transaction
+    // rolls back and nothing of the batch counts.
+    log.journal.write()?;
     tx.commit()?;
+    if let Some(keep_from) = keep_from {
+        // Every chunk before `keep_from` is in a committed block now. (If the segments cannot
+        // be deleted, the next look tries again; replay would skip their chunks.)
+        if let Err(e) = log.journal.trim(keep_from) {
+            tracing::warn!(error = %e.report(), "journal segments not deleted");
+        }
+    }
     let mut runs = lock(runs);
     for (id, change) in changes {
         if change.written {
@@ -302,16 +307,14 @@ pub(super) fn apply(
     Ok(())
 }
 
-/// Writes runs that started too far back in the log as blocks, then deletes the log rows that
-/// no run needs any more.
+/// Writes runs that started too far back in the journal (`newest` being its end) as blocks,
+/// and returns the position before which the journal holds nothing a run needs.
 pub(super) fn trim_log(
     tx: &Connection,
     runs: &Mutex<Runs>,
     changes: &mut HashMap<Arc<str>, RunChange>,
-) -> Result<(), StoreError> {
-    let newest: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM chunk_log", [], |r| {
-        r.get(0)
-    })?;
+    newest: i64,
+) -> Result<i64, StoreError> {
     let old: Vec<Arc<str>> = lock(runs)
         .iter()
         .filter(|(id, run)| {
@@ -335,11 +338,9 @@ pub(super) fn trim_log(
         .filter(|c| !c.staged.chunks.is_empty())
         .map(|c| c.staged.first_log)
         .min();
-    let keep_from = [still_shared, staged]
+    Ok([still_shared, staged]
         .into_iter()
         .flatten()
         .min()
-        .unwrap_or(newest + 1);
-    tx.execute("DELETE FROM chunk_log WHERE id < ?1", params![keep_from])?;
-    Ok(())
+        .unwrap_or(newest))
 }

@@ -1,0 +1,428 @@
+//! The chunk journal: where a chunk becomes durable before anyone sees it.
+//!
+//! Each batch's chunks are appended to a file in the data directory (`journal/`) with one
+//! `write`, each as a checksummed record; SQLite then only receives chunks in blocks (see
+//! [`block`](crate::store::block)). Why not a row per chunk in SQLite, as before? A row costs a
+//! B-tree insert, and each commit rewrites whole 4 KiB pages into the WAL and, at the next
+//! checkpoint, into the database: a chunk's bytes were written four times (log row in the WAL
+//! and in the database, block in the WAL and in the database) and the SQLite work was about 40%
+//! of the gateway's CPU on long streams. A journal record costs a copy into the batch's buffer.
+//!
+//! Durability is the same as SQLite's WAL with `synchronous = NORMAL`, which is what the store
+//! used: a `write` that returned is in the page cache, so it survives the process (a crash, a
+//! kill), not the machine. Like the WAL, the journal is synced to disk by the checkpoint thread
+//! (every 500 ms), not per batch: an OS crash or power loss can lose the last moments (a
+//! checksum finds a torn record and replay stops there). At open, [`Journal::open`] reads every record
+//! back; the store folds those no block holds into blocks, then starts an empty journal.
+//!
+//! The journal is a series of segment files named by their first byte's position; a position is
+//! a record's place in the whole series. Once no run needs a segment's chunks (they are all in
+//! committed blocks), the segment is deleted.
+//!
+//! A record: payload length (u32), CRC-32 of the payload (u32), then the payload: the stream id
+//! (u16 length and bytes), seq (u64), offset in µs (i64), the chunk JSON and its text (each a u32
+//! length and bytes), all little-endian.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::store::block::LoggedChunk;
+use crate::store::StoreError;
+
+/// A segment is closed and a new one begun past this many bytes.
+pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest record replay accepts (a chunk is bounded far below this by the upstream's
+/// `max_event_bytes`); a larger length means a damaged record.
+const MAX_RECORD: u32 = 64 * 1024 * 1024;
+const HEADER: usize = 8;
+
+/// A chunk read back from the journal, with its stream's id.
+pub(crate) type Recorded = (String, LoggedChunk);
+
+/// The segments written to since they were last synced to disk (the current one last), for the
+/// thread that syncs them; see [`Journal::unsynced`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Unsynced(Arc<Mutex<Vec<File>>>);
+
+impl Unsynced {
+    fn push(&self, file: &File) -> Result<(), StoreError> {
+        let file = file
+            .try_clone()
+            .map_err(|e| StoreError::io("cannot share a journal segment", e))?;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(file);
+        Ok(())
+    }
+
+    /// Syncs every segment written to (their data, to disk), keeping the current one for next
+    /// time.
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        let files = {
+            let mut files = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let keep = files.len().saturating_sub(1);
+            let older: Vec<File> = files.drain(..keep).collect();
+            let current = files.last().map(File::try_clone).transpose()?;
+            older.into_iter().chain(current).collect::<Vec<_>>()
+        };
+        files.iter().try_for_each(File::sync_data)
+    }
+}
+
+/// The open journal: the segment being written and the older ones still needed.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    dir: PathBuf,
+    /// The segment being appended to, and its first position.
+    file: File,
+    start: u64,
+    /// Bytes in the current segment.
+    len: u64,
+    /// First positions of older segments still on disk, oldest first.
+    older: VecDeque<u64>,
+    /// Records staged for the next [`write`](Self::write).
+    buf: Vec<u8>,
+    /// For the thread that syncs the segments.
+    unsynced: Unsynced,
+}
+
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("{start:020}.journal"))
+}
+
+/// The first positions of the segments in `dir`, in order.
+fn segments(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| StoreError::io("cannot list the journal", e))?;
+    let mut starts = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("cannot list the journal", e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(start) = name
+            .strip_suffix(".journal")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            starts.push(start);
+        }
+    }
+    starts.sort_unstable();
+    Ok(starts)
+}
+
+impl Journal {
+    /// Reads back what the journal in `dir` holds, in order (nothing if there is none). A
+    /// record that is cut short or fails its checksum ends what is read of its segment (a write
+    /// torn by an OS crash). Nothing is changed on disk: once what it held is safely elsewhere,
+    /// [`start`](Self::start) begins anew.
+    pub(crate) fn recover(dir: &Path) -> Result<Vec<Recorded>, StoreError> {
+        let mut recorded = Vec::new();
+        if !dir.exists() {
+            return Ok(recorded);
+        }
+        for start in segments(dir)? {
+            let mut bytes = Vec::new();
+            // Only what the file held when looked at (no more, whatever it is).
+            File::open(segment_path(dir, start))
+                .and_then(|f| {
+                    let len = f.metadata()?.len();
+                    f.take(len).read_to_end(&mut bytes)
+                })
+                .map_err(|e| StoreError::io("cannot read the journal", e))?;
+            let (records, whole) = decode_all(&bytes);
+            if !whole {
+                tracing::warn!(
+                    segment = start,
+                    kept = records.len(),
+                    "a journal segment ends in a damaged record (a write torn by a crash); its replay stops there"
+                );
+            }
+            recorded.extend(records);
+        }
+        Ok(recorded)
+    }
+
+    /// Empties the journal in `dir` (deleting its segments; the first is emptied in place) and
+    /// starts anew there.
+    pub(crate) fn start(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::data_dir(dir.to_path_buf(), e))?;
+        for start in segments(dir)?.into_iter().filter(|&s| s > 0) {
+            std::fs::remove_file(segment_path(dir, start))
+                .map_err(|e| StoreError::io("cannot delete a journal segment", e))?;
+        }
+        let file = create_segment(dir, 0)?;
+        let unsynced = Unsynced::default();
+        unsynced.push(&file)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            file,
+            start: 0,
+            len: 0,
+            older: VecDeque::new(),
+            buf: Vec::new(),
+            unsynced,
+        })
+    }
+
+    /// The segments to sync, shared with the thread that syncs them.
+    pub(crate) fn unsynced(&self) -> Unsynced {
+        self.unsynced.clone()
+    }
+
+    /// Stages one chunk of stream `id` for the next [`write`](Self::write); returns its
+    /// position.
+    pub(crate) fn stage(&mut self, id: &str, chunk: &LoggedChunk) -> i64 {
+        let position = self.position();
+        encode(&mut self.buf, id, chunk);
+        position
+    }
+
+    /// The position the next staged record gets.
+    pub(crate) fn position(&self) -> i64 {
+        (self.start + self.len + self.buf.len() as u64) as i64
+    }
+
+    /// Appends the staged records with one `write`. When it returns `Ok`, they survive the
+    /// process. On an error none of them count: what part of them reached the file is cut off
+    /// again (or, if that fails too, the segment is closed and a new one begun), so a later
+    /// record is never behind a torn one.
+    pub(crate) fn write(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = self.file.write_all(&self.buf);
+        let staged = self.buf.len() as u64;
+        self.buf.clear();
+        // A burst's buffer is not kept for good.
+        self.buf.shrink_to(1024 * 1024);
+        if let Err(e) = written {
+            let cut = self.file.set_len(self.len);
+            let back = cut.and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
+            if back.is_err() {
+                // Past whatever part of them got in: the next segment's name is new.
+                self.rotate(self.start + self.len + staged)?;
+            }
+            return Err(StoreError::io("cannot append to the journal", e));
+        }
+        self.len += staged;
+        if self.len >= SEGMENT_BYTES {
+            self.rotate(self.start + self.len)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the current segment and begins the next at position `next`.
+    fn rotate(&mut self, next: u64) -> Result<(), StoreError> {
+        let file = create_segment(&self.dir, next)?;
+        self.unsynced.push(&file)?;
+        self.file = file;
+        self.older.push_back(self.start);
+        self.start = next;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Deletes the older segments that hold nothing at or after position `keep_from`.
+    pub(crate) fn trim(&mut self, keep_from: i64) -> Result<(), StoreError> {
+        while let Some(&first) = self.older.front() {
+            let end = self.older.get(1).copied().unwrap_or(self.start);
+            if end as i64 > keep_from {
+                break;
+            }
+            std::fs::remove_file(segment_path(&self.dir, first))
+                .map_err(|e| StoreError::io("cannot delete a journal segment", e))?;
+            self.older.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Bytes in the segments on disk.
+    #[cfg(test)]
+    pub(crate) fn bytes_on_disk(&self) -> u64 {
+        self.start + self.len - self.older.front().copied().unwrap_or(self.start)
+    }
+}
+
+/// Appends one record: chunk `chunk` of stream `id`.
+pub(crate) fn encode(buf: &mut Vec<u8>, id: &str, chunk: &LoggedChunk) {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; HEADER]);
+    // A stream id is ours (a UUID-like string), far below u16::MAX bytes.
+    let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
+    buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    buf.extend_from_slice(id);
+    buf.extend_from_slice(&chunk.seq.to_le_bytes());
+    buf.extend_from_slice(&chunk.offset_us.to_le_bytes());
+    for text in [chunk.data.as_bytes(), chunk.content.as_bytes()] {
+        buf.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        buf.extend_from_slice(text);
+    }
+    let payload = &buf[at + HEADER..];
+    let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
+    buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    buf[at + 4..at + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn create_segment(dir: &Path, start: u64) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(segment_path(dir, start))
+        .map_err(|e| StoreError::io("cannot create a journal segment", e))
+}
+
+/// The records of one segment, and whether it ended cleanly (no damaged record at its end).
+pub(crate) fn decode_all(mut bytes: &[u8]) -> (Vec<Recorded>, bool) {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let Some(record) = decode_one(&mut bytes) else {
+            return (out, false);
+        };
+        out.push(record);
+    }
+    (out, true)
+}
+
+fn decode_one(bytes: &mut &[u8]) -> Option<Recorded> {
+    let len = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let mut payload = take(bytes, len as usize)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let id_len = u16::from_le_bytes(take(&mut payload, 2)?.try_into().ok()?);
+    let id = std::str::from_utf8(take(&mut payload, usize::from(id_len))?).ok()?;
+    let seq = u64::from_le_bytes(take(&mut payload, 8)?.try_into().ok()?);
+    let offset_us = i64::from_le_bytes(take(&mut payload, 8)?.try_into().ok()?);
+    let data = text(&mut payload)?;
+    let content = text(&mut payload)?;
+    payload.is_empty().then(|| {
+        (
+            id.to_string(),
+            LoggedChunk {
+                seq,
+                offset_us,
+                data: Arc::from(data),
+                content: content.to_string(),
+            },
+        )
+    })
+}
+
+fn text<'a>(bytes: &mut &'a [u8]) -> Option<&'a str> {
+    let len = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
+    std::str::from_utf8(take(bytes, len as usize)?).ok()
+}
+
+fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if bytes.len() < n {
+        return None;
+    }
+    let (head, tail) = bytes.split_at(n);
+    *bytes = tail;
+    Some(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(seq: u64, data: &str) -> LoggedChunk {
+        LoggedChunk {
+            seq,
+            offset_us: seq as i64 * 10,
+            data: data.into(),
+            content: format!("{seq} "),
+        }
+    }
+
+    fn seqs(recorded: &[Recorded]) -> Vec<(String, u64)> {
+        recorded.iter().map(|(id, c)| (id.clone(), c.seq)).collect()
+    }
+
+    #[test]
+    fn records_come_back_in_order_and_a_torn_tail_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::start(dir.path()).expect("start");
+        assert_eq!(j.stage("a", &chunk(1, "{\"x\":\"é\"}")), 0);
+        let second = j.stage("b", &chunk(1, "{}"));
+        assert!(second > 0);
+        j.write().expect("write");
+        j.stage("a", &chunk(2, "{}"));
+        j.write().expect("write");
+        drop(j);
+        let back = Journal::recover(dir.path()).expect("recover");
+        assert_eq!(
+            seqs(&back),
+            [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]
+        );
+        assert_eq!(back[0].1.data.as_ref(), "{\"x\":\"é\"}");
+        assert_eq!(back[0].1.content, "1 ");
+        assert_eq!(back[0].1.offset_us, 10);
+
+        // A torn last record, and a flipped byte: replay keeps what comes before either.
+        let path = segment_path(dir.path(), 0);
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).expect("cut");
+        assert_eq!(
+            seqs(&Journal::recover(dir.path()).expect("recover")).len(),
+            2
+        );
+        let mut flipped = bytes.clone();
+        flipped[second as usize + HEADER + 4] ^= 1;
+        std::fs::write(&path, &flipped).expect("flip");
+        assert_eq!(
+            seqs(&Journal::recover(dir.path()).expect("recover")),
+            [("a".into(), 1)]
+        );
+        // Garbage claiming a huge length is not believed (nor allocated).
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 12]);
+        std::fs::write(&path, &huge).expect("huge");
+        assert!(Journal::recover(dir.path()).expect("recover").is_empty());
+
+        // Starting anew forgets it all.
+        drop(Journal::start(dir.path()).expect("start"));
+        assert!(Journal::recover(dir.path()).expect("recover").is_empty());
+    }
+
+    #[test]
+    fn segments_rotate_and_are_trimmed_once_nothing_in_them_is_needed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::start(dir.path()).expect("start");
+        let big = "x".repeat(1024 * 1024);
+        let mut positions = Vec::new();
+        for seq in 1..=9 {
+            positions.push(j.stage("s", &chunk(seq, &big)));
+            j.write().expect("write");
+        }
+        // About 1 MiB each, 4 MiB segments: the 9 records fill two segments and start a third.
+        assert_eq!(segments(dir.path()).expect("list").len(), 3);
+        // Each segment is synced once more after it was written to; the current one stays listed.
+        let unsynced = j.unsynced();
+        let listed = || unsynced.0.lock().expect("lock").len();
+        assert_eq!(listed(), 3);
+        unsynced.sync().expect("sync");
+        assert_eq!(listed(), 1);
+        let before = j.bytes_on_disk();
+        // Keeping record 4 keeps the first segment; keeping record 5 frees it.
+        j.trim(positions[3]).expect("trim");
+        assert_eq!(segments(dir.path()).expect("list").len(), 3);
+        j.trim(positions[4]).expect("trim");
+        assert_eq!(segments(dir.path()).expect("list").len(), 2);
+        assert!(j.bytes_on_disk() < before);
+        let back = Journal::recover(dir.path()).expect("recover");
+        assert_eq!(
+            back.iter().map(|(_, c)| c.seq).collect::<Vec<_>>(),
+            (5..=9).collect::<Vec<_>>()
+        );
+    }
+}
