@@ -12,8 +12,9 @@
 //! used: a `write` that returned is in the page cache, so it survives the process (a crash, a
 //! kill), not the machine. Like the WAL, the journal is synced to disk by the checkpoint thread
 //! (every 500 ms), not per batch: an OS crash or power loss can lose the last moments (a
-//! checksum finds a torn record and replay stops there). At open, [`Journal::open`] reads every record
-//! back; the store folds those no block holds into blocks, then starts an empty journal.
+//! checksum finds a torn record and replay stops there). At open, [`Journal::recover`] reads
+//! every record back; the store folds those no block holds into blocks, then starts an empty
+//! journal.
 //!
 //! The journal is a series of segment files named by their first byte's position; a position is
 //! a record's place in the whole series. Once no run needs a segment's chunks (they are all in
