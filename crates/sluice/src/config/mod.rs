@@ -301,7 +301,13 @@ impl Config {
                     };
                     let headers: Vec<(String, String)> = m.headers.into_iter().collect();
                     let client = OpenAi::new(&base_url, api_key, &headers, upstream_limits)
-                        .map_err(|e| invalid(&key("headers"), e.to_string()))?;
+                        .map_err(|e| {
+                            let field = match e {
+                                crate::upstream::openai::OpenAiConfigError::Url(_) => "base_url",
+                                _ => "headers",
+                            };
+                            invalid(&key(field), e.to_string())
+                        })?;
                     Upstream::OpenAi(if m.kind == Kind::Anthropic {
                         client.anthropic()
                     } else {

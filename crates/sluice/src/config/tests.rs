@@ -93,6 +93,10 @@ fn errors_name_the_file_the_key_and_the_reason() {
         ),
         ("[[models]]\nname = \"a\"\nkind = \"grpc\"\n", &["models[0].kind"]),
         (
+            "[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://[::1\"\n",
+            &["key `models[0].base_url`", "not a valid URL"],
+        ),
+        (
             "[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key_env = \"SLUICE_TEST_SURELY_UNSET\"\n",
             &["SLUICE_TEST_SURELY_UNSET is not set"],
         ),

@@ -50,7 +50,7 @@ pub enum Payload {
 #[derive(serde::Deserialize)]
 struct WireChunk<'a> {
     #[serde(default, borrow)]
-    choices: Vec<WireChoice<'a>>,
+    choices: FirstChoice<'a>,
     #[serde(default, borrow)]
     usage: Option<&'a serde_json::value::RawValue>,
     #[serde(default, borrow)]
@@ -71,46 +71,104 @@ struct WireDelta<'a> {
     content: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// The first of `choices` (sluice relays the others as they are, and reads only the first):
+/// the rest are skipped without a vector to hold them.
+#[derive(Default)]
+struct FirstChoice<'a>(Option<WireChoice<'a>>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct First<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for First<'a> {
+            type Value = FirstChoice<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<WireChoice<'a>>()?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first))
+            }
+        }
+        d.deserialize_seq(First(std::marker::PhantomData))
+    }
+}
+
 impl Payload {
     /// Interprets one event's data: `[DONE]`, a chunk, an error object, or garbage.
     pub fn parse(data: &str) -> Result<Self, UpstreamError> {
-        if data.trim() == "[DONE]" {
-            return Ok(Payload::Done);
-        }
-        let wire: WireChunk<'_> = serde_json::from_str(data).map_err(|e| {
-            UpstreamError::Protocol(if data.trim_start().starts_with('{') {
-                format!("a chunk is not JSON: {e}")
-            } else {
-                "a chunk is not a JSON object".to_string()
-            })
-        })?;
-        let raw = |v: &serde_json::value::RawValue| {
-            serde_json::from_str::<Value>(v.get()).unwrap_or(Value::Null)
-        };
-        if let Some(error) = wire.error {
-            return Err(UpstreamError::ErrorEvent {
-                message: error_message(&raw(error)),
-            });
-        }
-        let choice = wire.choices.into_iter().next();
-        let (content, finish_reason) = match choice {
-            Some(c) => (
-                c.delta
-                    .and_then(|d| d.content)
-                    .map(|c| c.into_owned())
-                    .unwrap_or_default(),
-                c.finish_reason.map(|f| f.into_owned()),
-            ),
-            None => (String::new(), None),
-        };
-        let usage = wire.usage.map(raw).filter(|u| !u.is_null());
-        Ok(Payload::Chunk(Chunk {
-            data: data.to_string(),
-            content,
-            finish_reason,
-            usage,
-        }))
+        Ok(match read(data)? {
+            None => Payload::Done,
+            Some(fields) => Payload::Chunk(fields.chunk(data.to_string())),
+        })
     }
+
+    /// [`parse`](Self::parse), keeping `data` as the chunk's JSON instead of copying it.
+    pub fn parse_owned(data: String) -> Result<Self, UpstreamError> {
+        Ok(match read(&data)? {
+            None => Payload::Done,
+            Some(fields) => Payload::Chunk(fields.chunk(data)),
+        })
+    }
+}
+
+/// What sluice reads from a chunk besides its JSON.
+struct Fields {
+    content: String,
+    finish_reason: Option<String>,
+    usage: Option<Value>,
+}
+
+impl Fields {
+    fn chunk(self, data: String) -> Chunk {
+        Chunk {
+            data,
+            content: self.content,
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        }
+    }
+}
+
+/// The fields of one event's data (`None`: `[DONE]`).
+fn read(data: &str) -> Result<Option<Fields>, UpstreamError> {
+    if data.trim() == "[DONE]" {
+        return Ok(None);
+    }
+    let wire: WireChunk<'_> = serde_json::from_str(data).map_err(|e| {
+        UpstreamError::Protocol(if data.trim_start().starts_with('{') {
+            format!("a chunk is not JSON: {e}")
+        } else {
+            "a chunk is not a JSON object".to_string()
+        })
+    })?;
+    let raw = |v: &serde_json::value::RawValue| {
+        serde_json::from_str::<Value>(v.get()).unwrap_or(Value::Null)
+    };
+    if let Some(error) = wire.error {
+        return Err(UpstreamError::ErrorEvent {
+            message: error_message(&raw(error)),
+        });
+    }
+    let (content, finish_reason) = match wire.choices.0 {
+        Some(c) => (
+            c.delta
+                .and_then(|d| d.content)
+                .map(|c| c.into_owned())
+                .unwrap_or_default(),
+            c.finish_reason.map(|f| f.into_owned()),
+        ),
+        None => (String::new(), None),
+    };
+    let usage = wire.usage.map(raw).filter(|u| !u.is_null());
+    Ok(Some(Fields {
+        content,
+        finish_reason,
+        usage,
+    }))
 }
 
 /// The message of an OpenAI-style error object (`{"message": ...}`) or of any other JSON.

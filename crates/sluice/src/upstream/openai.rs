@@ -28,7 +28,8 @@ use crate::redact::truncate;
 #[derive(Clone)]
 pub struct OpenAi {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: reqwest would parse a string on every request.
+    url: reqwest::Url,
     api_key: Option<String>,
     headers: HeaderMap,
     limits: UpstreamLimits,
@@ -63,6 +64,9 @@ pub enum OpenAiConfigError {
     /// The HTTP client could not be built.
     #[error("the HTTP client could not be built: {0}")]
     Client(String),
+    /// The base URL is not a URL.
+    #[error("{0:?} is not a valid URL")]
+    Url(String),
 }
 
 impl OpenAi {
@@ -87,9 +91,10 @@ impl OpenAi {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| OpenAiConfigError::Client(e.to_string()))?;
+        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
         Ok(Self {
             client,
-            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            url: reqwest::Url::parse(&url).map_err(|_| OpenAiConfigError::Url(base_url.into()))?,
             api_key,
             headers,
             limits,
@@ -99,8 +104,9 @@ impl OpenAi {
 
     /// The same upstream speaking Anthropic's Messages API at `{base_url}/messages`.
     pub fn anthropic(mut self) -> Self {
-        if let Some(base) = self.url.strip_suffix("/chat/completions") {
-            self.url = format!("{base}/messages");
+        if let Some(base) = self.url.path().strip_suffix("/chat/completions") {
+            let path = format!("{base}/messages");
+            self.url.set_path(&path);
         }
         self.headers.insert(
             "anthropic-version",
@@ -125,7 +131,7 @@ impl OpenAi {
             } else {
                 serde_json::Value::Object(request.body)
             };
-            let mut post = this.client.post(&this.url).headers(this.headers.clone()).json(&body);
+            let mut post = this.client.post(this.url.clone()).headers(this.headers.clone()).json(&body);
             drop(body);
             match (&this.api_key, anthropic) {
                 (Some(key), false) => post = post.bearer_auth(key),
@@ -189,7 +195,7 @@ impl OpenAi {
                             let step = if anthropic {
                                 translator.event(&event.data)
                             } else {
-                                Payload::parse(&event.data).map(|p| match p {
+                                Payload::parse_owned(event.data).map(|p| match p {
                                     Payload::Chunk(chunk) => Step::Chunk(chunk),
                                     Payload::Done => Step::Done,
                                 })
