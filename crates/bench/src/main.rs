@@ -34,6 +34,7 @@ mod measure;
 mod memory;
 mod report;
 mod short;
+mod tail;
 
 use measure::{
     chunk_latency, client, close_delay, idle_streams, throughput, ttft, Target, TargetResult,
@@ -91,6 +92,10 @@ struct Args {
     /// behind a hedge route), and write `hedge.md` and `hedge.json` to `--out`.
     #[arg(long)]
     only_hedge: bool,
+    /// Run only the tail-latency measurement (per-chunk delay at 256 streams, quiet and with
+    /// another process loading a core), and write `tail.md` and `tail.json` to `--out`.
+    #[arg(long)]
+    only_tail: bool,
     /// A PostgreSQL (best a fresh schema:
     /// `postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dbench`): adds the target
     /// "sluice on PostgreSQL" and the two-node figures (cross-node follow and cancel).
@@ -327,6 +332,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
         return write_report(&args, "short", &s, short::markdown);
+    }
+    if args.only_tail {
+        let bare_target = Target {
+            id: "sluice_no_transcripts",
+            name: "sluice, record_chunks = false".into(),
+            base: bare.base.clone(),
+            ..sluice_target.clone()
+        };
+        let t = tail::run(&direct(&mock), &sluice_target, &bare_target).await?;
+        return write_report(&args, "tail", &t, tail::markdown);
     }
     if args.only_hedge {
         drop((sluice, bare));
