@@ -47,12 +47,20 @@ pub(crate) fn stream_id_of(response: &reqwest::Response) -> anyhow::Result<Strin
         .to_string())
 }
 
+/// The `q` quantile of `sorted` (nearest rank; 0 if empty).
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n as f64 - 1.0) * q).round() as usize],
+    }
+}
+
 pub(crate) fn dist(mut us: Vec<f64>) -> Dist {
     if us.is_empty() {
         return Dist::default();
     }
     us.sort_by(f64::total_cmp);
-    let at = |q: f64| us[((us.len() as f64 - 1.0) * q).round() as usize];
+    let at = |q: f64| quantile(&us, q);
     Dist {
         n: us.len(),
         p50_us: at(0.50),

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use sluice::mock_upstream::clock_ns;
 
-use crate::measure::{stream, Target};
+use crate::measure::{quantile, stream, Target};
 use crate::report::header;
 
 /// Streams at once.
@@ -37,17 +37,13 @@ pub struct Tail {
 }
 
 fn tail(mut us: Vec<f64>) -> Tail {
-    if us.is_empty() {
-        return Tail::default();
-    }
     us.sort_by(f64::total_cmp);
-    let at = |q: f64| us[((us.len() as f64 - 1.0) * q).round() as usize];
     Tail {
         n: us.len(),
-        p50_us: at(0.5),
-        p99_us: at(0.99),
-        p999_us: at(0.999),
-        max_us: us[us.len() - 1],
+        p50_us: quantile(&us, 0.5),
+        p99_us: quantile(&us, 0.99),
+        p999_us: quantile(&us, 0.999),
+        max_us: quantile(&us, 1.0),
     }
 }
 
@@ -190,4 +186,21 @@ pub fn markdown(raw: &serde_json::Value, r: &TailRuns) -> String {
             &r.direct_loaded
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_over_the_sorted_sample() {
+        let t = tail((1..=1000).rev().map(f64::from).collect());
+        assert_eq!(t.n, 1000);
+        assert_eq!(
+            (t.p50_us, t.p99_us, t.p999_us, t.max_us),
+            (501.0, 990.0, 999.0, 1000.0)
+        );
+        let empty = tail(Vec::new());
+        assert_eq!((empty.n, empty.p99_us), (0, 0.0));
+    }
 }
