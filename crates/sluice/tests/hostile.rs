@@ -183,6 +183,42 @@ async fn a_success_that_is_not_an_event_stream_is_a_protocol_error() {
     }
 }
 
+/// A redirect is the upstream's answer: the request (with its key) is not sent on to wherever it
+/// points.
+#[tokio::test]
+async fn an_upstream_redirect_is_an_error_and_is_not_followed() {
+    let elsewhere = raw_upstream(Arc::new(|_| {
+        (
+            sse_head(),
+            Box::new(vec![chunk_event("followed"), b"data: [DONE]\n\n".to_vec()].into_iter()),
+        )
+    }))
+    .await;
+    let target = format!("{}/chat/completions", elsewhere.base_url);
+    let up = raw_upstream(Arc::new(move |_| {
+        (
+            format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: {target}\r\ncontent-length: 0\r\n\r\n"),
+            Box::new(std::iter::empty()),
+        )
+    }))
+    .await;
+    let g = gateway(&up_model(&up, "")).await;
+    let (mut r, t) = run_stream(&g.url, &chat_body("up", true, json!(null), json!(null))).await;
+    assert_eq!(r.status, 502);
+    let e = r.error_body().await;
+    assert_eq!(e["error"]["code"], "upstream_error", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("307"),
+        "{e}"
+    );
+    assert_eq!(ending(&t), ("failed".into(), Some("upstream_error".into())));
+    assert_eq!(
+        elsewhere.sent.load(Ordering::Relaxed),
+        0,
+        "the redirect was followed"
+    );
+}
+
 #[tokio::test]
 async fn upstream_keys_echoed_back_never_reach_clients_or_transcripts() {
     let secret = "sk-hostile-test-0123456789abcdef";

@@ -89,6 +89,11 @@ impl OpenAi {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
+            // A redirect is the upstream's answer, not an address to follow with the request
+            // (and its key) somewhere else. Retries are sluice's to decide (routes), and with
+            // none here the client does not copy every request in case it retries.
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .build()
             .map_err(|e| OpenAiConfigError::Client(e.to_string()))?;
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
