@@ -148,6 +148,17 @@ pub(crate) async fn ttft(t: &Target, n: usize) -> anyhow::Result<Dist> {
     Ok(dist(samples))
 }
 
+/// How long ago (µs) the mock upstream stamped the chunk `data` as it wrote it (its
+/// `"x_sent_ns"`), if it carries a stamp.
+pub(crate) fn delay_us(data: &str) -> Option<f64> {
+    let now = clock_ns();
+    let sent = data
+        .split("\"x_sent_ns\":")
+        .nth(1)
+        .and_then(|r| r.trim_end_matches('}').parse::<u64>().ok())?;
+    Some(now.saturating_sub(sent) as f64 / 1000.0)
+}
+
 /// From the upstream writing a chunk to the client reading it.
 pub(crate) async fn chunk_latency(
     t: &Target,
@@ -163,13 +174,8 @@ pub(crate) async fn chunk_latency(
             t,
             json!({"tokens": tokens, "first_token_ms": 0, "token_interval_ms": 1}),
             |data| {
-                let now = clock_ns();
-                if let Some(sent) = data
-                    .split("\"x_sent_ns\":")
-                    .nth(1)
-                    .and_then(|r| r.trim_end_matches('}').parse::<u64>().ok())
-                {
-                    samples.push(now.saturating_sub(sent) as f64 / 1000.0);
+                if let Some(us) = delay_us(data) {
+                    samples.push(us);
                 }
             },
         )

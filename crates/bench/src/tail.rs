@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Serialize;
 use serde_json::json;
 
-use sluice::mock_upstream::clock_ns;
-
-use crate::measure::{quantile, stream, Target};
+use crate::measure::{delay_us, quantile, stream, Target};
 use crate::report::header;
 
 /// Streams at once.
@@ -79,18 +77,9 @@ async fn run_one(t: &Target) -> (Tail, usize) {
             let mut mine = Vec::with_capacity(TOKENS as usize);
             let sim =
                 json!({"tokens": TOKENS, "first_token_ms": 0, "token_interval_ms": INTERVAL_MS});
-            let ok = stream(&t, sim, |data| {
-                let now = clock_ns();
-                if let Some(sent) = data
-                    .split("\"x_sent_ns\":")
-                    .nth(1)
-                    .and_then(|r| r.trim_end_matches('}').parse::<u64>().ok())
-                {
-                    mine.push(now.saturating_sub(sent) as f64 / 1000.0);
-                }
-            })
-            .await
-            .is_ok();
+            let ok = stream(&t, sim, |data| mine.extend(delay_us(data)))
+                .await
+                .is_ok();
             samples
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -193,14 +193,7 @@ async fn a_response_replays_the_same_after_a_restart() {
             .collect::<Vec<_>>()
     };
     assert_eq!(kinds(&before), kinds(&after));
-    let again: Value = client()
-        .get(format!("{url}/v1/responses/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = get_json(&format!("{url}/v1/responses/{id}")).await;
     assert_eq!(again["output"], created["output"]);
     assert_eq!(again["status"], "completed");
     server.shutdown().await.unwrap();

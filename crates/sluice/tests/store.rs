@@ -583,14 +583,7 @@ async fn a_response_runs_on_one_node_and_is_followed_and_cancelled_on_another() 
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(first_id > 20, "{first_id}");
-    let cancelled: serde_json::Value = common::client()
-        .post(format!("{}/v1/responses/{id}/cancel", b.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled = common::post_json(&format!("{}/v1/responses/{id}/cancel", b.url)).await;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     let rest = common::within("the end of the follow through B", async {
         let mut rest = String::new();

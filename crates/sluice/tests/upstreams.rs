@@ -249,15 +249,11 @@ async fn mock_upstream_reports_its_counters() {
         stats,
         json!({"requests_started": 0, "requests_completed": 0, "requests_disconnected": 0})
     );
-    let direct: Value = client()
-        .post(format!("{}/chat/completions", m.base_url()))
-        .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}], "sim": {"tokens": 2}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let direct = post_body(
+        &format!("{}/chat/completions", m.base_url()),
+        &json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}], "sim": {"tokens": 2}}),
+    )
+    .await;
     assert_eq!(direct["choices"][0]["message"]["content"], "Hello from");
     let stats: Value = get_json(&format!("http://{}/stats", m.addr())).await;
     assert_eq!(stats["requests_completed"], 1);

@@ -108,14 +108,29 @@ pub(crate) struct BlockError(&'static str);
 pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> Vec<u8> {
     let mut out = vec![VERSION];
     for c in chunks {
-        out.extend_from_slice(&c.seq.to_le_bytes());
-        out.extend_from_slice(&c.offset_us.to_le_bytes());
-        for text in [c.data.as_bytes(), c.content.as_bytes()] {
-            out.extend_from_slice(&(text.len() as u32).to_le_bytes());
-            out.extend_from_slice(text);
-        }
+        encode_chunk(&mut out, c);
     }
     out
+}
+
+/// Appends one chunk as blocks hold it (and the journal's records, after their stream id): seq
+/// and offset, then its JSON and its text.
+pub(crate) fn encode_chunk(out: &mut Vec<u8>, c: &LoggedChunk) {
+    out.extend_from_slice(&c.seq.to_le_bytes());
+    out.extend_from_slice(&c.offset_us.to_le_bytes());
+    for text in [c.data.as_bytes(), c.content.as_bytes()] {
+        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        out.extend_from_slice(text);
+    }
+}
+
+/// Reads one chunk written by [`encode_chunk`] from the front of `rest`.
+pub(crate) fn decode_chunk(rest: &mut &[u8]) -> Result<Decoded, BlockError> {
+    let seq = u64::from_le_bytes(take_array(rest)?);
+    let offset = i64::from_le_bytes(take_array(rest)?);
+    let data = take_text(rest)?;
+    let content = take_text(rest)?;
+    Ok((seq, offset, data, content))
 }
 
 /// A decoded chunk: (seq, offset µs, JSON, text).
@@ -129,16 +144,13 @@ pub(crate) fn decode(body: &[u8]) -> Result<Vec<Decoded>, BlockError> {
     }
     let mut out = Vec::new();
     while !rest.is_empty() {
-        let seq = u64::from_le_bytes(take_array(&mut rest)?);
-        let offset = i64::from_le_bytes(take_array(&mut rest)?);
-        let data = take_text(&mut rest)?;
-        let content = take_text(&mut rest)?;
-        out.push((seq, offset, data, content));
+        out.push(decode_chunk(&mut rest)?);
     }
     Ok(out)
 }
 
-fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], BlockError> {
+/// The first `n` bytes of `rest`, taken off it.
+pub(crate) fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], BlockError> {
     if rest.len() < n {
         return Err(BlockError("truncated"));
     }
@@ -147,7 +159,8 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], BlockError> {
     Ok(head)
 }
 
-fn take_array<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], BlockError> {
+/// The first `N` bytes of `rest`, taken off it.
+pub(crate) fn take_array<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], BlockError> {
     take(rest, N)?
         .try_into()
         .map_err(|_| BlockError("truncated"))

@@ -30,7 +30,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::store::block::LoggedChunk;
+use crate::store::block::{decode_chunk, encode_chunk, take, take_array, LoggedChunk};
 use crate::store::StoreError;
 
 /// A segment is closed and a new one begun past this many bytes.
@@ -256,12 +256,7 @@ pub(crate) fn encode(buf: &mut Vec<u8>, id: &str, chunk: &LoggedChunk) {
     let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
     buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
     buf.extend_from_slice(id);
-    buf.extend_from_slice(&chunk.seq.to_le_bytes());
-    buf.extend_from_slice(&chunk.offset_us.to_le_bytes());
-    for text in [chunk.data.as_bytes(), chunk.content.as_bytes()] {
-        buf.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        buf.extend_from_slice(text);
-    }
+    encode_chunk(buf, chunk);
     let payload = &buf[at + HEADER..];
     let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
     buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
@@ -290,21 +285,18 @@ pub(crate) fn decode_all(mut bytes: &[u8]) -> (Vec<Recorded>, bool) {
 }
 
 fn decode_one(bytes: &mut &[u8]) -> Option<Recorded> {
-    let len = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
-    let crc = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
+    let len = u32::from_le_bytes(take_array(bytes).ok()?);
+    let crc = u32::from_le_bytes(take_array(bytes).ok()?);
     if len > MAX_RECORD {
         return None;
     }
-    let mut payload = take(bytes, len as usize)?;
+    let mut payload = take(bytes, len as usize).ok()?;
     if crc32fast::hash(payload) != crc {
         return None;
     }
-    let id_len = u16::from_le_bytes(take(&mut payload, 2)?.try_into().ok()?);
-    let id = std::str::from_utf8(take(&mut payload, usize::from(id_len))?).ok()?;
-    let seq = u64::from_le_bytes(take(&mut payload, 8)?.try_into().ok()?);
-    let offset_us = i64::from_le_bytes(take(&mut payload, 8)?.try_into().ok()?);
-    let data = text(&mut payload)?;
-    let content = text(&mut payload)?;
+    let id_len = u16::from_le_bytes(take_array(&mut payload).ok()?);
+    let id = std::str::from_utf8(take(&mut payload, usize::from(id_len)).ok()?).ok()?;
+    let (seq, offset_us, data, content) = decode_chunk(&mut payload).ok()?;
     payload.is_empty().then(|| {
         (
             id.to_string(),
@@ -312,24 +304,10 @@ fn decode_one(bytes: &mut &[u8]) -> Option<Recorded> {
                 seq,
                 offset_us,
                 data: Arc::from(data),
-                content: content.to_string(),
+                content,
             },
         )
     })
-}
-
-fn text<'a>(bytes: &mut &'a [u8]) -> Option<&'a str> {
-    let len = u32::from_le_bytes(take(bytes, 4)?.try_into().ok()?);
-    std::str::from_utf8(take(bytes, len as usize)?).ok()
-}
-
-fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if bytes.len() < n {
-        return None;
-    }
-    let (head, tail) = bytes.split_at(n);
-    *bytes = tail;
-    Some(head)
 }
 
 #[cfg(test)]
