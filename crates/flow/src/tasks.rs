@@ -17,7 +17,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let tasks = Tasks::new();
 //! let work = {
-//!     let guard = tasks.on_drop(async { /* e.g. write the final status */ });
+//!     let guard = tasks.on_drop(|| async { /* e.g. write the final status */ });
 //!     async move {
 //!         let _guard = guard; // dropped with the work if the work is cancelled
 //!         std::future::pending::<()>().await
@@ -38,6 +38,9 @@ use tokio_util::task::TaskTracker;
 
 /// A boxed cleanup future.
 type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What a guard holds until its cleanup is needed: the maker of the cleanup future.
+type MakeJob = Box<dyn FnOnce() -> Job + Send + 'static>;
 
 /// A set of tracked tasks, cheap to clone (clones share the set).
 ///
@@ -78,14 +81,16 @@ impl Tasks {
         self.tracker.spawn_on(fut, &self.handle)
     }
 
-    /// A guard that runs `cleanup` exactly once: when [`run`](CleanupGuard::run), or, if the guard
-    /// is dropped un-run and un-disarmed, in a tracked task.
-    pub fn on_drop<F>(&self, cleanup: F) -> CleanupGuard
+    /// A guard that runs the future `cleanup` makes exactly once: when
+    /// [`run`](CleanupGuard::run), or, if the guard is dropped un-run and un-disarmed, in a
+    /// tracked task. `cleanup` is called only then (a disarmed guard never calls it).
+    pub fn on_drop<C, F>(&self, cleanup: C) -> CleanupGuard
     where
+        C: FnOnce() -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         CleanupGuard {
-            job: Some(Box::pin(cleanup)),
+            job: Some(Box::new(move || -> Job { Box::pin(cleanup()) })),
             tasks: self.clone(),
         }
     }
@@ -138,7 +143,7 @@ pub enum Drained {
 /// Made by [`Tasks::on_drop`].
 #[must_use = "dropping the guard at once runs the cleanup at once"]
 pub struct CleanupGuard {
-    job: Option<Job>,
+    job: Option<MakeJob>,
     tasks: Tasks,
 }
 
@@ -149,7 +154,7 @@ impl CleanupGuard {
         if let Some(job) = self.job.take() {
             // A JoinError here means the cleanup panicked or the runtime is shutting down; the
             // guard has done what it can either way, and the panic is tokio's to report.
-            let _ = self.tasks.spawn(job).await;
+            let _ = self.tasks.spawn(job()).await;
         }
     }
 
@@ -162,7 +167,7 @@ impl CleanupGuard {
 impl Drop for CleanupGuard {
     fn drop(&mut self) {
         if let Some(job) = self.job.take() {
-            self.tasks.spawn(job);
+            self.tasks.spawn(job());
         }
     }
 }
@@ -193,11 +198,20 @@ mod tests {
         }
     }
 
+    /// A guard's cleanup: `counting`, made only when the guard needs it.
+    fn cleanup(
+        count: &Arc<AtomicUsize>,
+        delay: Duration,
+    ) -> impl FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static {
+        let count = count.clone();
+        move || Box::pin(counting(&count, delay))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn dropped_guard_runs_cleanup_once_and_shutdown_waits_for_it() {
         let tasks = Tasks::new();
         let ran = Arc::new(AtomicUsize::new(0));
-        let guard = tasks.on_drop(counting(&ran, Duration::from_millis(200)));
+        let guard = tasks.on_drop(cleanup(&ran, Duration::from_millis(200)));
         let work = tokio::spawn(async move {
             let _guard = guard;
             std::future::pending::<()>().await;
@@ -223,7 +237,7 @@ mod tests {
         let tasks = Tasks::new();
         let ran = Arc::new(AtomicUsize::new(0));
         tasks
-            .on_drop(counting(&ran, Duration::from_millis(10)))
+            .on_drop(cleanup(&ran, Duration::from_millis(10)))
             .run()
             .await;
         assert_eq!(ran.load(Ordering::SeqCst), 1);
@@ -238,7 +252,7 @@ mod tests {
     async fn cleanup_survives_cancelling_its_runner() {
         let tasks = Tasks::new();
         let ran = Arc::new(AtomicUsize::new(0));
-        let guard = tasks.on_drop(counting(&ran, Duration::from_millis(100)));
+        let guard = tasks.on_drop(cleanup(&ran, Duration::from_millis(100)));
         // Cancel the caller of run() halfway through the cleanup.
         let _ = tokio::time::timeout(Duration::from_millis(10), guard.run()).await;
         assert_eq!(
@@ -252,12 +266,24 @@ mod tests {
     async fn disarmed_guard_never_runs() {
         let tasks = Tasks::new();
         let ran = Arc::new(AtomicUsize::new(0));
-        tasks.on_drop(counting(&ran, Duration::ZERO)).disarm();
+        tasks.on_drop(cleanup(&ran, Duration::ZERO)).disarm();
+        // The cleanup is not even made until it is needed.
+        let made = Arc::new(AtomicUsize::new(0));
+        let guard = tasks.on_drop({
+            let made = made.clone();
+            move || {
+                made.fetch_add(1, Ordering::SeqCst);
+                async {}
+            }
+        });
+        assert_eq!(made.load(Ordering::SeqCst), 0);
+        guard.disarm();
         assert_eq!(
             tasks.shutdown(Duration::from_secs(1)).await,
             Drained::Complete
         );
         assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(made.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -279,7 +305,7 @@ mod tests {
             .expect("runtime");
         let tasks = Tasks::with_handle(rt.handle().clone());
         let ran = Arc::new(AtomicUsize::new(0));
-        drop(tasks.on_drop(counting(&ran, Duration::ZERO)));
+        drop(tasks.on_drop(cleanup(&ran, Duration::ZERO)));
         let drained = rt.block_on(tasks.shutdown(Duration::from_secs(5)));
         assert_eq!(drained, Drained::Complete);
         assert_eq!(ran.load(Ordering::SeqCst), 1);

@@ -105,7 +105,7 @@ impl Server {
         crate::metrics::handle();
         let tasks = Tasks::new();
         let shutdown = Shutdown::new(Bounds::with_grace(config.shutdown_grace));
-        let relay = RelayContext {
+        let relay = Arc::new(RelayContext {
             store: store.clone(),
             tasks: tasks.clone(),
             shutdown: shutdown.streams().clone(),
@@ -116,7 +116,7 @@ impl Server {
             slow_client_timeout: config.slow_client_timeout,
             keep_alive: config.keep_alive,
             record_chunks: config.record_chunks,
-        };
+        });
         if let Some(news) = store.changes() {
             tasks.spawn(forward_cancels(news, relay.hub.clone(), shutdown.clone()));
         }

@@ -377,14 +377,14 @@ async fn stream_response(
                     let mut frame = frame;
                     loop {
                         let mut stored = true;
-                        if let Frame::Chunk { seq, committed, .. } = &frame {
+                        if let Frame::Chunk(c) = &frame {
                             // Only what is in the transcript reaches the client.
-                            if let Some(committed) = committed {
-                                committed.reached(*seq).await;
-                                stored = committed.is_stored(*seq);
+                            if let Some(committed) = &c.committed {
+                                committed.reached(c.seq).await;
+                                stored = committed.is_stored(c.seq);
                             }
                             if stored {
-                                last_seq = *seq;
+                                last_seq = c.seq;
                             }
                         }
                         if stored {
@@ -434,7 +434,8 @@ async fn complete_response(
     let mut last = None;
     while let Some(item) = frames.recv().await {
         match item {
-            Ok(Frame::Chunk { data, .. }) => {
+            Ok(Frame::Chunk(c)) => {
+                let data = c.data;
                 // The relay parsed this chunk before; it cannot fail now.
                 if let Ok(Payload::Chunk(chunk)) = Payload::parse(&data) {
                     content.push_str(&chunk.content);

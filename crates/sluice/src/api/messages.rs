@@ -221,8 +221,8 @@ async fn answer(
     let mut m = Message::new(message_id, model);
     loop {
         match frames.recv().await {
-            Some(Ok(Frame::Chunk { data, .. })) => {
-                m.chunk(&data);
+            Some(Ok(Frame::Chunk(c))) => {
+                m.chunk(&c.data);
             }
             Some(Ok(Frame::KeepAlive)) => {}
             Some(Err(QueueError::Failed(t))) => return Err(ApiError::for_ending(&t.ending, id)),
@@ -461,15 +461,15 @@ fn events(
                 None => frames.recv().await,
             };
             match item {
-                Some(Ok(Frame::Chunk { data, committed, seq, .. })) => {
+                Some(Ok(Frame::Chunk(c))) => {
                     // Only what is in the transcript reaches the client.
-                    if let Some(committed) = committed {
-                        committed.reached(seq).await;
-                        if !committed.is_stored(seq) {
+                    if let Some(committed) = &c.committed {
+                        committed.reached(c.seq).await;
+                        if !committed.is_stored(c.seq) {
                             continue;
                         }
                     }
-                    for e in m.chunk(&data) {
+                    for e in m.chunk(&c.data) {
                         yield Ok(sse(&e));
                     }
                 }

@@ -62,8 +62,8 @@ pub const STREAM_ID_HEADER: &str = "x-sluice-stream-id";
 pub struct AppState {
     /// The configuration.
     pub config: Arc<Config>,
-    /// The relays' shared context.
-    pub relay: RelayContext,
+    /// The relays' shared context (each relay holds a reference, not a copy).
+    pub relay: Arc<RelayContext>,
     /// API keys and their limits.
     pub keys: Arc<Keys>,
 }

@@ -38,7 +38,7 @@ fn write_event(out: &mut BytesMut, seq: u64, data: &str) {
 
 pub(super) fn encode_frame(frame: &Frame, out: &mut BytesMut) {
     match frame {
-        Frame::Chunk { seq, data, .. } => write_event(out, *seq, data),
+        Frame::Chunk(c) => write_event(out, c.seq, &c.data),
         Frame::KeepAlive => out.extend_from_slice(b": keep-alive\n\n"),
     }
 }

@@ -25,6 +25,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use sluice_flow::{
     queue, CancelCause, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed,
+    TrySendError,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -43,24 +44,28 @@ mod departure;
 /// What the relay hands the client side, in order.
 #[derive(Debug)]
 pub enum Frame {
-    /// A chunk: its event id, its JSON, and the text it adds. The client side writes it out
-    /// only once `committed` has reached `seq` (it is in the transcript).
-    Chunk {
-        /// The stream's commit watermark; the chunk may go out once it reaches `seq` (`None`:
-        /// chunks are not recorded).
-        committed: Option<Watermark>,
-        /// The event id (1, 2, ...).
-        seq: u64,
-        /// The chunk JSON (a non-streaming response parses what it needs from it; a frame
-        /// stays small, because a queue allocates room for many at once).
-        data: Arc<str>,
-        /// The chunk's share of the stream's byte buffer, given back when the frame is dropped
-        /// (written out, or abandoned).
-        #[allow(dead_code, reason = "held, not read: dropping it gives the room back")]
-        room: BufferShare,
-    },
+    /// A chunk. Boxed: a queue allocates room for 32 frames at once whatever its use, so a
+    /// frame is one pointer (8 bytes) and a waiting stream's queue 0.3 KB instead of 1.8 KB.
+    Chunk(Box<ChunkFrame>),
     /// The upstream has been silent past the keep-alive threshold.
     KeepAlive,
+}
+
+/// A chunk for the client side: its event id, its JSON, and the text it adds. The client side
+/// writes it out only once `committed` has reached `seq` (it is in the transcript).
+#[derive(Debug)]
+pub struct ChunkFrame {
+    /// The stream's commit watermark; the chunk may go out once it reaches `seq` (`None`:
+    /// chunks are not recorded).
+    pub committed: Option<Watermark>,
+    /// The event id (1, 2, ...).
+    pub seq: u64,
+    /// The chunk JSON (a non-streaming response parses what it needs from it).
+    pub data: Arc<str>,
+    /// The chunk's share of the stream's byte buffer, given back when the frame is dropped
+    /// (written out, or abandoned).
+    #[allow(dead_code, reason = "held, not read: dropping it gives the room back")]
+    pub room: BufferShare,
 }
 
 /// A frame's share of its stream's buffer between upstream and client, in bytes. The buffer is
@@ -111,7 +116,8 @@ pub struct StreamRequest {
     pub client_request: Value,
     /// Where the answer comes from.
     pub upstream: Upstream,
-    /// What is sent there.
+    /// What is sent there (taken by the relay when it opens the upstream: a waiting stream
+    /// does not keep a copy).
     pub upstream_request: UpstreamRequest,
     /// The three timers.
     pub timeouts: Timeouts,
@@ -139,7 +145,7 @@ struct Progress {
 ///
 /// Shielded: once recording has begun, the stream gets its relay (and so a final status) even if
 /// the caller is dropped meanwhile; the relay then finds its client gone.
-pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, StoreError> {
+pub async fn start(ctx: &Arc<RelayContext>, req: StreamRequest) -> Result<Frames, StoreError> {
     let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req));
     job.await.unwrap_or_else(|e| {
         Err(StoreError::Internal(format!(
@@ -148,7 +154,10 @@ pub async fn start(ctx: &RelayContext, req: StreamRequest) -> Result<Frames, Sto
     })
 }
 
-async fn record_and_spawn(ctx: RelayContext, mut req: StreamRequest) -> Result<Frames, StoreError> {
+async fn record_and_spawn(
+    ctx: Arc<RelayContext>,
+    mut req: StreamRequest,
+) -> Result<Frames, StoreError> {
     ctx.store
         .begin(NewStream {
             id: req.id.to_string(),
@@ -166,16 +175,17 @@ async fn record_and_spawn(ctx: RelayContext, mut req: StreamRequest) -> Result<F
         cancel.clone(),
     );
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
-    let tasks = ctx.tasks.clone();
-    tasks.spawn(async move {
-        run(ctx, req, tx, cancel, publisher).await;
-    });
+    // The request is boxed: the task keeps it for the stream's life, and an async fn's
+    // arguments take their room in its future twice (as arguments, then as locals).
+    ctx.tasks
+        .clone()
+        .spawn(run(ctx, Box::new(req), tx, cancel, publisher));
     Ok(rx)
 }
 
 async fn run(
-    ctx: RelayContext,
-    req: StreamRequest,
+    ctx: Arc<RelayContext>,
+    mut req: Box<StreamRequest>,
     tx: Producer<Frame, Terminal>,
     cancel: CancelToken,
     publisher: Publisher,
@@ -191,7 +201,7 @@ async fn run(
             progress.clone(),
             req.started,
         );
-        ctx.tasks.on_drop(async move {
+        ctx.tasks.on_drop(move || async move {
             let p = progress
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -211,7 +221,17 @@ async fn run(
         })
     };
 
-    let (ending, tx) = relay(&ctx, &req, tx, &cancel, &publisher, &progress).await;
+    let upstream_request = std::mem::take(&mut req.upstream_request);
+    let (ending, tx) = relay(
+        &ctx,
+        &req,
+        upstream_request,
+        tx,
+        &cancel,
+        &publisher,
+        &progress,
+    )
+    .await;
 
     let total = req.started.elapsed();
     let p = progress
@@ -263,6 +283,7 @@ fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
 async fn relay(
     ctx: &RelayContext,
     req: &StreamRequest,
+    upstream_request: UpstreamRequest,
     tx: Producer<Frame, Terminal>,
     cancel: &CancelToken,
     publisher: &Publisher,
@@ -283,7 +304,7 @@ async fn relay(
         .unwrap_or_else(PoisonError::into_inner)
         .attempts
         .clone();
-    let upstream = req.upstream.open(req.upstream_request.clone(), &attempts);
+    let upstream = req.upstream.open(upstream_request, &attempts);
     let mut limited = limits.apply_from(upstream, req.started);
     let mut upstream_wait = Duration::ZERO;
     let mut client_wait = Duration::ZERO;
@@ -423,23 +444,27 @@ async fn relay(
         // send goes first: a chunk already committed and published reaches the client if there
         // is room for it; a cancel only interrupts a send that is waiting for room.
         let wanted = u32::try_from(data.len().min(byte_limit)).unwrap_or(u32::MAX);
-        let send = async {
-            let room = tokio::select! {
-                room = room.clone().acquire_many_owned(wanted) => room.ok(),
-                () = tx.consumer_departed() => return false,
-            };
-            let frame = Frame::Chunk {
-                committed,
-                seq,
-                data,
-                room: BufferShare(room),
-            };
-            tx.send(frame).await.is_ok()
-        };
-        let sent = tokio::select! {
-            biased;
-            sent = sluice_flow::timeout(ctx.slow_client_timeout, send) => sent,
-            cause = cancel.cancelled() => break cancelled(cause),
+        let chunk = Box::new(ChunkFrame {
+            committed,
+            seq,
+            data,
+            room: BufferShare(room.clone().try_acquire_many_owned(wanted).ok()),
+        });
+        let sent = match send_now(tx, chunk) {
+            Ok(sent) => Timed::Completed(sent),
+            Err(chunk) => {
+                // A slow client. The wait (and its timer) is boxed: it is the rare case, and
+                // inline it would make every relay's task larger for its whole life.
+                let send = Box::pin(sluice_flow::timeout(
+                    ctx.slow_client_timeout,
+                    send_when_room(tx, &room, wanted, chunk),
+                ));
+                tokio::select! {
+                    biased;
+                    sent = send => sent,
+                    cause = cancel.cancelled() => break cancelled(cause),
+                }
+            }
         };
         client_wait += sending.elapsed();
         match sent {
@@ -478,6 +503,41 @@ async fn relay(
             .as_secs_f64(),
     );
     (ending, client)
+}
+
+/// Queues `chunk` for the client if it holds its room and the queue has a place now: whether
+/// the client is still there; or the chunk back, to wait with.
+fn send_now(
+    tx: &Producer<Frame, Terminal>,
+    chunk: Box<ChunkFrame>,
+) -> Result<bool, Box<ChunkFrame>> {
+    if chunk.room.0.is_none() {
+        return Err(chunk);
+    }
+    match tx.try_send(Frame::Chunk(chunk)) {
+        Ok(()) => Ok(true),
+        Err(TrySendError::Departed(_)) => Ok(false),
+        Err(TrySendError::Full(Frame::Chunk(chunk))) => Err(chunk),
+        // Not what was sent: the queue gives back the chunk.
+        Err(TrySendError::Full(Frame::KeepAlive)) => Ok(true),
+    }
+}
+
+/// Waits for `chunk`'s room (unless it holds it), then for a place in the queue: whether the
+/// client is still there.
+async fn send_when_room(
+    tx: &Producer<Frame, Terminal>,
+    room: &Arc<Semaphore>,
+    wanted: u32,
+    mut chunk: Box<ChunkFrame>,
+) -> bool {
+    if chunk.room.0.is_none() {
+        chunk.room.0 = tokio::select! {
+            room = room.clone().acquire_many_owned(wanted) => room.ok(),
+            () = tx.consumer_departed() => return false,
+        };
+    }
+    tx.send(Frame::Chunk(chunk)).await.is_ok()
 }
 
 /// Resolves when the original client has gone; never if it already has (`None`).

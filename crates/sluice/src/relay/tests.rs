@@ -13,7 +13,7 @@ use crate::upstream::sim::SimDefaults;
 async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, _) = Store::open(dir.path()).expect("store");
-    let ctx = RelayContext {
+    let ctx = Arc::new(RelayContext {
         store: store.clone(),
         tasks: Tasks::new(),
         shutdown: CancelToken::new(),
@@ -24,7 +24,7 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
         slow_client_timeout: Duration::from_secs(30),
         keep_alive: Duration::from_secs(15),
         record_chunks: true,
-    };
+    });
     let mut body = serde_json::Map::new();
     body.insert("model".into(), "sim".into());
     let req = StreamRequest {

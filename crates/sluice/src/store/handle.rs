@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::oneshot;
 
 use super::postgres::{PgOptions, PgStore};
@@ -174,7 +175,16 @@ impl Store {
             content,
             watermark: watermark.clone(),
         };
-        on_backend!(self, b => b.send(op).await)
+        // Almost always there is room: queue it without a wait. Only a full queue waits, and
+        // that wait is boxed, so a relay's task does not carry room for it while the stream
+        // is idle (the waiting send, with the chunk in it, is most of a kilobyte).
+        let op = match on_backend!(self, b => b.try_send(op)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(StoreError::Closed),
+            Err(TrySendError::Full(op)) => op,
+        };
+        let store = self.clone();
+        Box::pin(async move { on_backend!(store, b => b.send(op).await) }).await
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before

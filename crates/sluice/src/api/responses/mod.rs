@@ -251,23 +251,18 @@ enum Next {
 /// The next frame, once it is in the transcript (a chunk the store lost comes as `None`).
 async fn next_chunk(frames: &mut Frames) -> Next {
     match frames.recv().await {
-        Some(Ok(Frame::Chunk {
-            seq,
-            data,
-            committed,
-            ..
-        })) => {
+        Some(Ok(Frame::Chunk(c))) => {
             let mut stored = true;
-            if let Some(committed) = committed {
-                committed.reached(seq).await;
-                stored = committed.is_stored(seq);
+            if let Some(committed) = &c.committed {
+                committed.reached(c.seq).await;
+                stored = committed.is_stored(c.seq);
             }
             let data = if stored {
-                serde_json::from_str(&data).ok()
+                serde_json::from_str(&c.data).ok()
             } else {
                 None
             };
-            Next::Chunk { seq, data }
+            Next::Chunk { seq: c.seq, data }
         }
         Some(Ok(Frame::KeepAlive)) => Next::KeepAlive,
         Some(Err(QueueError::Failed(t))) => Next::End(t),

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{Client, NoTls};
 
@@ -200,6 +201,15 @@ impl PgStore {
     /// Queues a write for the writer task (waiting for room).
     pub(crate) async fn send(&self, op: Op) -> Result<(), StoreError> {
         self.writer.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Queues a write for the writer task if there is room now; never waits.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the write comes back, moved, only when the queue is full"
+    )]
+    pub(crate) fn try_send(&self, op: Op) -> Result<(), TrySendError<Op>> {
+        self.writer.try_send(op)
     }
 
     pub(crate) async fn list(

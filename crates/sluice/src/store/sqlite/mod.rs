@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::store::block::Runs;
 use crate::store::limits::LocalLimits;
@@ -157,5 +158,14 @@ impl SqliteStore {
     /// Queues a write for the writer (waiting for room) and makes sure a writer job will see it.
     pub(crate) async fn send(&self, op: Op) -> Result<(), StoreError> {
         self.writer.send(op).await
+    }
+
+    /// Queues a write for the writer if there is room now; never waits.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the write comes back, moved, only when the queue is full"
+    )]
+    pub(crate) fn try_send(&self, op: Op) -> Result<(), TrySendError<Op>> {
+        self.writer.try_send(op)
     }
 }

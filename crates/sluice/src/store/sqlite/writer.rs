@@ -10,6 +10,7 @@ use std::time::Instant;
 use rusqlite::{params, Connection};
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::store::block::{self, LoggedChunk, Run, Runs};
 use crate::store::records::now_unix;
@@ -62,13 +63,29 @@ impl Writer {
     /// Queues a write (waiting for room) and makes sure a drain job will see it.
     pub(super) async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
         self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Queues a write if there is room now (never waits), and makes sure a drain job will see it.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the write comes back, moved, only when the queue is full"
+    )]
+    pub(super) fn try_send(self: &Arc<Self>, op: Op) -> Result<(), TrySendError<Op>> {
+        self.tx.try_send(op)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Starts a drain job unless one is running.
+    fn wake(self: &Arc<Self>) {
         if !self.running.swap(true, Ordering::SeqCst) {
             let writer = self.clone();
             // If the runtime is shutting down the job never runs; the write's ack is then
             // dropped with the queue and its caller sees `Closed`.
             drop(self.runtime.spawn_blocking(move || writer.drain()));
         }
-        Ok(())
     }
 
     /// Commits batches until the queue is empty.
