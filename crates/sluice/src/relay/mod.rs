@@ -35,7 +35,7 @@ use crate::redact::Redactor;
 use crate::store::{Finish, NewStream, Store, StoreError, StreamKey, Watermark};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::route::Attempts;
-use crate::upstream::{Upstream, UpstreamRequest};
+use crate::upstream::{ChunkStream, Upstream, UpstreamRequest};
 
 use departure::Departure;
 
@@ -156,42 +156,91 @@ pub async fn start(ctx: &Arc<RelayContext>, req: StreamRequest) -> Result<Frames
 
 async fn record_and_spawn(
     ctx: Arc<RelayContext>,
-    mut req: StreamRequest,
+    req: StreamRequest,
 ) -> Result<Frames, StoreError> {
+    let StreamRequest {
+        id,
+        tenant,
+        model,
+        client_request,
+        upstream,
+        upstream_request,
+        timeouts,
+        started,
+        on_disconnect,
+        key,
+    } = req;
+    let tenant_name: Arc<str> = Arc::from(tenant.as_str());
     ctx.store
         .begin(NewStream {
-            id: req.id.to_string(),
-            tenant: req.tenant.clone(),
-            model: req.model.clone(),
+            id: id.to_string(),
+            tenant,
+            model,
             // Recorded once; the relay does not need it afterwards.
-            request: std::mem::take(&mut req.client_request),
-            key: req.key.take(),
+            request: client_request,
+            key,
         })
         .await?;
     let cancel = ctx.shutdown.child();
-    let publisher = ctx.hub.register(
-        req.id.clone(),
-        Arc::from(req.tenant.as_str()),
-        cancel.clone(),
-    );
+    let publisher = ctx.hub.register(id.clone(), tenant_name, cancel.clone());
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
-    // The request is boxed: the task keeps it for the stream's life, and an async fn's
-    // arguments take their room in its future twice (as arguments, then as locals).
-    ctx.tasks
-        .clone()
-        .spawn(run(ctx, Box::new(req), tx, cancel, publisher));
+    let progress = Progress::default();
+    // Opened here (nothing happens until the relay polls it), so the upstream request goes
+    // into the stream that sends it and the relay's task keeps only what it uses.
+    let source = upstream.open(upstream_request, &progress.attempts);
+    let stream = Running {
+        id,
+        timeouts,
+        started,
+        on_disconnect,
+    };
+    ctx.tasks.clone().spawn(run(Box::new(Job {
+        ctx,
+        req: stream,
+        source,
+        progress,
+        tx,
+        cancel,
+        publisher,
+    })));
     Ok(rx)
 }
 
-async fn run(
+/// What a relay task starts with. Handed over boxed and unpacked at once: an async fn keeps
+/// room for its arguments besides its locals for its whole life, so one pointer there instead
+/// of all of this makes every waiting stream's task smaller.
+struct Job {
     ctx: Arc<RelayContext>,
-    mut req: Box<StreamRequest>,
+    req: Running,
+    source: ChunkStream,
+    progress: Progress,
     tx: Producer<Frame, Terminal>,
     cancel: CancelToken,
     publisher: Publisher,
-) {
+}
+
+/// What a relay keeps of its request while it runs.
+#[derive(Debug)]
+struct Running {
+    id: Arc<str>,
+    timeouts: Timeouts,
+    /// When the request arrived: the timers' start.
+    started: Instant,
+    on_disconnect: OnDisconnect,
+}
+
+async fn run(job: Box<Job>) {
+    let Job {
+        ctx,
+        req,
+        source,
+        progress,
+        tx,
+        cancel,
+        publisher,
+    } = *job;
     metrics::gauge!("sluice_active_streams").increment(1.0);
-    let progress = Arc::new(Mutex::new(Progress::default()));
+    let progress = Arc::new(Mutex::new(progress));
     // If this task is dropped before it writes the final status (the runtime is going away),
     // the guard writes interrupted(shutdown) from a tracked task.
     let guard = {
@@ -221,17 +270,7 @@ async fn run(
         })
     };
 
-    let upstream_request = std::mem::take(&mut req.upstream_request);
-    let (ending, tx) = relay(
-        &ctx,
-        &req,
-        upstream_request,
-        tx,
-        &cancel,
-        &publisher,
-        &progress,
-    )
-    .await;
+    let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
 
     let total = req.started.elapsed();
     let p = progress
@@ -282,8 +321,8 @@ fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
 /// be listening.
 async fn relay(
     ctx: &RelayContext,
-    req: &StreamRequest,
-    upstream_request: UpstreamRequest,
+    req: &Running,
+    source: ChunkStream,
     tx: Producer<Frame, Terminal>,
     cancel: &CancelToken,
     publisher: &Publisher,
@@ -299,13 +338,7 @@ async fn relay(
         total: Some(req.timeouts.total),
         keep_alive: Some(ctx.keep_alive),
     };
-    let attempts = progress
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .attempts
-        .clone();
-    let upstream = req.upstream.open(upstream_request, &attempts);
-    let mut limited = limits.apply_from(upstream, req.started);
+    let mut limited = limits.apply_from(source, req.started);
     let mut upstream_wait = Duration::ZERO;
     let mut client_wait = Duration::ZERO;
     let mut last_chunk: Option<Instant> = None;
