@@ -72,6 +72,10 @@ struct Args {
     /// Run only the idle-stream memory measurement and print it (for profiling).
     #[arg(long)]
     only_idle: bool,
+    /// The model idle streams ask for: `sim` (the built-in model: the idle goal's measure) or
+    /// `up` (the benchmark's HTTP upstream: each stream also holds an upstream connection).
+    #[arg(long, default_value = "sim")]
+    idle_model: String,
     /// Run only sluice's throughput at this many concurrent streams for 10 s and print it (for
     /// profiling: attach perf to the sluice process meanwhile).
     #[arg(long)]
@@ -349,7 +353,13 @@ async fn main() -> anyhow::Result<()> {
         return write_report(&args, "hedge", &h, hedge::markdown);
     }
     if args.only_idle {
-        let idle = idle_streams(&sluice.base, sluice_pid, plan.idle_streams).await?;
+        let idle = idle_streams(
+            &sluice.base,
+            sluice_pid,
+            plan.idle_streams,
+            &args.idle_model,
+        )
+        .await?;
         println!("{}", serde_json::to_string_pretty(&idle)?);
         return Ok(());
     }
@@ -450,7 +460,7 @@ async fn main() -> anyhow::Result<()> {
     drop((sluice, bare));
     let fresh = start_sluice(&sluice_bin, &mock.base_url(), true, "idle").await?;
     let fresh_pid = fresh.child.id().context("sluice pid")?;
-    let idle = idle_streams(&fresh.base, fresh_pid, plan.idle_streams).await?;
+    let idle = idle_streams(&fresh.base, fresh_pid, plan.idle_streams, "sim").await?;
     drop(fresh);
     bar.inc(1);
     bar.finish_with_message("done");

@@ -295,8 +295,13 @@ pub(crate) fn rss_kb(pid: u32) -> anyhow::Result<f64> {
         .parse()?)
 }
 
-/// Sluice's RSS with `n` open streams that have sent one chunk and then wait.
-pub(crate) async fn idle_streams(base: &str, pid: u32, n: usize) -> anyhow::Result<Idle> {
+/// Sluice's RSS with `n` open streams of `model` that have sent one chunk and then wait.
+pub(crate) async fn idle_streams(
+    base: &str,
+    pid: u32,
+    n: usize,
+    model: &str,
+) -> anyhow::Result<Idle> {
     let before = rss_kb(pid)?;
     let client = client();
     let mut open = Vec::with_capacity(n);
@@ -304,7 +309,7 @@ pub(crate) async fn idle_streams(base: &str, pid: u32, n: usize) -> anyhow::Resu
     for i in 0..n {
         let request = client
             .post(format!("{base}/chat/completions"))
-            .json(&json!({"model": "sim", "stream": true, "messages": [{"role": "user", "content": "idle"}], "sim": {"tokens": 100, "first_token_ms": 0, "stall_after": 1}, "sluice": {"idle_timeout_ms": 3_600_000}}));
+            .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "idle"}], "sim": {"tokens": 100, "first_token_ms": 0, "stall_after": 1}, "sluice": {"idle_timeout_ms": 3_600_000}}));
         pending.push(tokio::spawn(async move {
             let mut r = request.send().await?;
             r.chunk().await?;

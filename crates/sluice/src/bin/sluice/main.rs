@@ -14,15 +14,16 @@ use sluice::{Config, Overrides, Server};
 
 /// jemalloc rather than the system's malloc: with its purging thread on (see
 /// [`return_freed_memory`]) memory freed after a spike goes back to the OS within seconds, where
-/// glibc's malloc kept a spike's peak for good (docs/benchmarks/memory.md).
-#[cfg(all(unix, not(target_env = "musl")))]
+/// glibc's malloc kept a spike's peak for good (docs/benchmarks/memory.md). The feature
+/// `system-allocator` leaves it out, for heap profilers (`bash bench/idle-heap`).
+#[cfg(all(unix, not(target_env = "musl"), not(feature = "system-allocator")))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Turns on jemalloc's background purging: freed pages go back to the OS over its decay time
 /// (10 s) even when the server is idle, instead of only when something allocates again.
 fn return_freed_memory() {
-    #[cfg(all(unix, not(target_env = "musl")))]
+    #[cfg(all(unix, not(target_env = "musl"), not(feature = "system-allocator")))]
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!("jemalloc background purging is off ({e}): memory after a spike is returned only as the server allocates");
     }
