@@ -5,10 +5,12 @@
 //! - `grace_ms = N`: it runs on for N ms; if nobody follows it through the hub by then it ends
 //!   `cancelled(client_disconnected)`, else it looks again N ms later.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
-use sluice_flow::Deadline;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::stream::{Ending, OnDisconnect, Reason};
 
@@ -16,8 +18,10 @@ use crate::stream::{Ending, OnDisconnect, Reason};
 #[derive(Debug)]
 pub(super) struct Departure {
     policy: OnDisconnect,
-    /// Under `grace_ms`, from when the client left: when to look for followers.
-    grace: Option<Deadline>,
+    /// Under `grace_ms`, from when the client left: when to look for followers. Boxed and made
+    /// only then: the relay waits on it in every turn of its loop, and inline it would make every
+    /// stream's task larger for a timer most streams never start.
+    grace: Option<Pin<Box<Sleep>>>,
 }
 
 impl Departure {
@@ -39,20 +43,18 @@ impl Departure {
             OnDisconnect::Continue => None,
             OnDisconnect::GraceMs(ms) => {
                 self.grace
-                    .get_or_insert_with(|| Deadline::after(Duration::from_millis(ms)));
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
                 None
             }
         }
     }
 
     /// Completes when the grace period is over; never if there is none running.
-    pub(super) async fn grace_over(&self) {
-        match &self.grace {
-            Some(deadline) => {
-                deadline.expired().await;
-            }
-            None => std::future::pending().await,
-        }
+    pub(super) fn grace_over(&mut self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| match self.grace.as_mut() {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Pending,
+        })
     }
 
     /// The grace period is over and `followers` follow the stream: the ending if nobody does;
@@ -64,8 +66,10 @@ impl Departure {
                 "the client closed the connection and nobody resumed the stream within grace_ms",
             ));
         }
-        if let (Some(deadline), OnDisconnect::GraceMs(ms)) = (&self.grace, self.policy) {
-            deadline.reschedule(Instant::now() + Duration::from_millis(ms));
+        if let (Some(sleep), OnDisconnect::GraceMs(ms)) = (self.grace.as_mut(), self.policy) {
+            sleep
+                .as_mut()
+                .reset(Instant::now() + Duration::from_millis(ms));
         }
         None
     }
@@ -80,7 +84,7 @@ mod tests {
     use super::*;
 
     /// Whether the grace is over within `within` (on the paused clock: at once either way).
-    async fn over_within(d: &Departure, within: Duration) -> bool {
+    async fn over_within(d: &mut Departure, within: Duration) -> bool {
         tokio::time::timeout(within, d.grace_over()).await.is_ok()
     }
 
@@ -93,14 +97,14 @@ mod tests {
         );
         let mut keep = Departure::new(OnDisconnect::Continue);
         assert_eq!(keep.client_left(), None);
-        assert!(!over_within(&keep, Duration::from_secs(3600)).await);
+        assert!(!over_within(&mut keep, Duration::from_secs(3600)).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn grace_ends_the_stream_only_if_nobody_follows() {
         let mut d = Departure::new(OnDisconnect::GraceMs(5000));
         assert!(
-            !over_within(&d, Duration::from_secs(3600)).await,
+            !over_within(&mut d, Duration::from_secs(3600)).await,
             "no grace while the client is there"
         );
         let left = Instant::now();
@@ -109,7 +113,7 @@ mod tests {
         assert_eq!(left.elapsed(), Duration::from_secs(5));
         // Someone follows: another grace period, from now.
         assert_eq!(d.look_for_followers(1), None);
-        assert!(!over_within(&d, Duration::from_millis(4999)).await);
+        assert!(!over_within(&mut d, Duration::from_millis(4999)).await);
         d.grace_over().await;
         assert_eq!(left.elapsed(), Duration::from_secs(10));
         let ending = d.look_for_followers(0).expect("ends");

@@ -133,8 +133,8 @@ pub struct StreamRequest {
 #[derive(Debug, Default, Clone)]
 struct Progress {
     chunks: u64,
-    /// A routed stream's attempts (the route notes them as it goes).
-    attempts: Attempts,
+    /// A routed stream's attempts (the route notes them as it goes); `None` for other streams.
+    attempts: Option<Attempts>,
     first_token: Option<Duration>,
     usage: Option<Value>,
 }
@@ -184,10 +184,13 @@ async fn record_and_spawn(
     let cancel = ctx.shutdown.child();
     let publisher = ctx.hub.register(id.clone(), tenant_name, cancel.clone());
     let (tx, rx) = queue::bounded(ctx.buffer_chunks);
-    let progress = Progress::default();
+    let progress = Progress {
+        attempts: upstream.is_route().then(Attempts::default),
+        ..Progress::default()
+    };
     // Opened here (nothing happens until the relay polls it), so the upstream request goes
     // into the stream that sends it and the relay's task keeps only what it uses.
-    let source = upstream.open(upstream_request, &progress.attempts);
+    let source = upstream.open(upstream_request, progress.attempts.as_ref());
     let stream = Running {
         id,
         timeouts,
@@ -313,7 +316,7 @@ fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
         total,
         usage: p.usage.clone(),
         chunks: p.chunks,
-        attempts: p.attempts.finish(),
+        attempts: p.attempts.as_ref().and_then(Attempts::finish),
     }
 }
 

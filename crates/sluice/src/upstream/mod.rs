@@ -275,13 +275,24 @@ pub enum Upstream {
 
 impl Upstream {
     /// Opens the stream (lazily: nothing happens until it is polled). A route notes each of its
-    /// attempts in `attempts`; the others leave it alone.
-    pub fn open(&self, request: UpstreamRequest, attempts: &route::Attempts) -> ChunkStream {
+    /// attempts in `attempts` (its own list if given none); the others leave it alone.
+    pub fn open(
+        &self,
+        request: UpstreamRequest,
+        attempts: Option<&route::Attempts>,
+    ) -> ChunkStream {
         match self {
             Upstream::OpenAi(client) => client.open(request),
             Upstream::Sim(defaults) => sim::open(*defaults, request),
-            Upstream::Route(r) => route::open(r.clone(), request, attempts.clone()),
+            Upstream::Route(r) => {
+                route::open(r.clone(), request, attempts.cloned().unwrap_or_default())
+            }
         }
+    }
+
+    /// Whether this is a route (which notes its attempts; see [`Upstream::open`]).
+    pub fn is_route(&self) -> bool {
+        matches!(self, Upstream::Route(_))
     }
 }
 

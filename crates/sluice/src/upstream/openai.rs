@@ -128,22 +128,30 @@ impl OpenAi {
 
     /// Opens the stream; see [`Upstream::open`](super::Upstream::open).
     pub fn open(&self, request: UpstreamRequest) -> ChunkStream {
-        let this = self.clone();
+        // The request is built here and its sending boxed: the generator below then keeps
+        // neither a copy of this upstream's settings nor room for the send's state while the
+        // stream runs (nothing is sent until the stream is first polled).
+        let anthropic = self.dialect == Dialect::Anthropic;
+        let body = if anthropic {
+            anthropic::request(&request.body)
+        } else {
+            serde_json::Value::Object(request.body)
+        };
+        let mut post = self
+            .client
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .json(&body);
+        drop(body);
+        match (&self.api_key, anthropic) {
+            (Some(key), false) => post = post.bearer_auth(key),
+            (Some(key), true) => post = post.header("x-api-key", key),
+            (None, _) => {}
+        }
+        let sent = Box::pin(post.send());
+        let limits = self.limits;
         Box::pin(stream! {
-            let anthropic = this.dialect == Dialect::Anthropic;
-            let body = if anthropic {
-                anthropic::request(&request.body)
-            } else {
-                serde_json::Value::Object(request.body)
-            };
-            let mut post = this.client.post(this.url.clone()).headers(this.headers.clone()).json(&body);
-            drop(body);
-            match (&this.api_key, anthropic) {
-                (Some(key), false) => post = post.bearer_auth(key),
-                (Some(key), true) => post = post.header("x-api-key", key),
-                (None, _) => {}
-            }
-            let mut response = match post.send().await {
+            let mut response = match sent.await {
                 Ok(r) => r,
                 Err(e) => {
                     yield Err(UpstreamError::Transport(e.without_url().to_string()));
@@ -157,7 +165,7 @@ impl OpenAi {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(std::time::Duration::from_secs);
-            let max_error = this.limits.max_error_body_bytes;
+            let max_error = limits.max_error_body_bytes;
             if !status.is_success() {
                 let mut body = Vec::new();
                 while let Ok(Some(bytes)) = response.chunk().await {
@@ -185,7 +193,7 @@ impl OpenAi {
                 )));
                 return;
             }
-            let mut parser = SseParser::with_max_event(this.limits.max_event_bytes);
+            let mut parser = SseParser::with_max_event(limits.max_event_bytes);
             let mut events = Vec::new();
             let mut translator = Translator::default();
             let mut body = response.bytes_stream();

@@ -385,7 +385,7 @@ fn fallback(route: Arc<Route>, request: UpstreamRequest, attempts: Attempts) -> 
                 let a = attempts.start(&target.name, tries, continuing.then_some(partial.len()));
                 let mut upstream = target
                     .upstream
-                    .open(request_for(target, &request, continuing.then_some(partial.as_str())), &attempts);
+                    .open(request_for(target, &request, continuing.then_some(partial.as_str())), Some(&attempts));
                 let left = deadline.saturating_duration_since(Instant::now());
                 let error = match first_chunk(&mut upstream, target.first_token.min(left)).await {
                     First::Chunk(chunk) => {
@@ -467,7 +467,7 @@ fn first_of(
         let start = |i: usize| -> (usize, Racer) {
             let target = &route.targets[i];
             let a = attempts.start(&target.name, 1, None);
-            let mut upstream = target.upstream.open(request_for(target, &request, None), &attempts);
+            let mut upstream = target.upstream.open(request_for(target, &request, None), Some(&attempts));
             let limit = target
                 .first_token
                 .min(deadline.saturating_duration_since(Instant::now()));
@@ -563,7 +563,7 @@ fn gather(route: Arc<Route>, request: UpstreamRequest, attempts: Attempts) -> Ch
                 continue;
             }
             index_of_attempt[i] = Some(attempts.start(&target.name, 1, None));
-            let upstream = target.upstream.open(request_for(target, &request, None), &attempts);
+            let upstream = target.upstream.open(request_for(target, &request, None), Some(&attempts));
             let first_token = target.first_token;
             let tagged: Tagged = Box::pin(with_first_token(upstream, first_token)
                 .map(move |item| (i, Some(item)))
