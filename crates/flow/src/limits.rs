@@ -142,10 +142,8 @@ impl StreamLimits {
             started,
             waiting_since: Some(started),
             items: 0,
-            hard: None,
-            soft: self
-                .keep_alive
-                .map(|every| Box::pin(tokio::time::sleep_until(started + every))),
+            keep_alive_at: self.keep_alive.map(|every| started + every),
+            timer: None,
         }
     }
 }
@@ -188,9 +186,11 @@ pub struct Limited<S> {
     /// and being asked for the next one (that time is the consumer's, not the inner stream's).
     waiting_since: Option<Instant>,
     items: u64,
-    /// The timer for the earliest hard limit, and the instant it is set for.
-    hard: Option<(Instant, Pin<Box<Sleep>>)>,
-    soft: Option<Pin<Box<Sleep>>>,
+    /// When the soft keep-alive threshold is next due, if there is one.
+    keep_alive_at: Option<Instant>,
+    /// One timer, for whichever is due first: the earliest hard limit or the keep-alive; and the
+    /// instant it is set for. Made the first time the inner stream makes the consumer wait.
+    timer: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
 impl<S> Limited<S> {
@@ -227,8 +227,7 @@ impl<S> Limited<S> {
 
     fn trip(&mut self, limit: Limit, limit_after: Duration, now: Instant) -> LimitExceeded {
         self.inner = None; // drops the inner stream: its cleanup runs here, once
-        self.hard = None;
-        self.soft = None;
+        self.timer = None;
         LimitExceeded {
             limit,
             limit_after,
@@ -252,9 +251,7 @@ impl<S: Stream> Stream for Limited<S> {
         let now = Instant::now();
         if this.waiting_since.is_none() {
             this.waiting_since = Some(now);
-            if let (Some(every), Some(soft)) = (this.limits.keep_alive, this.soft.as_mut()) {
-                soft.as_mut().reset(now + every);
-            }
+            this.keep_alive_at = this.limits.keep_alive.map(|every| now + every);
         }
 
         // 2. A limit that is already due trips before we ask for another item.
@@ -278,44 +275,69 @@ impl<S: Stream> Stream for Limited<S> {
             }
             Poll::Ready(None) => {
                 this.inner = None;
-                this.hard = None;
-                this.soft = None;
+                this.timer = None;
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
         }
 
-        // 4. Nothing yet: arm the hard timer for the earliest limit, so we are woken when it is
-        //    due, and check it (it may have become due while we polled).
-        if let Some((at, limit, after)) = next {
-            let timer = match &mut this.hard {
-                Some((armed, timer)) => {
-                    if *armed != at {
-                        *armed = at;
-                        timer.as_mut().reset(at);
-                    }
-                    timer
+        // 4. Nothing yet: arm the timer for whichever is due first, the earliest hard limit or
+        //    the keep-alive, so we are woken then, and check it (it may have become due while
+        //    we polled). On a tie the hard limit wins.
+        let hard_at = next.map(|(at, _, _)| at);
+        if this.poll_timer(earliest(hard_at, this.keep_alive_at), cx) {
+            let now = Instant::now();
+            if let Some((at, limit, after)) = next {
+                if now >= at {
+                    return Poll::Ready(Some(Err(this.trip(limit, after, now))));
                 }
-                slot @ None => &mut slot.insert((at, Box::pin(tokio::time::sleep_until(at)))).1,
-            };
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(Err(this.trip(limit, after, Instant::now()))));
             }
-        }
-
-        // 5. The soft threshold: a keep-alive, then wait another `keep_alive`.
-        if let (Some(every), Some(soft)) = (this.limits.keep_alive, this.soft.as_mut()) {
-            if soft.as_mut().poll(cx).is_ready() {
-                let now = Instant::now();
-                soft.as_mut().reset(now + every);
-                // Poll the reset timer once so that it is registered to wake us.
-                let _ = soft.as_mut().poll(cx);
-                return Poll::Ready(Some(Ok(Event::KeepAlive {
-                    silent_for: now.saturating_duration_since(this.waiting_since.unwrap_or(now)),
-                })));
+            // 5. The soft threshold: a keep-alive, then wait another `keep_alive`.
+            if let (Some(every), Some(at)) = (this.limits.keep_alive, this.keep_alive_at) {
+                if now >= at {
+                    this.keep_alive_at = Some(now + every);
+                    // Re-armed and polled once, so that it is registered to wake us.
+                    let _ = this.poll_timer(earliest(hard_at, this.keep_alive_at), cx);
+                    return Poll::Ready(Some(Ok(Event::KeepAlive {
+                        silent_for: now
+                            .saturating_duration_since(this.waiting_since.unwrap_or(now)),
+                    })));
+                }
             }
         }
         Poll::Pending
+    }
+}
+
+impl<S> Limited<S> {
+    /// Sets the timer for `due` (if any) and polls it: whether it has fired.
+    fn poll_timer(&mut self, due: Option<Instant>, cx: &mut Context<'_>) -> bool {
+        let Some(due) = due else {
+            return false;
+        };
+        let timer = match &mut self.timer {
+            Some((armed, timer)) => {
+                if *armed != due {
+                    *armed = due;
+                    timer.as_mut().reset(due);
+                }
+                timer
+            }
+            slot @ None => {
+                &mut slot
+                    .insert((due, Box::pin(tokio::time::sleep_until(due))))
+                    .1
+            }
+        };
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

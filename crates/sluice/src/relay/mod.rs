@@ -197,7 +197,7 @@ async fn record_and_spawn(
         started,
         on_disconnect,
     };
-    ctx.tasks.clone().spawn(run(Box::new(Job {
+    ctx.tasks.clone().spawn(run(Job {
         ctx,
         req: stream,
         source,
@@ -205,13 +205,11 @@ async fn record_and_spawn(
         tx,
         cancel,
         publisher,
-    })));
+    }));
     Ok(rx)
 }
 
-/// What a relay task starts with. Handed over boxed and unpacked at once: an async fn keeps
-/// room for its arguments besides its locals for its whole life, so one pointer there instead
-/// of all of this makes every waiting stream's task smaller.
+/// What a relay task starts with.
 struct Job {
     ctx: Arc<RelayContext>,
     req: Running,
@@ -232,7 +230,10 @@ struct Running {
     on_disconnect: OnDisconnect,
 }
 
-async fn run(job: Box<Job>) {
+/// The relay task: relays, then concludes. Not an `async fn`: one of those keeps its arguments
+/// in its future besides its locals, for its whole life; the block below captures what it uses
+/// and uses it in place, which keeps every waiting stream's task smaller.
+fn run(job: Job) -> impl std::future::Future<Output = ()> + Send {
     let Job {
         ctx,
         req,
@@ -241,19 +242,20 @@ async fn run(job: Box<Job>) {
         tx,
         cancel,
         publisher,
-    } = *job;
-    metrics::gauge!("sluice_active_streams").increment(1.0);
+    } = job;
     let progress = Arc::new(Mutex::new(progress));
-    // If this task is dropped before it writes the final status (the runtime is going away),
-    // the guard writes interrupted(shutdown) from a tracked task.
-    let guard = {
-        let (store, id, progress, started) = (
-            ctx.store.clone(),
-            req.id.clone(),
-            progress.clone(),
-            req.started,
-        );
-        ctx.tasks.on_drop(move || async move {
+    async move {
+        metrics::gauge!("sluice_active_streams").increment(1.0);
+        // If this task is dropped before it writes the final status (the runtime is going away),
+        // the guard writes interrupted(shutdown) from a tracked task.
+        let guard = {
+            let (store, id, progress, started) = (
+                ctx.store.clone(),
+                req.id.clone(),
+                progress.clone(),
+                req.started,
+            );
+            ctx.tasks.on_drop(move || async move {
             let p = progress
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -271,17 +273,35 @@ async fn run(job: Box<Job>) {
                 tracing::error!(stream = %id, error = %e.report(), "the stopped relay's final status was not written");
             }
         })
-    };
+        };
 
-    let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
+        let concluded = {
+            let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
+            record_metrics(&ending);
+            guard.disarm();
+            conclude(&ctx, &req, &progress, ending, tx, publisher)
+        };
+        concluded.await;
+        metrics::gauge!("sluice_active_streams").decrement(1.0);
+    }
+}
 
+/// Writes the final status under a shield, then tells the client and every other reader how the
+/// stream ended. A function of its own so that what it holds takes no room in the relay's task
+/// while the stream runs (an async fn's states share room only when they are separate futures).
+async fn conclude(
+    ctx: &RelayContext,
+    req: &Running,
+    progress: &Mutex<Progress>,
+    ending: Ending,
+    tx: Option<Producer<Frame, Terminal>>,
+    publisher: Publisher,
+) {
     let total = req.started.elapsed();
     let p = progress
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    record_metrics(&ending);
-    guard.disarm();
     let job = ctx.tasks.shield({
         let store = ctx.store.clone();
         let fin = finish(&req.id, ending.clone(), &p, total);
@@ -305,7 +325,6 @@ async fn run(job: Box<Job>) {
             }),
         }
     }
-    metrics::gauge!("sluice_active_streams").decrement(1.0);
 }
 
 fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
@@ -322,223 +341,238 @@ fn finish(id: &str, ending: Ending, p: &Progress, total: Duration) -> Finish {
 
 /// Moves chunks until the stream ends; returns how, and the producer if the client may still
 /// be listening.
-async fn relay(
-    ctx: &RelayContext,
-    req: &Running,
+///
+/// Not an `async fn`: one of those keeps its arguments twice in its future (as arguments, then
+/// as locals); this block uses what it captures in place.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice in the relay's task (see above)"
+)]
+fn relay<'a>(
+    ctx: &'a RelayContext,
+    req: &'a Running,
     source: ChunkStream,
     tx: Producer<Frame, Terminal>,
-    cancel: &CancelToken,
-    publisher: &Publisher,
-    progress: &Mutex<Progress>,
-) -> (Ending, Option<Producer<Frame, Terminal>>) {
-    // The per-chunk metrics' handles, looked up once per stream rather than per chunk.
-    let inter_chunk = metrics::histogram!("sluice_inter_chunk_seconds");
-    let relayed = metrics::counter!("sluice_chunks_relayed_total");
-    let buffer_depth = metrics::histogram!("sluice_stream_buffer_depth");
-    let limits = StreamLimits {
-        first_item: Some(req.timeouts.first_token),
-        idle: Some(req.timeouts.idle),
-        total: Some(req.timeouts.total),
-        keep_alive: Some(ctx.keep_alive),
-    };
-    let mut limited = limits.apply_from(source, req.started);
-    let mut upstream_wait = Duration::ZERO;
-    let mut client_wait = Duration::ZERO;
-    let mut last_chunk: Option<Instant> = None;
-    let mut seq = 0u64;
-    // The original client; `None` once it has gone and the policy keeps the stream running.
-    let mut client = Some(tx);
-    // What the stream does once the client has left.
-    let mut departure = Departure::new(req.on_disconnect);
-    // Chunks queued for commit but not yet published to the hub, in order.
-    let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
-    let watermark = Watermark::new();
-    // The stream's byte buffer toward the client (see `BufferShare`).
-    let byte_limit = ctx
-        .buffer_bytes
-        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-    let room = Arc::new(Semaphore::new(byte_limit));
-
-    let ending = 'relay: loop {
-        // A chunk the store could not keep: the transcript can no longer be whole, and no one
-        // may be sent a chunk that is not in it (invariant 1). End here.
-        if let Some(seq) = watermark.lost() {
-            break Ending::abnormal(
-                Reason::StoreError,
-                format!(
-                    "chunk {seq} could not be stored; the stream ends rather than go on without it"
-                ),
-            );
-        }
-        let waiting = Instant::now();
-        let next = tokio::select! {
-            biased;
-            () = departed(&client) => {
-                client = None;
-                match departure.client_left() {
-                    Some(ending) => break ending,
-                    None => continue,
-                }
-            }
-            cause = cancel.cancelled() => break cancelled(cause),
-            () = next_commit(&unpublished, &watermark) => {
-                publish_committed(&mut unpublished, &watermark, publisher);
-                continue;
-            }
-            () = departure.grace_over() => {
-                match departure.look_for_followers(publisher.readers()) {
-                    Some(ending) => break ending,
-                    None => continue,
-                }
-            }
-            next = limited.next() => next,
+    cancel: &'a CancelToken,
+    publisher: &'a Publisher,
+    progress: &'a Mutex<Progress>,
+) -> impl std::future::Future<Output = (Ending, Option<Producer<Frame, Terminal>>)> + Send + 'a {
+    async move {
+        // The per-chunk metrics' handles, looked up once per stream rather than per chunk.
+        let inter_chunk = metrics::histogram!("sluice_inter_chunk_seconds");
+        let relayed = metrics::counter!("sluice_chunks_relayed_total");
+        let buffer_depth = metrics::histogram!("sluice_stream_buffer_depth");
+        let limits = StreamLimits {
+            first_item: Some(req.timeouts.first_token),
+            idle: Some(req.timeouts.idle),
+            total: Some(req.timeouts.total),
+            keep_alive: Some(ctx.keep_alive),
         };
-        upstream_wait += waiting.elapsed();
-        let chunk = match next {
-            None => break Ending::Completed,
-            Some(Err(limit)) => {
-                let reason = Reason::for_limit(limit.limit);
+        let mut limited = limits.apply_from(source, req.started);
+        let mut upstream_wait = Duration::ZERO;
+        let mut client_wait = Duration::ZERO;
+        let mut last_chunk: Option<Instant> = None;
+        let mut seq = 0u64;
+        // The original client; `None` once it has gone and the policy keeps the stream running.
+        let mut client = Some(tx);
+        // What the stream does once the client has left.
+        let mut departure = Departure::new(req.on_disconnect);
+        // Chunks queued for commit but not yet published to the hub, in order.
+        let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
+        let watermark = Watermark::new();
+        // The stream's byte buffer toward the client (see `BufferShare`).
+        let byte_limit = ctx
+            .buffer_bytes
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let room = Arc::new(Semaphore::new(byte_limit));
+
+        let ending = 'relay: loop {
+            // A chunk the store could not keep: the transcript can no longer be whole, and no one
+            // may be sent a chunk that is not in it (invariant 1). End here.
+            if let Some(seq) = watermark.lost() {
                 break Ending::abnormal(
-                    reason,
+                    Reason::StoreError,
                     format!(
-                        "{} timeout of {:?} exceeded after {} chunks",
-                        reason.as_str(),
-                        limit.limit_after,
-                        limit.items
+                        "chunk {seq} could not be stored; the stream ends rather than go on without it"
                     ),
                 );
             }
-            Some(Ok(Event::KeepAlive { .. })) => {
-                // Worth nothing if the client already has frames to read: never wait for room.
-                if let Some(tx) = &client {
-                    let _ = tx.try_send(Frame::KeepAlive);
-                }
-                continue;
-            }
-            Some(Ok(Event::Item(Err(e)))) => {
-                break Ending::abnormal(e.reason(), ctx.redactor.message(&e.to_string()))
-            }
-            Some(Ok(Event::Item(Ok(chunk)))) => chunk,
-        };
+            // The next chunk, and what the stream keeps of it, in a block of their own: whatever
+            // the loop's body holds across an `.await` below takes room in the relay's task all its
+            // life, in every state, the idle wait included.
+            let (data, content, offset) = {
+                let waiting = Instant::now();
+                let next = tokio::select! {
+                    biased;
+                    () = departed(&client) => {
+                        client = None;
+                        match departure.client_left() {
+                            Some(ending) => break ending,
+                            None => continue,
+                        }
+                    }
+                    cause = cancel.cancelled() => break cancelled(cause),
+                    () = next_commit(&unpublished, &watermark) => {
+                        publish_committed(&mut unpublished, &watermark, publisher);
+                        continue;
+                    }
+                    () = departure.grace_over() => {
+                        match departure.look_for_followers(publisher.readers()) {
+                            Some(ending) => break ending,
+                            None => continue,
+                        }
+                    }
+                    next = limited.next() => next,
+                };
+                upstream_wait += waiting.elapsed();
+                let chunk = match next {
+                    None => break Ending::Completed,
+                    Some(Err(limit)) => {
+                        let reason = Reason::for_limit(limit.limit);
+                        break Ending::abnormal(
+                            reason,
+                            format!(
+                                "{} timeout of {:?} exceeded after {} chunks",
+                                reason.as_str(),
+                                limit.limit_after,
+                                limit.items
+                            ),
+                        );
+                    }
+                    Some(Ok(Event::KeepAlive { .. })) => {
+                        // Worth nothing if the client already has frames to read: never wait for room.
+                        if let Some(tx) = &client {
+                            let _ = tx.try_send(Frame::KeepAlive);
+                        }
+                        continue;
+                    }
+                    Some(Ok(Event::Item(Err(e)))) => {
+                        break Ending::abnormal(e.reason(), ctx.redactor.message(&e.to_string()))
+                    }
+                    Some(Ok(Event::Item(Ok(chunk)))) => chunk,
+                };
 
-        seq += 1;
-        let now = Instant::now();
-        let offset = now.saturating_duration_since(req.started);
-        {
-            let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
-            p.chunks = seq;
-            p.first_token.get_or_insert(offset);
-            if chunk.usage.is_some() {
-                p.usage = chunk.usage.clone();
+                seq += 1;
+                let now = Instant::now();
+                let offset = now.saturating_duration_since(req.started);
+                {
+                    let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
+                    p.chunks = seq;
+                    p.first_token.get_or_insert(offset);
+                    if chunk.usage.is_some() {
+                        p.usage = chunk.usage.clone();
+                    }
+                }
+                match last_chunk.replace(now) {
+                    None => metrics::histogram!("sluice_time_to_first_token_seconds")
+                        .record(offset.as_secs_f64()),
+                    Some(prev) => inter_chunk.record((now - prev).as_secs_f64()),
+                }
+                // What the upstream says goes no further than here with a key in it.
+                let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
+                let content = match ctx.redactor.chunk(&chunk.content) {
+                    std::borrow::Cow::Borrowed(_) => chunk.content,
+                    std::borrow::Cow::Owned(redacted) => redacted,
+                };
+                (data, content, offset)
+            };
+            // Nobody gets a chunk before it is committed (invariant 1, even across a crash of the
+            // process): the client side waits for `committed`, and the hub publishes in commit
+            // order. The relay itself does not wait, so a stream's chunks share commits.
+            let committed = if ctx.record_chunks {
+                match ctx
+                    .store
+                    .append(&req.id, seq, offset, data.clone(), content, &watermark)
+                    .await
+                {
+                    Ok(()) => Some(watermark.clone()),
+                    Err(e) => {
+                        tracing::error!(stream = %req.id, error = %e.report(), "chunk not recorded");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match &committed {
+                Some(_) => unpublished.push_back((seq, data.clone())),
+                None => publisher.publish(Live::Chunk {
+                    seq,
+                    data: data.clone(),
+                }),
             }
-        }
-        match last_chunk.replace(now) {
-            None => metrics::histogram!("sluice_time_to_first_token_seconds")
-                .record(offset.as_secs_f64()),
-            Some(prev) => inter_chunk.record((now - prev).as_secs_f64()),
-        }
-        // What the upstream says goes no further than here with a key in it.
-        let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
-        let content = match ctx.redactor.chunk(&chunk.content) {
-            std::borrow::Cow::Borrowed(_) => chunk.content,
-            std::borrow::Cow::Owned(redacted) => redacted,
-        };
-        // Nobody gets a chunk before it is committed (invariant 1, even across a crash of the
-        // process): the client side waits for `committed`, and the hub publishes in commit
-        // order. The relay itself does not wait, so a stream's chunks share commits.
-        let committed = if ctx.record_chunks {
-            match ctx
-                .store
-                .append(&req.id, seq, offset, data.clone(), content, &watermark)
-                .await
-            {
-                Ok(()) => Some(watermark.clone()),
-                Err(e) => {
-                    tracing::error!(stream = %req.id, error = %e.report(), "chunk not recorded");
-                    None
+            publish_committed(&mut unpublished, &watermark, publisher);
+            relayed.increment(1);
+
+            let Some(tx) = &client else {
+                continue; // nobody on the original connection: recorded and published is all
+            };
+            buffer_depth.record(tx.depth() as f64);
+            let sending = Instant::now();
+            // Room first (bytes, then a place in the queue), all under the slow-client limit. The
+            // send goes first: a chunk already committed and published reaches the client if there
+            // is room for it; a cancel only interrupts a send that is waiting for room.
+            let wanted = u32::try_from(data.len().min(byte_limit)).unwrap_or(u32::MAX);
+            let chunk = Box::new(ChunkFrame {
+                committed,
+                seq,
+                data,
+                room: BufferShare(room.clone().try_acquire_many_owned(wanted).ok()),
+            });
+            let sent = match send_now(tx, chunk) {
+                Ok(sent) => Timed::Completed(sent),
+                Err(chunk) => {
+                    // A slow client. The wait (and its timer) is boxed: it is the rare case, and
+                    // inline it would make every relay's task larger for its whole life.
+                    let send = Box::pin(sluice_flow::timeout(
+                        ctx.slow_client_timeout,
+                        send_when_room(tx, &room, wanted, chunk),
+                    ));
+                    tokio::select! {
+                        biased;
+                        sent = send => sent,
+                        cause = cancel.cancelled() => break cancelled(cause),
+                    }
+                }
+            };
+            client_wait += sending.elapsed();
+            match sent {
+                Timed::Completed(true) => {}
+                Timed::Completed(false) => {
+                    client = None;
+                    if let Some(ending) = departure.client_left() {
+                        break 'relay ending;
+                    }
+                }
+                Timed::Expired(_) => {
+                    break Ending::abnormal(
+                        Reason::SlowClient,
+                        format!(
+                            "the client left {} chunks ({} bytes) unread for {:?}",
+                            tx.depth(),
+                            byte_limit - room.available_permits(),
+                            ctx.slow_client_timeout
+                        ),
+                    )
                 }
             }
-        } else {
-            None
         };
-        match &committed {
-            Some(_) => unpublished.push_back((seq, data.clone())),
-            None => publisher.publish(Live::Chunk {
-                seq,
-                data: data.clone(),
-            }),
+        // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
+        drop(limited);
+        // Chunks still waiting for their commit reach the hub before the stream's end does.
+        if let Some((last, _)) = unpublished.back() {
+            watermark.reached(*last).await;
         }
         publish_committed(&mut unpublished, &watermark, publisher);
-        relayed.increment(1);
 
-        let Some(tx) = &client else {
-            continue; // nobody on the original connection: recorded and published is all
-        };
-        buffer_depth.record(tx.depth() as f64);
-        let sending = Instant::now();
-        // Room first (bytes, then a place in the queue), all under the slow-client limit. The
-        // send goes first: a chunk already committed and published reaches the client if there
-        // is room for it; a cancel only interrupts a send that is waiting for room.
-        let wanted = u32::try_from(data.len().min(byte_limit)).unwrap_or(u32::MAX);
-        let chunk = Box::new(ChunkFrame {
-            committed,
-            seq,
-            data,
-            room: BufferShare(room.clone().try_acquire_many_owned(wanted).ok()),
-        });
-        let sent = match send_now(tx, chunk) {
-            Ok(sent) => Timed::Completed(sent),
-            Err(chunk) => {
-                // A slow client. The wait (and its timer) is boxed: it is the rare case, and
-                // inline it would make every relay's task larger for its whole life.
-                let send = Box::pin(sluice_flow::timeout(
-                    ctx.slow_client_timeout,
-                    send_when_room(tx, &room, wanted, chunk),
-                ));
-                tokio::select! {
-                    biased;
-                    sent = send => sent,
-                    cause = cancel.cancelled() => break cancelled(cause),
-                }
-            }
-        };
-        client_wait += sending.elapsed();
-        match sent {
-            Timed::Completed(true) => {}
-            Timed::Completed(false) => {
-                client = None;
-                if let Some(ending) = departure.client_left() {
-                    break 'relay ending;
-                }
-            }
-            Timed::Expired(_) => {
-                break Ending::abnormal(
-                    Reason::SlowClient,
-                    format!(
-                        "the client left {} chunks ({} bytes) unread for {:?}",
-                        tx.depth(),
-                        byte_limit - room.available_permits(),
-                        ctx.slow_client_timeout
-                    ),
-                )
-            }
-        }
-    };
-    // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
-    drop(limited);
-    // Chunks still waiting for their commit reach the hub before the stream's end does.
-    if let Some((last, _)) = unpublished.back() {
-        watermark.reached(*last).await;
+        let total = req.started.elapsed();
+        metrics::histogram!("sluice_gateway_overhead_seconds").record(
+            total
+                .saturating_sub(upstream_wait + client_wait)
+                .as_secs_f64(),
+        );
+        (ending, client)
     }
-    publish_committed(&mut unpublished, &watermark, publisher);
-
-    let total = req.started.elapsed();
-    metrics::histogram!("sluice_gateway_overhead_seconds").record(
-        total
-            .saturating_sub(upstream_wait + client_wait)
-            .as_secs_f64(),
-    );
-    (ending, client)
 }
 
 /// Queues `chunk` for the client if it holds its room and the queue has a place now: whether

@@ -29,7 +29,7 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{ChunkStream, Payload, UpstreamError, UpstreamRequest};
+use super::{Chunk, ChunkStream, Payload, UpstreamError, UpstreamRequest};
 
 /// The per-request `"sim"` field. Every field is optional.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,41 +363,54 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
         .as_u64()
         .unwrap_or(0);
     drop(request);
-    Box::pin(stream! {
-        let p = match params {
-            Ok(p) => defaults.faults_into(p),
-            Err(e) => {
-                yield Err(UpstreamError::Status { status: 400, message: format!("invalid sim field: {e}"), retry_after: None });
-                return;
-            }
-        };
-        if let Some(status) = p.http_status {
-            yield Err(UpstreamError::Status { status, message: format!("simulated HTTP {status}"), retry_after: None });
-            return;
+    // What the answer needs is settled here and the steps boxed, outside the generator: a value
+    // a generator captures and then binds again takes its room twice, for the stream's life.
+    let mut p = match params {
+        Ok(p) => defaults.faults_into(p),
+        Err(e) => {
+            return refusal(UpstreamError::Status {
+                status: 400,
+                message: format!("invalid sim field: {e}"),
+                retry_after: None,
+            })
         }
-        let mut p = p;
-        p.tokens = Some(p.tokens.unwrap_or(defaults.tokens).min(defaults.max_tokens));
+    };
+    if let Some(status) = p.http_status {
+        return refusal(UpstreamError::Status {
+            status,
+            message: format!("simulated HTTP {status}"),
+            retry_after: None,
+        });
+    }
+    p.tokens = Some(p.tokens.unwrap_or(defaults.tokens).min(defaults.max_tokens));
+    let answer = Answer {
+        id: format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple()),
+        model,
+        tool,
+        prompt_tokens,
         // Paced: token n goes out no earlier than n / max_tokens_per_second after the first.
-        let pace = Duration::from_secs(1) / defaults.max_tokens_per_second.max(1);
+        pace: Duration::from_secs(1) / defaults.max_tokens_per_second.max(1),
+        tool_call: p.tool_call == Some(true),
+    };
+    let mut steps = Box::pin(steps(defaults, p, from));
+    Box::pin(stream! {
         let mut paced_from: Option<tokio::time::Instant> = None;
-        let id = format!("chatcmpl-sim-{}", uuid::Uuid::new_v4().simple());
         let mut count = 0u32;
-        let steps = steps(defaults, p, from);
-        futures_util::pin_mut!(steps);
         while let Some(step) = futures_util::StreamExt::next(&mut steps).await {
             match step {
                 SimStep::Token(text) => {
                     let from = *paced_from.get_or_insert_with(tokio::time::Instant::now);
-                    let due = from + pace * count;
+                    let due = from + answer.pace * count;
                     // Sleep only when a millisecond or more ahead: the timer's resolution.
+                    // Boxed: pacing is rare, and inline its timer would be in every stream.
                     if due > tokio::time::Instant::now() + Duration::from_millis(1) {
-                        tokio::time::sleep_until(due).await;
+                        Box::pin(tokio::time::sleep_until(due)).await;
                     }
                     count += 1;
-                    match Payload::parse(&chunk_json(&id, &model, Some(&text), None)) {
-                        Ok(Payload::Chunk(c)) => yield Ok(c),
-                        Ok(Payload::Done) => {}
-                        Err(e) => { yield Err(e); return; }
+                    match parsed(chunk_json(&answer.id, &answer.model, Some(&text), None)) {
+                        Some(Ok(c)) => yield Ok(c),
+                        Some(Err(e)) => { yield Err(e); return; }
+                        None => {}
                     }
                 }
                 SimStep::Fail => { yield Err(UpstreamError::ErrorEvent { message: FAIL_MESSAGE.into() }); return; }
@@ -405,17 +418,17 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
                 SimStep::Garbage => { yield Err(UpstreamError::Protocol("a chunk is not JSON (garbage_after)".into())); return; }
                 SimStep::Finish => {
                     let usage = json!({
-                        "prompt_tokens": prompt_tokens,
+                        "prompt_tokens": answer.prompt_tokens,
                         "completion_tokens": count,
-                        "total_tokens": prompt_tokens + u64::from(count),
+                        "total_tokens": answer.prompt_tokens + u64::from(count),
                     });
-                    let last = if p.tool_call == Some(true) {
-                        tool_call_chunks(&id, &model, &tool, usage)
+                    let last = if answer.tool_call {
+                        tool_call_chunks(&answer.id, &answer.model, &answer.tool, usage)
                     } else {
-                        vec![chunk_json(&id, &model, None, Some(usage))]
+                        vec![chunk_json(&answer.id, &answer.model, None, Some(usage))]
                     };
                     for data in last {
-                        if let Ok(Payload::Chunk(c)) = Payload::parse(&data) {
+                        if let Some(Ok(c)) = parsed(data) {
                             yield Ok(c);
                         }
                     }
@@ -424,6 +437,33 @@ pub fn open(defaults: SimDefaults, request: UpstreamRequest) -> ChunkStream {
             }
         }
     })
+}
+
+/// What a simulated answer says besides its steps.
+struct Answer {
+    id: String,
+    model: String,
+    /// The tool a `tool_call` answer calls.
+    tool: String,
+    prompt_tokens: u64,
+    /// The least time between two tokens.
+    pace: Duration,
+    tool_call: bool,
+}
+
+/// A chunk of the simulated model's own making, parsed as any upstream's is (`None` for
+/// `[DONE]`).
+fn parsed(data: String) -> Option<Result<Chunk, UpstreamError>> {
+    match Payload::parse_owned(data) {
+        Ok(Payload::Chunk(c)) => Some(Ok(c)),
+        Ok(Payload::Done) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// A stream of one error: the simulated model refusing the request.
+fn refusal(e: UpstreamError) -> ChunkStream {
+    Box::pin(futures_util::stream::once(std::future::ready(Err(e))))
 }
 
 #[cfg(test)]
