@@ -225,6 +225,28 @@ impl<S> Limited<S> {
         }
     }
 
+    /// Sets the timer for `due` (if any) and polls it: whether it has fired.
+    fn poll_timer(&mut self, due: Option<Instant>, cx: &mut Context<'_>) -> bool {
+        let Some(due) = due else {
+            return false;
+        };
+        let timer = match &mut self.timer {
+            Some((armed, timer)) => {
+                if *armed != due {
+                    *armed = due;
+                    timer.as_mut().reset(due);
+                }
+                timer
+            }
+            slot @ None => {
+                &mut slot
+                    .insert((due, Box::pin(tokio::time::sleep_until(due))))
+                    .1
+            }
+        };
+        timer.as_mut().poll(cx).is_ready()
+    }
+
     fn trip(&mut self, limit: Limit, limit_after: Duration, now: Instant) -> LimitExceeded {
         self.inner = None; // drops the inner stream: its cleanup runs here, once
         self.timer = None;
@@ -306,30 +328,6 @@ impl<S: Stream> Stream for Limited<S> {
             }
         }
         Poll::Pending
-    }
-}
-
-impl<S> Limited<S> {
-    /// Sets the timer for `due` (if any) and polls it: whether it has fired.
-    fn poll_timer(&mut self, due: Option<Instant>, cx: &mut Context<'_>) -> bool {
-        let Some(due) = due else {
-            return false;
-        };
-        let timer = match &mut self.timer {
-            Some((armed, timer)) => {
-                if *armed != due {
-                    *armed = due;
-                    timer.as_mut().reset(due);
-                }
-                timer
-            }
-            slot @ None => {
-                &mut slot
-                    .insert((due, Box::pin(tokio::time::sleep_until(due))))
-                    .1
-            }
-        };
-        timer.as_mut().poll(cx).is_ready()
     }
 }
 

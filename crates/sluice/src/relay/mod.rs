@@ -197,27 +197,10 @@ async fn record_and_spawn(
         started,
         on_disconnect,
     };
-    ctx.tasks.clone().spawn(run(Job {
-        ctx,
-        req: stream,
-        source,
-        progress,
-        tx,
-        cancel,
-        publisher,
-    }));
+    ctx.tasks
+        .clone()
+        .spawn(run(ctx, stream, source, progress, tx, cancel, publisher));
     Ok(rx)
-}
-
-/// What a relay task starts with.
-struct Job {
-    ctx: Arc<RelayContext>,
-    req: Running,
-    source: ChunkStream,
-    progress: Progress,
-    tx: Producer<Frame, Terminal>,
-    cancel: CancelToken,
-    publisher: Publisher,
 }
 
 /// What a relay keeps of its request while it runs.
@@ -233,16 +216,15 @@ struct Running {
 /// The relay task: relays, then concludes. Not an `async fn`: one of those keeps its arguments
 /// in its future besides its locals, for its whole life; the block below captures what it uses
 /// and uses it in place, which keeps every waiting stream's task smaller.
-fn run(job: Job) -> impl std::future::Future<Output = ()> + Send {
-    let Job {
-        ctx,
-        req,
-        source,
-        progress,
-        tx,
-        cancel,
-        publisher,
-    } = job;
+fn run(
+    ctx: Arc<RelayContext>,
+    req: Running,
+    source: ChunkStream,
+    progress: Progress,
+    tx: Producer<Frame, Terminal>,
+    cancel: CancelToken,
+    publisher: Publisher,
+) -> impl std::future::Future<Output = ()> + Send {
     let progress = Arc::new(Mutex::new(progress));
     async move {
         metrics::gauge!("sluice_active_streams").increment(1.0);
@@ -275,6 +257,8 @@ fn run(job: Job) -> impl std::future::Future<Output = ()> + Send {
         })
         };
 
+        // The relay's outcome in a block, so that nothing of it is held across the last await
+        // besides what `conclude` takes.
         let concluded = {
             let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
             record_metrics(&ending);

@@ -183,8 +183,7 @@ impl Store {
             Err(TrySendError::Closed(_)) => return Err(StoreError::Closed),
             Err(TrySendError::Full(op)) => op,
         };
-        let store = self.clone();
-        Box::pin(async move { on_backend!(store, b => b.send(op).await) }).await
+        Box::pin(async move { on_backend!(self, b => b.send(op).await) }).await
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before

@@ -256,7 +256,7 @@ impl Default for UpstreamLimits {
 }
 
 /// A request as it goes upstream: the client's body without sluice's own options.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     /// The body, `stream` forced on; for `openai` upstreams `model` is the upstream's name.
     pub body: Map<String, Value>,

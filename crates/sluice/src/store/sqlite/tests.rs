@@ -35,6 +35,12 @@ async fn transcript(store: &crate::store::Store, id: &str) -> Transcript {
         .expect("exists")
 }
 
+/// The number `sql` (a `SELECT COUNT(*)`) counts in the store's database file.
+fn count(store: &crate::store::Store, sql: &str) -> i64 {
+    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
+    c.query_row(sql, [], |r| r.get(0)).expect("count")
+}
+
 fn new_stream(id: &str) -> NewStream {
     NewStream {
         id: id.into(),
@@ -250,14 +256,10 @@ async fn chunks_only_in_the_journal_survive_a_crash() {
         journaled(dir.path()).is_empty(),
         "the journal is emptied once folded"
     );
-    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
-    let ghosts: i64 = c
-        .query_row(
-            "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'ghost'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let ghosts = count(
+        &store,
+        "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'ghost'",
+    );
     assert_eq!(ghosts, 0);
     // Opening again changes nothing.
     drop(store);
@@ -407,14 +409,10 @@ async fn chunks_of_the_earlier_layout_are_moved_into_blocks() {
         (Status::Interrupted, Some(Reason::Crash))
     );
     assert_eq!(t.content, expected_text("logged", 5));
-    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
-    let tables: i64 = c
-        .query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('chunks', 'chunk_log')",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let tables = count(
+        &store,
+        "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('chunks', 'chunk_log')",
+    );
     assert_eq!(tables, 0);
 }
 
@@ -449,14 +447,10 @@ async fn the_journal_stays_short_and_a_quiet_stream_does_not_pin_it() {
         on_disk <= bound && on_disk < written / 2,
         "{on_disk} journal bytes on disk after {written} written"
     );
-    let c = Connection::open(store.path().expect("sqlite")).expect("open db");
-    let quiet_blocks: i64 = c
-        .query_row(
-            "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let quiet_blocks = count(
+        &store,
+        "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
+    );
     assert_eq!(quiet_blocks, 1, "the quiet run was written as a block");
     let t = transcript(&store, "quiet").await;
     assert_eq!(t.content, expected_text("quiet", 1));
