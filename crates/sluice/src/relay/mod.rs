@@ -492,7 +492,6 @@ fn relay<'a>(
                 continue; // nobody on the original connection: recorded and published is all
             };
             buffer_depth.record(tx.depth() as f64);
-            let sending = Instant::now();
             // Room first (bytes, then a place in the queue), all under the slow-client limit. The
             // send goes first: a chunk already committed and published reaches the client if there
             // is room for it; a cancel only interrupts a send that is waiting for room.
@@ -507,19 +506,22 @@ fn relay<'a>(
                 Ok(sent) => Timed::Completed(sent),
                 Err(chunk) => {
                     // A slow client. The wait (and its timer) is boxed: it is the rare case, and
-                    // inline it would make every relay's task larger for its whole life.
+                    // inline it would make every relay's task larger for its whole life. Only a
+                    // wait is timed: a chunk queued at once costs the client no time.
+                    let sending = Instant::now();
                     let send = Box::pin(sluice_flow::timeout(
                         ctx.slow_client_timeout,
                         send_when_room(tx, &room, wanted, chunk),
                     ));
-                    tokio::select! {
+                    let sent = tokio::select! {
                         biased;
                         sent = send => sent,
                         cause = cancel.cancelled() => break cancelled(cause),
-                    }
+                    };
+                    client_wait += sending.elapsed();
+                    sent
                 }
             };
-            client_wait += sending.elapsed();
             match sent {
                 Timed::Completed(true) => {}
                 Timed::Completed(false) => {
