@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The most chunks in one block.
-pub(crate) const BLOCK_CHUNKS: usize = 32;
+pub(crate) const BLOCK_CHUNKS: usize = 64;
 /// A run this large (chunk JSON and text, in bytes) is written as a block even before it has
 /// [`BLOCK_CHUNKS`] chunks.
 pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
@@ -32,8 +32,17 @@ pub(crate) const LOG_CHECK_EVERY: i64 = 4096;
 /// block, so one quiet stream cannot keep the journal from being trimmed.
 pub(crate) const LOG_SPAN: i64 = 16 * 1024 * 1024;
 
-/// The format version written as a block's first byte.
-const VERSION: u8 = 1;
+/// A block's first byte: its chunks as they are (what blocks were before compression, and
+/// what a block is when compressing would not make it smaller).
+const PLAIN: u8 = 1;
+/// A block's first byte: its chunks LZ4-compressed (a u32 with their plain size, then an LZ4
+/// block). Chunks of one stream repeat themselves (id, model, field names), so a block shrinks
+/// four- to eightfold, and every byte not written is a byte SQLite does not write to its WAL,
+/// checksum, copy into the database and sync (most of the store's CPU on long streams: see
+/// `docs/benchmarks/README.md`).
+const LZ4: u8 = 2;
+/// LZ4 cannot expand data more than about 255-fold: a plain size claimed beyond that is damage.
+const LZ4_MAX_RATIO: usize = 255;
 
 /// One chunk as the store keeps it.
 #[derive(Debug, Clone)]
@@ -103,13 +112,25 @@ pub(crate) type Runs = HashMap<Arc<str>, Run>;
 #[error("a stored chunk block is damaged ({0})")]
 pub(crate) struct BlockError(&'static str);
 
-/// Encodes chunks as a block body: a version byte, then per chunk its seq and offset (u64 and
-/// i64, little-endian), then its JSON and its text, each as a u32 length and the bytes.
+/// Encodes chunks as a block body: a format byte, then per chunk its seq and offset (u64 and
+/// i64, little-endian), then its JSON and its text, each as a u32 length and the bytes;
+/// compressed (see [`LZ4`]) unless that would not make it smaller.
 pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> Vec<u8> {
-    let mut out = vec![VERSION];
+    let mut plain = vec![PLAIN];
     for c in chunks {
-        encode_chunk(&mut out, c);
+        encode_chunk(&mut plain, c);
     }
+    let Ok(size) = u32::try_from(plain.len() - 1) else {
+        return plain;
+    };
+    let compressed = lz4_flex::block::compress(&plain[1..]);
+    if compressed.len() + 5 >= plain.len() {
+        return plain;
+    }
+    let mut out = Vec::with_capacity(compressed.len() + 5);
+    out.push(LZ4);
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&compressed);
     out
 }
 
@@ -138,9 +159,22 @@ pub(crate) type Decoded = (u64, i64, String, String);
 
 /// Decodes a block body written by [`encode`].
 pub(crate) fn decode(body: &[u8]) -> Result<Vec<Decoded>, BlockError> {
-    let (&version, mut rest) = body.split_first().ok_or(BlockError("empty"))?;
-    if version != VERSION {
-        return Err(BlockError("unknown version"));
+    let (&format, mut rest) = body.split_first().ok_or(BlockError("empty"))?;
+    let plain;
+    match format {
+        PLAIN => {}
+        LZ4 => {
+            let size = u32::from_le_bytes(take_array(&mut rest)?) as usize;
+            if size > rest.len().saturating_mul(LZ4_MAX_RATIO) {
+                return Err(BlockError("implausible size"));
+            }
+            plain = lz4_flex::block::decompress(rest, size).map_err(|_| BlockError("not LZ4"))?;
+            if plain.len() != size {
+                return Err(BlockError("wrong size"));
+            }
+            rest = &plain;
+        }
+        _ => return Err(BlockError("unknown format")),
     }
     let mut out = Vec::new();
     while !rest.is_empty() {
@@ -209,6 +243,38 @@ mod tests {
         let mut wrong = body.clone();
         wrong[0] = 99;
         assert!(decode(&wrong).is_err());
+    }
+
+    #[test]
+    fn blocks_that_repeat_themselves_are_stored_compressed_and_read_back_whole() {
+        let chunks: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
+            .map(|seq| {
+                let word = format!("word{seq} ");
+                let data = format!(
+                    r#"{{"id":"chatcmpl-1","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{{"content":"{word}"}}}}]}}"#
+                );
+                chunk(seq, &data, &word)
+            })
+            .collect();
+        let plain: usize = chunks.iter().map(|c| 24 + c.bytes()).sum();
+        let body = encode(&chunks);
+        assert_eq!(body[0], LZ4);
+        assert!(body.len() * 4 < plain, "{} of {plain} bytes", body.len());
+        let expected: Vec<Decoded> = chunks
+            .iter()
+            .map(|c| (c.seq, c.offset_us, c.data.to_string(), c.content.clone()))
+            .collect();
+        assert_eq!(decode(&body).expect("decodes"), expected);
+        // Damage is an error, never a panic or a huge allocation.
+        for cut in 0..body.len() {
+            assert!(decode(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut huge = body.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode(&huge).is_err());
+        let mut short = body.clone();
+        short[1..5].copy_from_slice(&((plain as u32) / 2).to_le_bytes());
+        assert!(decode(&short).is_err());
     }
 
     #[test]
