@@ -94,9 +94,9 @@ async fn another_tenants_stream_does_not_exist_on_any_endpoint() {
     let mut mine = Reader::open_as(&t.g.url, &chat(1000, 50), Some(&t.acme)).await;
     mine.next().await.unwrap();
     let id = mine.stream_id.clone().unwrap();
-    // Unguessable: a random (v4) UUID, 122 random bits.
+    // Unguessable: a time-ordered (v7) UUID, a millisecond timestamp then 74 random bits.
     let uuid = uuid::Uuid::parse_str(&id).expect("a UUID");
-    assert_eq!(uuid.get_version_num(), 4);
+    assert_eq!(uuid.get_version_num(), 7);
 
     let url = &t.g.url;
     let other = Some(t.globex.as_str());

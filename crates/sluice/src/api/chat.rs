@@ -256,7 +256,7 @@ pub(super) async fn chat_completions(
     // The parsed request holds what is needed; the raw body need not wait for the stream.
     drop(bytes);
     let client_request = Value::Object(chat.body.clone());
-    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    let id: Arc<str> = Arc::from(crate::stream::new_stream_id());
     let stream = chat.stream;
     let (frames, model) =
         match start_stream(&state, &caller, chat, client_request, id.clone(), started).await? {

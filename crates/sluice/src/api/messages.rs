@@ -194,7 +194,7 @@ async fn answer(
     let chat = chat_request(chat_body(&body)?)?;
     let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
     body.insert(MARKER.into(), json!("anthropic"));
-    let id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    let id: Arc<str> = Arc::from(crate::stream::new_stream_id());
     let (mut frames, model) = match start_stream(
         &state,
         &caller,
