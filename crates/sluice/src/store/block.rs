@@ -43,6 +43,9 @@ const PLAIN: u8 = 1;
 const LZ4: u8 = 2;
 /// LZ4 cannot expand data more than about 255-fold: a plain size claimed beyond that is damage.
 const LZ4_MAX_RATIO: usize = 255;
+/// Smaller blocks are stored plain: they fit in their B-tree page as they are, and compressing
+/// starts by clearing a 16 KiB table (more work than a short stream's last block is worth).
+const COMPRESS_FROM: usize = 2048;
 
 /// One chunk as the store keeps it.
 #[derive(Debug, Clone)]
@@ -114,7 +117,7 @@ pub(crate) struct BlockError(&'static str);
 
 /// Encodes chunks as a block body: a format byte, then per chunk its seq and offset (u64 and
 /// i64, little-endian), then its JSON and its text, each as a u32 length and the bytes;
-/// compressed (see [`LZ4`]) unless that would not make it smaller.
+/// compressed (see [`LZ4`]) if it is large enough to be worth it and that makes it smaller.
 pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> Vec<u8> {
     let mut plain = vec![PLAIN];
     for c in chunks {
@@ -123,6 +126,9 @@ pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> V
     let Ok(size) = u32::try_from(plain.len() - 1) else {
         return plain;
     };
+    if plain.len() < COMPRESS_FROM {
+        return plain;
+    }
     let compressed = lz4_flex::block::compress(&plain[1..]);
     if compressed.len() + 5 >= plain.len() {
         return plain;
@@ -225,7 +231,9 @@ mod tests {
             chunk(2, "", ""),
             chunk(9, "{}", "日本"),
         ];
-        let decoded = decode(&encode(&chunks)).expect("decodes");
+        let body = encode(&chunks);
+        assert_eq!(body[0], PLAIN, "too small to be worth compressing");
+        let decoded = decode(&body).expect("decodes");
         let expected: Vec<Decoded> = chunks
             .iter()
             .map(|c| (c.seq, c.offset_us, c.data.to_string(), c.content.clone()))
