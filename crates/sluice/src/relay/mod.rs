@@ -9,10 +9,12 @@
 //!                 └──▶ hub (resumers), in commit order
 //! ```
 //! A relay runs as its own tracked task, apart from the HTTP request, so that it sees the client
-//! leave (the queue's consumer departs) instead of being silently dropped with the request. On
+//! leave (the queue's consumer departs) instead of being silently dropped with the request; the
+//! same task records the stream first, so the record, the relay and the final status are all
+//! shielded from the request's task by running in this one. On
 //! any ending (the upstream's `[DONE]`, a limit, a disconnect, a slow client, shutdown, an
 //! upstream failure) it drops the upstream stream at once (closing its connection), writes the
-//! final status under a shield, and only then tells the client how the stream ended: when a
+//! final status, and only then tells the client how the stream ended: when a
 //! client sees `[DONE]` or an error event, the transcript already says so. If the relay task
 //! itself is dropped before its final write, a cleanup guard writes `interrupted(shutdown)`.
 //! The ending travels as an [`Ending`] value from where it happens to the store and the client.
@@ -24,10 +26,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 use sluice_flow::{
-    queue, CancelCause, CancelToken, Consumer, Event, Producer, StreamLimits, Tasks, Timed,
-    TrySendError,
+    queue, CancelCause, CancelToken, CleanupGuard, Consumer, Event, Producer, StreamLimits, Tasks,
+    Timed, TrySendError,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::hub::{Hub, Live, Publisher};
@@ -143,21 +145,41 @@ struct Progress {
 /// store before the upstream is called; a key with no place left among its running streams
 /// gets [`StoreError::KeyBusy`].
 ///
-/// Shielded: once recording has begun, the stream gets its relay (and so a final status) even if
-/// the caller is dropped meanwhile; the relay then finds its client gone.
+/// Shielded: the stream's own tracked task records it and then relays it, so once `start` is
+/// called the stream gets its relay (and so a final status) even if the caller is dropped
+/// meanwhile; the relay then finds its client gone. One task per stream does both (rather than
+/// a shielded task for the record and then one for the relay): a task spawned and joined is a
+/// hand-off between threads that every stream paid before its first token.
 pub async fn start(ctx: &Arc<RelayContext>, req: StreamRequest) -> Result<Frames, StoreError> {
-    let job = ctx.tasks.shield(record_and_spawn(ctx.clone(), req));
-    job.await.unwrap_or_else(|e| {
-        Err(StoreError::Internal(format!(
-            "starting the stream failed: {e}"
-        )))
+    let (started, begun) = oneshot::channel();
+    ctx.tasks.spawn(run(Box::new((ctx.clone(), req, started))));
+    begun.await.unwrap_or_else(|_| {
+        Err(StoreError::Internal(
+            "starting the stream failed: its task ended before it was recorded".into(),
+        ))
     })
 }
 
-async fn record_and_spawn(
-    ctx: Arc<RelayContext>,
-    req: StreamRequest,
-) -> Result<Frames, StoreError> {
+/// What a stream's task starts from, in one box: a task's captured values take room in its
+/// future for the task's whole life, and these are only needed at its start.
+type Starting = (
+    Arc<RelayContext>,
+    StreamRequest,
+    oneshot::Sender<Result<Frames, StoreError>>,
+);
+
+/// What the relay works with once its stream is recorded.
+struct Begun {
+    req: Running,
+    source: ChunkStream,
+    progress: Progress,
+    tx: Producer<Frame, Terminal>,
+    cancel: CancelToken,
+    publisher: Publisher,
+}
+
+/// Records the stream; returns its frames, and what the relay works with.
+async fn record(ctx: &RelayContext, req: StreamRequest) -> Result<(Frames, Begun), StoreError> {
     let StreamRequest {
         id,
         tenant,
@@ -188,19 +210,22 @@ async fn record_and_spawn(
         attempts: upstream.is_route().then(Attempts::default),
         ..Progress::default()
     };
-    // Opened here (nothing happens until the relay polls it), so the upstream request goes
-    // into the stream that sends it and the relay's task keeps only what it uses.
-    let source = upstream.open(upstream_request, progress.attempts.as_ref());
-    let stream = Running {
-        id,
-        timeouts,
-        started,
-        on_disconnect,
+    let begun = Begun {
+        // Opened here (nothing happens until the relay polls it), so the upstream request goes
+        // into the stream that sends it and the relay keeps only what it uses.
+        source: upstream.open(upstream_request, progress.attempts.as_ref()),
+        req: Running {
+            id,
+            timeouts,
+            started,
+            on_disconnect,
+        },
+        progress,
+        tx,
+        cancel,
+        publisher,
     };
-    ctx.tasks
-        .clone()
-        .spawn(run(ctx, stream, source, progress, tx, cancel, publisher));
-    Ok(rx)
+    Ok((rx, begun))
 }
 
 /// What a relay keeps of its request while it runs.
@@ -213,31 +238,44 @@ struct Running {
     on_disconnect: OnDisconnect,
 }
 
-/// The relay task: relays, then concludes. Not an `async fn`: one of those keeps its arguments
-/// in its future besides its locals, for its whole life; the block below captures what it uses
-/// and uses it in place, which keeps every waiting stream's task smaller.
-fn run(
-    ctx: Arc<RelayContext>,
-    req: Running,
-    source: ChunkStream,
-    progress: Progress,
-    tx: Producer<Frame, Terminal>,
-    cancel: CancelToken,
-    publisher: Publisher,
-) -> impl std::future::Future<Output = ()> + Send {
+/// The stream's task: records the stream (that wait boxed, so it takes no room while the
+/// stream runs), answers [`start`], relays, then concludes. It takes one box (an `async fn`
+/// keeps its arguments for its whole life, besides the locals made of them).
+async fn run(starting: Box<Starting>) {
+    let (ctx, req, started) = *starting;
+    // In a statement of its own: a value matched on lives (and takes room) until the end of
+    // its match, and what follows runs for the stream's whole life.
+    let Begun {
+        req,
+        source,
+        progress,
+        tx,
+        cancel,
+        publisher,
+    } = match Box::pin(record(&ctx, req)).await {
+        Err(e) => {
+            // Not recorded: there is nothing to relay and no status to write.
+            let _ = started.send(Err(e));
+            return;
+        }
+        Ok((frames, begun)) => {
+            // A caller that has gone leaves `frames` unread: the relay sees its client gone.
+            let _ = started.send(Ok(frames));
+            begun
+        }
+    };
     let progress = Arc::new(Mutex::new(progress));
-    async move {
-        metrics::gauge!("sluice_active_streams").increment(1.0);
-        // If this task is dropped before it writes the final status (the runtime is going away),
-        // the guard writes interrupted(shutdown) from a tracked task.
-        let guard = {
-            let (store, id, progress, started) = (
-                ctx.store.clone(),
-                req.id.clone(),
-                progress.clone(),
-                req.started,
-            );
-            ctx.tasks.on_drop(move || async move {
+    metrics::gauge!("sluice_active_streams").increment(1.0);
+    // If this task is dropped before it writes the final status (the runtime is going away),
+    // the guard writes interrupted(shutdown) from a tracked task.
+    let guard = {
+        let (store, id, progress, started) = (
+            ctx.store.clone(),
+            req.id.clone(),
+            progress.clone(),
+            req.started,
+        );
+        ctx.tasks.on_drop(move || async move {
             let p = progress
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -255,24 +293,28 @@ fn run(
                 tracing::error!(stream = %id, error = %e.report(), "the stopped relay's final status was not written");
             }
         })
-        };
+    };
 
-        // The relay's outcome in a block, so that nothing of it is held across the last await
-        // besides what `conclude` takes.
-        let concluded = {
-            let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
-            record_metrics(&ending);
-            guard.disarm();
-            conclude(&ctx, &req, &progress, ending, tx, publisher)
-        };
-        concluded.await;
-        metrics::gauge!("sluice_active_streams").decrement(1.0);
-    }
+    // The relay's outcome in a block, so that nothing of it is held across the last await
+    // besides what `conclude` takes.
+    let concluded = {
+        let (ending, tx) = relay(&ctx, &req, source, tx, &cancel, &publisher, &progress).await;
+        record_metrics(&ending);
+        conclude(&ctx, &req, &progress, ending, tx, publisher, guard)
+    };
+    concluded.await;
+    metrics::gauge!("sluice_active_streams").decrement(1.0);
 }
 
-/// Writes the final status under a shield, then tells the client and every other reader how the
-/// stream ended. A function of its own so that what it holds takes no room in the relay's task
-/// while the stream runs (an async fn's states share room only when they are separate futures).
+/// Writes the final status, then tells the client and every other reader how the stream ended.
+/// A function of its own so that what it holds takes no room in the relay's task while the
+/// stream runs (an async fn's states share room only when they are separate futures).
+///
+/// The write is shielded by where it runs and by `guard`: the relay's task is tracked (shutdown
+/// waits for it) and nothing but the runtime going away drops it; if that happens before the
+/// write is queued, the still-armed guard writes `interrupted(shutdown)` instead. Once queued, a
+/// write lands whether or not anyone waits for it (and a second final status for the same stream
+/// changes nothing: only a `streaming` record takes one).
 async fn conclude(
     ctx: &RelayContext,
     req: &Running,
@@ -280,18 +322,18 @@ async fn conclude(
     ending: Ending,
     tx: Option<Producer<Frame, Terminal>>,
     publisher: Publisher,
+    guard: CleanupGuard,
 ) {
     let total = req.started.elapsed();
     let p = progress
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let job = ctx.tasks.shield({
-        let store = ctx.store.clone();
-        let fin = finish(&req.id, ending.clone(), &p, total);
-        async move { store.finish(fin).await }
-    });
-    if let Ok(Err(e)) = job.await {
+    // Boxed: the write and its wait are most of a kilobyte, which the relay's task would
+    // otherwise carry for its whole life.
+    let written = Box::pin(ctx.store.finish(finish(&req.id, ending.clone(), &p, total))).await;
+    guard.disarm();
+    if let Err(e) = written {
         tracing::error!(stream = %req.id, error = %e.report(), "final status not written");
     }
     // Now that the transcript says how it ended, tell the client and every other reader.
