@@ -242,7 +242,12 @@ struct Running {
 /// stream runs), answers [`start`], relays, then concludes. It takes one box (an `async fn`
 /// keeps its arguments for its whole life, besides the locals made of them).
 async fn run(starting: Box<Starting>) {
-    let (ctx, req, started) = *starting;
+    // Out of its box in a block of its own, so the box is freed now and not when the stream
+    // ends (a box moved out of is only freed where it goes out of scope).
+    let (ctx, req, started) = {
+        let starting = starting;
+        *starting
+    };
     // In a statement of its own: a value matched on lives (and takes room) until the end of
     // its match, and what follows runs for the stream's whole life.
     let Begun {
