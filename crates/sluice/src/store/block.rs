@@ -43,9 +43,11 @@ const PLAIN: u8 = 1;
 const LZ4: u8 = 2;
 /// LZ4 cannot expand data more than about 255-fold: a plain size claimed beyond that is damage.
 const LZ4_MAX_RATIO: usize = 255;
-/// Smaller blocks are stored plain: they fit in their B-tree page as they are, and compressing
-/// starts by clearing a 16 KiB table (more work than a short stream's last block is worth).
-const COMPRESS_FROM: usize = 2048;
+/// Smaller blocks are stored plain. Compressing costs about five instructions a byte (and starts
+/// by clearing a table): for a long stream's full blocks that is paid back in pages SQLite does
+/// not write, check and copy, but a short stream's only block cost more to compress than it saved
+/// (`sluice-bench --only-short`, docs/benchmarks/README.md).
+const COMPRESS_FROM: usize = 8 * 1024;
 
 /// One chunk as the store keeps it.
 #[derive(Debug, Clone)]
