@@ -93,6 +93,8 @@ impl Server {
         if !keys.enabled() && !addr.ip().is_loopback() {
             return Err(ServeError::Insecure { addr });
         }
+        // The recorder first: the store looks up its metrics' handles when it opens.
+        crate::metrics::handle();
         let (store, recovered) = match &config.store_url {
             Some(url) => Store::connect(url, config.store_options).await?,
             None => Store::open(&config.data_dir)?,
@@ -103,7 +105,6 @@ impl Server {
                 "marked streams left open by a crash as interrupted(crash)"
             );
         }
-        crate::metrics::handle();
         let tasks = Tasks::new();
         let shutdown = Shutdown::new(Bounds::with_grace(config.shutdown_grace));
         let relay = Arc::new(RelayContext {

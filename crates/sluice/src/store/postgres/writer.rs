@@ -41,6 +41,8 @@ pub(super) async fn write_loop(
 ) {
     let mut batch = Vec::new();
     let mut unwritten = Unwritten::default();
+    // Looked up once rather than per batch.
+    let write_seconds = metrics::histogram!("sluice_store_write_seconds");
     loop {
         let op = if unwritten.endings.is_empty() {
             rx.recv().await
@@ -63,7 +65,7 @@ pub(super) async fn write_loop(
         }
         let started = std::time::Instant::now();
         let result = commit(&conn, &batch, &node, retry).await;
-        metrics::histogram!("sluice_store_write_seconds").record(started.elapsed().as_secs_f64());
+        write_seconds.record(started.elapsed().as_secs_f64());
         match &result {
             Err(_) => unwritten.keep(&batch),
             Ok(()) => unwritten.try_again(&conn, &node).await,

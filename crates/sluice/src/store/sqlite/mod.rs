@@ -131,6 +131,7 @@ impl SqliteStore {
             runs: runs.clone(),
             gate: writer_gate,
             runtime,
+            write_seconds: metrics::histogram!("sluice_store_write_seconds"),
         });
         Ok((
             Self {

@@ -40,6 +40,9 @@ pub(super) struct Writer {
     /// Held for each batch (see `checkpointer`).
     pub(super) gate: Arc<Mutex<()>>,
     pub(super) runtime: tokio::runtime::Handle,
+    /// `sluice_store_write_seconds`, looked up once rather than per batch (a lookup hashes the
+    /// metric's name in the registry).
+    pub(super) write_seconds: metrics::Histogram,
 }
 
 pub(super) struct WriterState {
@@ -143,8 +146,7 @@ impl Writer {
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 apply(conn, batch, &self.runs, log)
             }));
-            metrics::histogram!("sluice_store_write_seconds")
-                .record(started.elapsed().as_secs_f64());
+            self.write_seconds.record(started.elapsed().as_secs_f64());
             match applied {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Internal(
