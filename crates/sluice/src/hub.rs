@@ -1,7 +1,8 @@
 //! The hub: who else is following a running stream, and how to stop it from elsewhere.
 //!
 //! Each running stream has an entry: a broadcast of its live events (chunks as they are
-//! committed, then its terminal event) and its cancellation token. Readers other than the original
+//! committed, from when someone first follows it, then its terminal event) and its cancellation
+//! token. Readers other than the original
 //! client (resumers, a second tab) subscribe here; the cancel API cancels through here. An entry
 //! exists from just after the stream is recorded until just after its final status is written,
 //! so a stream that is not in the hub is finished (or was running in a process that died).
@@ -87,6 +88,12 @@ impl Publisher {
             // No reader left is fine: the stream goes on without followers.
             let _ = live.send(event);
         }
+    }
+
+    /// Whether anyone has subscribed to the stream's live feed (it is made by the first
+    /// subscriber, before that subscriber reads the store).
+    pub fn is_followed(&self) -> bool {
+        self.live.get().is_some()
     }
 
     /// How many readers follow the stream through the hub (not counting the original client).

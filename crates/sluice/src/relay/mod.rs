@@ -408,8 +408,10 @@ fn relay<'a>(
         let mut client = Some(tx);
         // What the stream does once the client has left.
         let mut departure = Departure::new(req.on_disconnect);
-        // Chunks queued for commit but not yet published to the hub, in order.
-        let mut unpublished: VecDeque<(u64, Arc<str>)> = VecDeque::new();
+        // Chunks queued for commit but not yet published to the hub, in order; kept only once
+        // someone follows the stream (see `Unpublished`).
+        let mut unpublished: Unpublished = VecDeque::new();
+        let mut followed = false;
         let watermark = Watermark::new();
         // The stream's byte buffer toward the client (see `BufferShare`).
         let byte_limit = ctx
@@ -526,7 +528,15 @@ fn relay<'a>(
                 None
             };
             match &committed {
-                Some(_) => unpublished.push_back((seq, data.clone())),
+                Some(_) => {
+                    if !followed && publisher.is_followed() {
+                        followed = true;
+                        follow_from_here(&mut unpublished, &watermark, seq, publisher);
+                    }
+                    if followed {
+                        unpublished.push_back((seq, Some(data.clone())));
+                    }
+                }
                 None => publisher.publish(Live::Chunk {
                     seq,
                     data: data.clone(),
@@ -651,8 +661,35 @@ async fn departed(client: &Option<Producer<Frame, Terminal>>) {
     }
 }
 
+/// Chunks queued for commit but not yet published, in order: their ids, and their JSON if the
+/// relay still has it (`None`: published as [`Live::Large`], which sends readers to the store).
+///
+/// Nothing is kept, and the relay waits for no commit, while nobody follows the stream: most
+/// streams are only ever read by their own client, and publishing in commit order would
+/// otherwise wake the relay once per commit for nothing. See [`follow_from_here`] for how a
+/// follower that comes later still misses nothing.
+type Unpublished = VecDeque<(u64, Option<Arc<str>>)>;
+
+/// Someone has started following the stream, which until now published nothing; chunk `next`
+/// is about to be queued. What is committed, the follower reads from the store: one placeholder
+/// for the newest committed chunk tells a follower that has already read the store to read it
+/// again up to there. What is queued but not committed is published as it commits, as
+/// placeholders (its JSON is gone). From `next` on, chunks are published as they commit.
+fn follow_from_here(
+    unpublished: &mut Unpublished,
+    watermark: &Watermark,
+    next: u64,
+    publisher: &Publisher,
+) {
+    let committed = watermark.get();
+    if committed > 0 && watermark.is_stored(committed) {
+        publisher.publish(Live::Large { seq: committed });
+    }
+    unpublished.extend((committed + 1..next).map(|seq| (seq, None)));
+}
+
 /// Resolves when the oldest unpublished chunk is committed; never if there is none.
-async fn next_commit(unpublished: &VecDeque<(u64, Arc<str>)>, watermark: &Watermark) {
+async fn next_commit(unpublished: &Unpublished, watermark: &Watermark) {
     match unpublished.front() {
         Some((seq, _)) => watermark.reached(*seq).await,
         None => std::future::pending().await,
@@ -660,11 +697,7 @@ async fn next_commit(unpublished: &VecDeque<(u64, Arc<str>)>, watermark: &Waterm
 }
 
 /// Publishes, in order, every chunk at the front of `unpublished` that is committed.
-fn publish_committed(
-    unpublished: &mut VecDeque<(u64, Arc<str>)>,
-    watermark: &Watermark,
-    publisher: &Publisher,
-) {
+fn publish_committed(unpublished: &mut Unpublished, watermark: &Watermark, publisher: &Publisher) {
     let committed = watermark.get();
     while unpublished
         .front()
@@ -673,7 +706,10 @@ fn publish_committed(
         if let Some((seq, data)) = unpublished.pop_front() {
             // A lost chunk is not in the store: followers never see it.
             if watermark.is_stored(seq) {
-                publisher.publish(Live::Chunk { seq, data });
+                publisher.publish(match data {
+                    Some(data) => Live::Chunk { seq, data },
+                    None => Live::Large { seq },
+                });
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The relay without HTTP: a caller dropped while its stream is being recorded.
+//! The relay without HTTP: a caller dropped while its stream is being recorded; what a stream
+//! followed midway publishes.
 #![allow(
     clippy::disallowed_methods,
     reason = "tests spawn and time out raw futures, as outside callers do"
@@ -57,5 +58,43 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
     assert_eq!(
         (t.status, t.reason),
         (Status::Cancelled, Some(Reason::ClientDisconnected))
+    );
+}
+
+#[test]
+fn a_stream_followed_midway_sends_its_follower_to_the_store_then_publishes_every_chunk() {
+    let hub = Arc::new(Hub::default());
+    let publisher = hub.register("s1".into(), "local".into(), CancelToken::new());
+    let mark = Watermark::new();
+    assert!(!publisher.is_followed());
+    let mut live = hub
+        .subscribe(Tenant("local"), StreamId("s1"))
+        .expect("running");
+    assert!(publisher.is_followed());
+    // Chunks 1-3 committed and 4-5 queued while nobody followed (so none was kept); 6 comes now.
+    mark.advance_for_test(3);
+    let mut unpublished = Unpublished::new();
+    follow_from_here(&mut unpublished, &mark, 6, &publisher);
+    unpublished.push_back((6, Some(Arc::from("{\"n\":6}"))));
+    publish_committed(&mut unpublished, &mark, &publisher);
+    mark.advance_for_test(6);
+    publish_committed(&mut unpublished, &mark, &publisher);
+    assert!(unpublished.is_empty());
+    let mut got = Vec::new();
+    while let Ok(event) = live.try_recv() {
+        got.push(event);
+    }
+    assert_eq!(
+        got,
+        vec![
+            // The store has 1-3; 4 and 5 are gone from the relay: read them there too.
+            Live::Large { seq: 3 },
+            Live::Large { seq: 4 },
+            Live::Large { seq: 5 },
+            Live::Chunk {
+                seq: 6,
+                data: Arc::from("{\"n\":6}")
+            },
+        ]
     );
 }

@@ -75,6 +75,12 @@ impl Watermark {
         self.advance(seq);
     }
 
+    /// Moves the mark as a writer would (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn advance_for_test(&self, seq: u64) {
+        self.advance(seq);
+    }
+
     pub(super) fn advance(&self, seq: u64) {
         if self.committed.seq.fetch_max(seq, Ordering::SeqCst) < seq {
             self.committed.moved.notify_waiters();
