@@ -6,7 +6,7 @@
 //!                 ▼
 //!          bounded queue (backpressure; slow_client_timeout) ──▶ api (SSE to the client,
 //!                 │                                              once the chunk is committed)
-//!                 └──▶ hub (resumers), in commit order
+//!                 └──▶ hub (resumers), in commit order, once someone follows
 //! ```
 //! A relay runs as its own tracked task, apart from the HTTP request, so that it sees the client
 //! leave (the queue's consumer departs) instead of being silently dropped with the request; the
