@@ -310,8 +310,13 @@ impl Report {
              {with:.1} MB with them ({per:.1} KB per stream). The simulated model holds no upstream socket, so an upstream connection's state \
              per stream is not included; this machine allows 20,000 open files per process, too few for 10,000 streams with upstream sockets \
              on both sides in the same run.\n\n\
-             ## Not measured\n\n- Cross-node cancel: multi-node sluice on PostgreSQL does not exist yet.\n\n\
+             {not_measured}\
              Raw figures: `results.json`. Charts (when matplotlib was available): `latency.png`, `throughput.png`.\n",
+            not_measured = if raw["cluster"].is_null() {
+                "## Not measured\n\n- Two nodes on one PostgreSQL (cross-node follow and cancel): run with `--store-url`.\n\n"
+            } else {
+                ""
+            },
             mode = raw["mode"].as_str().unwrap_or(""),
             date = self.date,
             cpu = m["cpu"].as_str().unwrap_or(""),
