@@ -40,7 +40,13 @@ pub struct StreamId<'a>(pub &'a str);
 /// page, and each commit rewrote a page per stream into SQLite's WAL. The random bits come from
 /// a thread-local generator seeded by the OS, not from a system call per id.
 pub fn new_stream_id() -> String {
-    uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string()
+    new_stream_uuid().to_string()
+}
+
+/// The UUID of a new stream's id (see [`new_stream_id`]), for front doors whose ids carry it in
+/// another form (the Responses API's `resp_…`).
+pub fn new_stream_uuid() -> uuid::Uuid {
+    uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext))
 }
 
 /// A timer's length as configured: whole milliseconds, never zero (a zero timer fires before

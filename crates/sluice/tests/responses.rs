@@ -128,6 +128,9 @@ async fn another_tenants_response_does_not_exist_on_any_endpoint() {
     .await;
     assert_eq!(status, 200, "{r}");
     let id = r["id"].as_str().unwrap();
+    // A stream id like any other: a time-ordered (v7) UUID behind its prefix.
+    let uuid = uuid::Uuid::parse_str(id.trim_start_matches("resp_")).expect("resp_ and a UUID");
+    assert_eq!(uuid.get_version_num(), 7);
     let url = &g.url;
     for (method, path) in [
         (reqwest::Method::GET, format!("/v1/responses/{id}")),

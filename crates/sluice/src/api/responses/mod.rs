@@ -154,7 +154,7 @@ pub(super) async fn create(
     let background = body.get("background").and_then(Value::as_bool) == Some(true);
     body.insert(CONVERSATION.into(), Value::Array(conversation));
     let request = Value::Object(body);
-    let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
+    let id = format!("resp_{}", crate::stream::new_stream_uuid().simple());
     let (frames, model) = match start_stream(
         &state,
         &caller,
