@@ -88,8 +88,30 @@ impl fmt::Display for CancelCause {
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken {
     token: CancellationToken,
-    /// This token's own cause first, then each ancestor's, nearest first.
-    causes: Arc<[Arc<OnceLock<CancelCause>>]>,
+    /// This token's own cause, linked to each ancestor's.
+    causes: Arc<Causes>,
+}
+
+/// A token's own cause and its parent's: one allocation per token (a token per stream lives as
+/// long as the stream).
+#[derive(Debug, Default)]
+struct Causes {
+    own: OnceLock<CancelCause>,
+    parent: Option<Arc<Causes>>,
+}
+
+impl Causes {
+    /// The nearest cause recorded: this token's own, else its nearest ancestor's.
+    fn nearest(&self) -> Option<CancelCause> {
+        let mut causes = Some(self);
+        while let Some(c) = causes {
+            if let Some(cause) = c.own.get() {
+                return Some(*cause);
+            }
+            causes = c.parent.as_deref();
+        }
+        None
+    }
 }
 
 impl CancelToken {
@@ -97,19 +119,19 @@ impl CancelToken {
     pub fn new() -> Self {
         Self {
             token: CancellationToken::new(),
-            causes: Arc::new([Arc::new(OnceLock::new())]),
+            causes: Arc::default(),
         }
     }
 
     /// A child token: cancelled with the parent's cause when the parent is cancelled; cancelling
     /// the child leaves the parent alone.
     pub fn child(&self) -> Self {
-        let mut causes = Vec::with_capacity(self.causes.len() + 1);
-        causes.push(Arc::new(OnceLock::new()));
-        causes.extend(self.causes.iter().cloned());
         Self {
             token: self.token.child_token(),
-            causes: causes.into(),
+            causes: Arc::new(Causes {
+                own: OnceLock::new(),
+                parent: Some(self.causes.clone()),
+            }),
         }
     }
 
@@ -118,10 +140,7 @@ impl CancelToken {
     pub fn cancel(&self, cause: CancelCause) -> bool {
         // The cause is recorded before the token flips, so anyone who sees the token cancelled
         // also sees a cause (its own or an ancestor's).
-        let recorded = self
-            .causes
-            .first()
-            .is_some_and(|own| own.set(cause).is_ok());
+        let recorded = self.causes.own.set(cause).is_ok();
         self.token.cancel();
         recorded
     }
@@ -137,7 +156,7 @@ impl CancelToken {
         if !self.token.is_cancelled() {
             return None;
         }
-        let found = self.causes.iter().find_map(|c| c.get().copied());
+        let found = self.causes.nearest();
         // `cancel` records a cause before it flips any token, so `found` is always `Some` here;
         // `Requested` is a defensive fallback, never a guess in practice.
         Some(found.unwrap_or(CancelCause::Requested))
