@@ -4,14 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_stream::stream;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::BytesMut;
-use futures_util::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sluice_flow::{QueueError, Timed};
@@ -21,11 +19,11 @@ use crate::auth::{Caller, Refused};
 use crate::redact::truncate;
 use crate::relay::{self, Frame, Frames, StreamRequest};
 use crate::store::StoreError;
-use crate::stream::{millis_or, Ending, Millis, OnDisconnect, Reason, Terminal, Timeouts};
+use crate::stream::{millis_or, Millis, OnDisconnect, Timeouts};
 use crate::upstream::{sim, Payload, Upstream, UpstreamRequest};
 
 use super::error::refused;
-use super::sse::{encode_error, encode_frame, encode_terminal, sse_response, COALESCE_BYTES};
+use super::sse::{abandoned, sse_response, Events};
 use super::{ApiError, AppState, MAX_ECHO, STREAM_ID_HEADER};
 
 /// Per-request gateway options: the body field `"sluice"`.
@@ -341,14 +339,6 @@ pub(super) async fn start_stream(
     }
 }
 
-/// The ending a client sees when the relay vanished without saying how the stream ended.
-fn abandoned() -> Ending {
-    Ending::abnormal(
-        Reason::Shutdown,
-        "the relay stopped before the stream ended",
-    )
-}
-
 async fn stream_response(
     mut frames: Frames,
     id: Arc<str>,
@@ -361,64 +351,7 @@ async fn stream_response(
         Some(Err(QueueError::Abandoned)) => return Err(ApiError::for_ending(&abandoned(), id)),
         None => None,
     };
-    let body = stream! {
-        let mut last_seq = 0;
-        // The next item to handle, if one was already taken from the queue.
-        let mut next = Some(first.map(Ok));
-        loop {
-            let item = match next.take() {
-                Some(item) => item,
-                None => frames.recv().await,
-            };
-            match item {
-                Some(Ok(frame)) => {
-                    // This frame and every other one already waiting go out in one write.
-                    let mut out = BytesMut::new();
-                    let mut frame = frame;
-                    loop {
-                        let mut stored = true;
-                        if let Frame::Chunk(c) = &frame {
-                            // Only what is in the transcript reaches the client.
-                            if let Some(committed) = &c.committed {
-                                committed.reached(c.seq).await;
-                                stored = committed.is_stored(c.seq);
-                            }
-                            if stored {
-                                last_seq = c.seq;
-                            }
-                        }
-                        if stored {
-                            encode_frame(&frame, &mut out);
-                        }
-                        if out.len() >= COALESCE_BYTES {
-                            break;
-                        }
-                        match frames.recv().now_or_never() {
-                            Some(Some(Ok(more))) => frame = more,
-                            Some(end) => {
-                                next = Some(end);
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
-                    yield Ok::<_, std::convert::Infallible>(out.freeze());
-                }
-                Some(Err(QueueError::Failed(t))) => {
-                    yield Ok(encode_error(&t));
-                    return;
-                }
-                Some(Err(QueueError::Abandoned)) => {
-                    yield Ok(encode_error(&Terminal { seq: last_seq + 1, ending: abandoned() }));
-                    return;
-                }
-                None => {
-                    yield Ok(encode_terminal(&Terminal { seq: last_seq + 1, ending: Ending::Completed }));
-                    return;
-                }
-            }
-        }
-    };
+    let body = Events::new(frames, first);
     Ok(sse_response(Body::from_stream(body), &id))
 }
 

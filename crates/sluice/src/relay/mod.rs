@@ -76,6 +76,19 @@ pub struct ChunkFrame {
 #[derive(Debug)]
 pub struct BufferShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
+#[cfg(test)]
+impl ChunkFrame {
+    /// A chunk frame holding no room (for tests of the client side).
+    pub(crate) fn for_test(seq: u64, data: &str, committed: Option<Watermark>) -> Box<Self> {
+        Box::new(Self {
+            committed,
+            seq,
+            data: Arc::from(data),
+            room: BufferShare(None),
+        })
+    }
+}
+
 /// The frames of one stream, for the client side.
 pub type Frames = Consumer<Frame, Terminal>;
 

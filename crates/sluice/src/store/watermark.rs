@@ -2,7 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 /// A stream's commit watermark: the id of its last committed chunk. The writer advances it after
@@ -15,16 +17,19 @@ use tokio::sync::Notify;
 /// lost: [`is_stored`](Self::is_stored) says no, and [`lost`](Self::lost) says the stream can no
 /// longer keep its transcript whole.
 #[derive(Debug, Clone, Default)]
-pub struct Watermark {
-    committed: Arc<Mark>,
-    /// The first chunk that could not be stored (0: none).
-    lost_from: Arc<AtomicU64>,
-}
+pub struct Watermark(Arc<Mark>);
 
+/// What a watermark's clones share: one allocation per stream.
 #[derive(Debug, Default)]
 struct Mark {
     seq: AtomicU64,
+    /// The first chunk that could not be stored (0: none).
+    lost_from: AtomicU64,
+    /// Wakes whoever waits in [`Watermark::reached`].
     moved: Notify,
+    /// Wakes the stream's own client side, waiting in [`Watermark::poll_reached`]: it waits
+    /// for nearly every chunk, and a waker slot costs it no list to join and leave each time.
+    client: AtomicWaker,
 }
 
 impl Watermark {
@@ -35,18 +40,34 @@ impl Watermark {
 
     /// The id of the last committed chunk.
     pub fn get(&self) -> u64 {
-        self.committed.seq.load(Ordering::SeqCst)
+        self.0.seq.load(Ordering::SeqCst)
     }
 
     /// Whether chunk `seq` is in the store (committed, and not in a batch that failed).
     pub fn is_stored(&self, seq: u64) -> bool {
-        let lost = self.lost_from.load(Ordering::SeqCst);
+        let lost = self.0.lost_from.load(Ordering::SeqCst);
         seq <= self.get() && (lost == 0 || seq < lost)
     }
 
     /// The first chunk of the stream that could not be stored, if one could not.
     pub fn lost(&self) -> Option<u64> {
-        Some(self.lost_from.load(Ordering::SeqCst)).filter(|&seq| seq > 0)
+        Some(self.0.lost_from.load(Ordering::SeqCst)).filter(|&seq| seq > 0)
+    }
+
+    /// Ready once chunk `seq` is committed. For one waiter only, the stream's own client side
+    /// (the watermark keeps one waker for it; a second waiter polling here would take that
+    /// place): everyone else waits in [`reached`](Self::reached).
+    pub fn poll_reached(&self, seq: u64, cx: &mut Context<'_>) -> Poll<()> {
+        if self.get() >= seq {
+            return Poll::Ready(());
+        }
+        self.0.client.register(cx.waker());
+        // Looked at again after registering, so a move between the two is not missed.
+        if self.get() >= seq {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Waits until chunk `seq` is committed.
@@ -56,7 +77,7 @@ impl Watermark {
                 return;
             }
             // Registered before the second look, so a move between the two is not missed.
-            let moved = self.committed.moved.notified();
+            let moved = self.0.moved.notified();
             let mut moved = std::pin::pin!(moved);
             moved.as_mut().enable();
             if self.get() >= seq {
@@ -70,6 +91,7 @@ impl Watermark {
     pub(super) fn lose(&self, seq: u64) {
         // The first loss is the one that counts.
         let _ = self
+            .0
             .lost_from
             .compare_exchange(0, seq, Ordering::SeqCst, Ordering::SeqCst);
         self.advance(seq);
@@ -81,9 +103,16 @@ impl Watermark {
         self.advance(seq);
     }
 
+    /// Marks `seq` lost as a writer would (for tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn lose_for_test(&self, seq: u64) {
+        self.lose(seq);
+    }
+
     pub(super) fn advance(&self, seq: u64) {
-        if self.committed.seq.fetch_max(seq, Ordering::SeqCst) < seq {
-            self.committed.moved.notify_waiters();
+        if self.0.seq.fetch_max(seq, Ordering::SeqCst) < seq {
+            self.0.client.wake();
+            self.0.moved.notify_waiters();
         }
     }
 }
@@ -115,6 +144,30 @@ mod tests {
         // Already reached: at once.
         mark.reached(7).await;
         assert!(mark.is_stored(7) && mark.lost().is_none());
+    }
+
+    #[test]
+    fn the_client_side_is_woken_when_the_mark_reaches_its_chunk() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let woken = Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mark = Watermark::new();
+        assert!(mark.poll_reached(2, &mut cx).is_pending());
+        mark.advance(1);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "woken by every move");
+        assert!(mark.poll_reached(2, &mut cx).is_pending());
+        mark.lose(2);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        // Reached, though not stored: the waiter learns that from `is_stored`.
+        assert_eq!(mark.poll_reached(2, &mut cx), Poll::Ready(()));
+        assert!(mark.is_stored(1) && !mark.is_stored(2));
+        assert_eq!(mark.lost(), Some(2));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
