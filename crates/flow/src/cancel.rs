@@ -168,6 +168,18 @@ impl CancelToken {
         self.cause().unwrap_or(CancelCause::Requested)
     }
 
+    /// [`cancelled`](Self::cancelled) as a future that owns its token, for a loop that waits on
+    /// it at every turn: made once and pinned outside the loop, it joins the token's waiter list
+    /// once, where a `cancelled()` made at each turn joins and leaves it each time.
+    pub fn cancelled_owned(&self) -> impl Future<Output = CancelCause> + Send + 'static {
+        let causes = self.causes.clone();
+        let cancelled = self.token.clone().cancelled_owned();
+        async move {
+            cancelled.await;
+            causes.nearest().unwrap_or(CancelCause::Requested)
+        }
+    }
+
     /// Runs `fut` until it completes or the token is cancelled, whichever comes first. When the
     /// token wins, `fut` is dropped (Rust's cancellation) and the cause is returned. A token that
     /// is already cancelled does not start `fut` at all.
@@ -316,6 +328,20 @@ mod tests {
         root.cancel(CancelCause::Shutdown);
         assert_eq!(child.cause(), Some(CancelCause::Deadline(Limit::FirstItem)));
         assert_eq!(root.cause(), Some(CancelCause::Shutdown));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owned_wait_polled_at_every_turn_gets_the_parents_cause() {
+        let root = CancelToken::new();
+        let child = root.child();
+        let mut cancelled = std::pin::pin!(child.cancelled_owned());
+        // A loop's turns: the wait is polled again and again before the token is cancelled.
+        for _ in 0..3 {
+            let turn = tokio::time::timeout(Duration::from_millis(10), cancelled.as_mut()).await;
+            assert!(turn.is_err(), "not cancelled yet");
+        }
+        root.cancel(CancelCause::Shutdown);
+        assert_eq!(cancelled.await, CancelCause::Shutdown);
     }
 
     #[tokio::test(start_paused = true)]

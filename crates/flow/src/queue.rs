@@ -55,6 +55,7 @@ pub fn bounded<T, E>(capacity: usize) -> (Producer<T, E>, Consumer<T, E>) {
             producer_done: false,
             consumer_gone: false,
             receiver: None,
+            producer: None,
         }),
         room: Notify::new(),
         departed: Notify::new(),
@@ -93,12 +94,21 @@ struct State<T, E> {
     consumer_gone: bool,
     /// The consumer waiting for an item or the end (there is one consumer, so one waker).
     receiver: Option<Waker>,
+    /// The producer's own task waiting in [`Producer::poll_departed`].
+    producer: Option<Waker>,
 }
 
 impl<T, E> Shared<T, E> {
     fn lock(&self) -> MutexGuard<'_, State<T, E>> {
         // The state is consistent at every point a panic could leave it: no half-done updates.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Keeps `cx`'s waker in `slot` (cloned only if it is not the one already there).
+fn park(slot: &mut Option<Waker>, cx: &Context<'_>) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
     }
 }
 
@@ -181,6 +191,20 @@ impl<T, E> Producer<T, E> {
         }
     }
 
+    /// Ready once the consumer has departed: [`consumer_departed`](Self::consumer_departed)
+    /// for a loop that waits on it at every turn. The queue keeps one waker for it, so this is
+    /// for the producer's own task (a second task polling here would take that place); a
+    /// `consumer_departed` future joins and leaves a waiter list each time it is made and
+    /// dropped, this only compares wakers.
+    pub fn poll_departed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        if state.consumer_gone {
+            return Poll::Ready(());
+        }
+        park(&mut state.producer, cx);
+        Poll::Pending
+    }
+
     /// Whether the consumer has departed.
     pub fn is_departed(&self) -> bool {
         self.shared.lock().consumer_gone
@@ -250,13 +274,7 @@ impl<T, E> Consumer<T, E> {
                 None => Some(Err(QueueError::Abandoned)),
             });
         }
-        if !state
-            .receiver
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            state.receiver = Some(cx.waker().clone());
-        }
+        park(&mut state.receiver, cx);
         Poll::Pending
     }
 
@@ -271,7 +289,11 @@ impl<T, E> Consumer<T, E> {
             return;
         }
         state.consumer_gone = true;
+        let producer = state.producer.take();
         drop(state);
+        if let Some(producer) = producer {
+            producer.wake();
+        }
         self.shared.room.notify_waiters();
         self.shared.departed.notify_waiters();
     }
@@ -455,6 +477,23 @@ mod tests {
             .expect("joined");
         assert_eq!(rx.recv().await, Some(Ok(2)));
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_departed_wakes_the_producer_when_the_consumer_leaves() {
+        let (tx, rx) = bounded::<u32, ()>(1);
+        let watcher = tokio::spawn(async move {
+            std::future::poll_fn(|cx| tx.poll_departed(cx)).await;
+            tx.is_departed()
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!watcher.is_finished());
+        drop(rx);
+        let departed = tokio::time::timeout(Duration::from_secs(1), watcher)
+            .await
+            .expect("woken by the departure")
+            .expect("joined");
+        assert!(departed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -431,6 +431,9 @@ fn relay<'a>(
             .buffer_bytes
             .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let room = Arc::new(Semaphore::new(byte_limit));
+        // Made once: a wait made at every turn of the loop would join and leave the token's
+        // waiter list for every chunk.
+        let mut cancel_wait = std::pin::pin!(cancel.cancelled_owned());
 
         let ending = 'relay: loop {
             // A chunk the store could not keep: the transcript can no longer be whole, and no one
@@ -457,7 +460,7 @@ fn relay<'a>(
                             None => continue,
                         }
                     }
-                    cause = cancel.cancelled() => break cancelled(cause),
+                    cause = cancel_wait.as_mut() => break cancelled(cause),
                     () = next_commit(&unpublished, &watermark) => {
                         publish_committed(&mut unpublished, &watermark, publisher);
                         continue;
@@ -586,7 +589,7 @@ fn relay<'a>(
                     let sent = tokio::select! {
                         biased;
                         sent = send => sent,
-                        cause = cancel.cancelled() => break cancelled(cause),
+                        cause = cancel_wait.as_mut() => break cancelled(cause),
                     };
                     client_wait += sending.elapsed();
                     sent
@@ -666,12 +669,16 @@ async fn send_when_room(
     tx.send(Frame::Chunk(chunk)).await.is_ok()
 }
 
-/// Resolves when the original client has gone; never if it already has (`None`).
-async fn departed(client: &Option<Producer<Frame, Terminal>>) {
-    match client {
-        Some(tx) => tx.consumer_departed().await,
-        None => std::future::pending().await,
-    }
+/// Resolves when the original client has gone; never if it already has (`None`). Polled at
+/// every turn of the relay's loop, so it waits in the queue's waker slot for its producer
+/// rather than joining a waiter list each time.
+fn departed(
+    client: &Option<Producer<Frame, Terminal>>,
+) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match client {
+        Some(tx) => tx.poll_departed(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 /// Chunks queued for commit but not yet published, in order: their ids, and their JSON if the
