@@ -37,7 +37,8 @@ mod short;
 mod tail;
 
 use measure::{
-    chunk_latency, client, close_delay, idle_streams, throughput, ttft, Target, TargetResult,
+    chunk_latency, client, close_delay, dist, idle_streams, throughput, ttft, ttft_samples, Target,
+    TargetResult,
 };
 use report::{machine, now_utc, Report};
 
@@ -80,6 +81,11 @@ struct Args {
     /// profiling: attach perf to the sluice process meanwhile).
     #[arg(long)]
     only_throughput: Option<usize>,
+    /// Run only the time to first token, this many streams one at a time to each of direct,
+    /// sluice and sluice without transcripts in turn (so that all three see the same moments of
+    /// a noisy machine), and print p50 / p99 and what sluice adds.
+    #[arg(long)]
+    only_ttft: Option<usize>,
     /// Run only the memory scenarios (transcript read, dripped bodies, a spike, a soak) in a
     /// fresh sluice and write `memory.md` and `memory.json` to `--out`.
     #[arg(long)]
@@ -303,6 +309,40 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("sluice pid {sluice_pid}");
         let level = throughput(&sluice_target, concurrency, 10.0, plan.tokens_per_stream).await;
         println!("{}", serde_json::to_string_pretty(&level)?);
+        return Ok(());
+    }
+    if let Some(n) = args.only_ttft {
+        let bare_target = Target {
+            id: "sluice_no_transcripts",
+            name: "sluice, record_chunks = false".into(),
+            base: bare.base.clone(),
+            ..sluice_target.clone()
+        };
+        let targets = [direct(&mock), sluice_target.clone(), bare_target];
+        for t in &targets {
+            ttft(t, 10)
+                .await
+                .with_context(|| format!("{}: warm-up", t.name))?;
+        }
+        // In rounds of ten per target, so that no target gets a quiet or a busy minute alone.
+        let mut samples = vec![Vec::with_capacity(n); targets.len()];
+        for _ in 0..n.div_ceil(10) {
+            for (t, s) in targets.iter().zip(&mut samples) {
+                s.extend(ttft_samples(t, 10).await?);
+            }
+        }
+        let dists: Vec<_> = samples.into_iter().map(dist).collect();
+        for (t, d) in targets.iter().zip(&dists) {
+            println!(
+                "{}: TTFT p50 {:.0} µs, p99 {:.0} µs ({} streams); added p50 {:.0} µs, p99 {:.0} µs",
+                t.name,
+                d.p50_us,
+                d.p99_us,
+                d.n,
+                d.p50_us - dists[0].p50_us,
+                d.p99_us - dists[0].p99_us
+            );
+        }
         return Ok(());
     }
     if args.only_memory {

@@ -131,6 +131,11 @@ pub(crate) async fn stream(
 
 /// Request to first content chunk, one stream at a time.
 pub(crate) async fn ttft(t: &Target, n: usize) -> anyhow::Result<Dist> {
+    Ok(dist(ttft_samples(t, n).await?))
+}
+
+/// `n` times to first token (µs), one stream at a time.
+pub(crate) async fn ttft_samples(t: &Target, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
@@ -145,7 +150,7 @@ pub(crate) async fn ttft(t: &Target, n: usize) -> anyhow::Result<Dist> {
         .await?;
         samples.push(first.unwrap_or_default().as_secs_f64() * 1e6);
     }
-    Ok(dist(samples))
+    Ok(samples)
 }
 
 /// How long ago (µs) the mock upstream stamped the chunk `data` as it wrote it (its

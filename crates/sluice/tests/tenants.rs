@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use sluice::auth::{config_lines, new_key};
+use sluice::mock_upstream::MockOptions;
 
 struct Tenants {
     g: Gateway,
@@ -170,6 +171,44 @@ async fn concurrent_streams_are_limited_per_key() {
     assert_eq!(d.status, 200);
     d.finish().await;
     b.disconnect();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_refused_for_its_key_sends_nothing_upstream() {
+    // A stream is recorded (its key's place taken) before the upstream is called: a refused
+    // one must never reach the upstream (or its bill).
+    let upstream = mock(MockOptions::default()).await;
+    let acme = new_key().unwrap();
+    let config = format!(
+        "{}max_concurrent_streams = 1\n{}",
+        config_lines("acme", &acme),
+        openai_model(&upstream, "")
+    );
+    let g = gateway(&config).await;
+    let body = chat_body(
+        "up",
+        true,
+        json!({"tokens": 1000, "token_interval_ms": 50}),
+        json!(null),
+    );
+    let mut running = Reader::open_as(&g.url, &body, Some(&acme)).await;
+    assert_eq!(running.status, 200);
+    running.next().await.unwrap();
+    assert_eq!(upstream.stats().started(), 1);
+    for _ in 0..3 {
+        let mut refused = Reader::open_as(&g.url, &body, Some(&acme)).await;
+        assert_eq!(refused.status, 429);
+        assert_eq!(
+            refused.error_body().await["error"]["code"],
+            "concurrency_limit_exceeded"
+        );
+    }
+    assert_eq!(
+        upstream.stats().started(),
+        1,
+        "a refused stream is never sent upstream"
+    );
+    running.disconnect();
 }
 
 #[tokio::test(start_paused = true)]
