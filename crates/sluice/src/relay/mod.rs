@@ -473,7 +473,9 @@ fn relay<'a>(
                     }
                     next = limited.next() => next,
                 };
-                upstream_wait += waiting.elapsed();
+                // One clock read for the wait and the chunk's own times below.
+                let now = Instant::now();
+                upstream_wait += now.saturating_duration_since(waiting);
                 let chunk = match next {
                     None => break Ending::Completed,
                     Some(Err(limit)) => {
@@ -502,7 +504,6 @@ fn relay<'a>(
                 };
 
                 seq += 1;
-                let now = Instant::now();
                 let offset = now.saturating_duration_since(req.started);
                 {
                     let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);

@@ -109,8 +109,14 @@ impl Run {
     }
 }
 
-/// Every stream's run, by stream id.
-pub(crate) type Runs = HashMap<Arc<str>, Run>;
+/// Every stream's run, by stream id. Hashed with foldhash rather than the standard library's
+/// SipHash: the writer looks a stream up several times for every chunk, and the keys are
+/// sluice's own stream ids (time-ordered, with 74 random bits), which no client chooses, so a
+/// hash built to resist chosen keys buys nothing here.
+pub(crate) type Runs = ByStream<Run>;
+
+/// A map keyed by sluice's own stream ids (see [`Runs`]).
+pub(crate) type ByStream<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 
 /// A block that cannot be read back.
 #[derive(Debug, thiserror::Error)]

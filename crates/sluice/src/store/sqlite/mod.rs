@@ -116,7 +116,7 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| StoreError::Internal("the store needs a tokio runtime".into()))?;
-        let runs = Arc::new(Mutex::new(Runs::new()));
+        let runs = Arc::new(Mutex::new(Runs::default()));
         let writer = Arc::new(Writer {
             tx,
             running: AtomicBool::new(false),

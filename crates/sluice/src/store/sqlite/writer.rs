@@ -2,7 +2,6 @@
 //! one blocking job on the one write connection; chunks go to the journal and are written to the
 //! database in per-stream blocks as their runs fill.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -12,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::store::block::{self, LoggedChunk, Run, Runs};
+use crate::store::block::{self, ByStream, LoggedChunk, Run, Runs};
 use crate::store::records::now_unix;
 use crate::store::write::{settle, Op, MAX_BATCH};
 use crate::store::StoreError;
@@ -222,7 +221,7 @@ pub(super) fn apply(
     log: &mut LogState,
 ) -> Result<(), StoreError> {
     let tx = Batch::begin(conn)?;
-    let mut changes: HashMap<Arc<str>, RunChange> = HashMap::new();
+    let mut changes: ByStream<RunChange> = ByStream::default();
     for op in batch {
         match op {
             Op::Begin(s, _) => {
@@ -373,7 +372,7 @@ impl Drop for Batch<'_> {
 pub(super) fn trim_log(
     tx: &Connection,
     runs: &Mutex<Runs>,
-    changes: &mut HashMap<Arc<str>, RunChange>,
+    changes: &mut ByStream<RunChange>,
     newest: i64,
 ) -> Result<i64, StoreError> {
     let old: Vec<Arc<str>> = lock(runs)
