@@ -333,6 +333,8 @@ async function main() {
     const idle = (await (await fetch(`${open.url}/v1/streams?limit=20`)).json()).data.find((s) => s.reason === "idle");
     await page.locator(`#stream-table tbody tr[data-id="${idle.id}"]`).click();
     await page.waitForFunction((id) => document.querySelector("#detail-title").innerText.includes(id), idle.id);
+    // Its transcript loads after the title changes: wait for its caption, not the last one's.
+    await page.waitForFunction(() => /ended timed out/.test(document.querySelector("#timeline-caption").textContent));
     await page.waitForSelector("#timeline line.end.bad", { state: "attached" });
     assert.match(await page.locator("#timeline-caption").innerText(), /ended timed out/);
     await page.click("#detail-close");

@@ -604,6 +604,14 @@ async function openStream(id) {
   openId = id;
   $("detail").hidden = false;
   $("detail-title").textContent = `Stream ${id}`;
+  // Nothing of the stream shown before stays under this one's title while its transcript loads.
+  $("detail-status").textContent = "loading…";
+  $("detail-status").className = "status state";
+  $("detail-cancel").hidden = true;
+  $("detail-request").replaceChildren();
+  $("detail-answer").replaceChildren();
+  $("timeline").replaceChildren();
+  $("timeline-caption").textContent = "";
   document.querySelectorAll("#stream-table tbody tr").forEach((tr) => {
     if (tr.dataset.id === id) tr.setAttribute("aria-current", "true");
     else tr.removeAttribute("aria-current");
