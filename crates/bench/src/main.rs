@@ -305,6 +305,13 @@ async fn main() -> anyhow::Result<()> {
         client: client(),
         stamps: true,
     };
+    // The same gateway with transcripts off.
+    let bare_target = Target {
+        id: "sluice_no_transcripts",
+        name: "sluice, record_chunks = false".into(),
+        base: bare.base.clone(),
+        ..sluice_target.clone()
+    };
     if let Some(concurrency) = args.only_throughput {
         eprintln!("sluice pid {sluice_pid}");
         let level = throughput(&sluice_target, concurrency, 10.0, plan.tokens_per_stream).await;
@@ -312,12 +319,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(n) = args.only_ttft {
-        let bare_target = Target {
-            id: "sluice_no_transcripts",
-            name: "sluice, record_chunks = false".into(),
-            base: bare.base.clone(),
-            ..sluice_target.clone()
-        };
         let targets = [direct(&mock), sluice_target.clone(), bare_target];
         for t in &targets {
             ttft(t, 10)
@@ -361,12 +362,6 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only_short {
         let seconds = if args.full { 20.0 } else { 10.0 };
-        let bare_target = Target {
-            id: "sluice_no_transcripts",
-            name: "sluice, record_chunks = false".into(),
-            base: bare.base.clone(),
-            ..sluice_target.clone()
-        };
         let bare_pid = bare.child.id().context("sluice pid")?;
         let s = short::run(
             &direct(&mock),
@@ -378,12 +373,6 @@ async fn main() -> anyhow::Result<()> {
         return write_report(&args, "short", &s, short::markdown);
     }
     if args.only_tail {
-        let bare_target = Target {
-            id: "sluice_no_transcripts",
-            name: "sluice, record_chunks = false".into(),
-            base: bare.base.clone(),
-            ..sluice_target.clone()
-        };
         let t = tail::run(&direct(&mock), &sluice_target, &bare_target).await?;
         return write_report(&args, "tail", &t, tail::markdown);
     }
@@ -404,19 +393,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut targets = vec![
-        direct(&mock),
-        sluice_target.clone(),
-        Target {
-            id: "sluice_no_transcripts",
-            name: "sluice, record_chunks = false".into(),
-            base: bare.base.clone(),
-            key: None,
-            model: "up",
-            client: client(),
-            stamps: true,
-        },
-    ];
+    let mut targets = vec![direct(&mock), sluice_target.clone(), bare_target];
     // The same gateway on PostgreSQL, when there is one: a second node for the cross-node
     // figures is started after the targets are measured.
     let postgres = match args.store_url.as_deref() {
