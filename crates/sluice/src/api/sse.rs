@@ -33,12 +33,21 @@ pub(super) fn sse_event(seq: u64, data: &str) -> Bytes {
 fn write_event(out: &mut BytesMut, seq: u64, data: &str) {
     out.reserve(data.len() + 24);
     out.extend_from_slice(b"id: ");
-    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     out.extend_from_slice(b"\n");
-    for line in data.split('\n') {
+    let mut rest = data.as_bytes();
+    loop {
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(end) => (&rest[..end], Some(&rest[end + 1..])),
+            None => (rest, None),
+        };
         out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.strip_suffix('\r').unwrap_or(line).as_bytes());
+        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
         out.extend_from_slice(b"\n");
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
     }
     out.extend_from_slice(b"\n");
 }
@@ -216,6 +225,11 @@ mod tests {
             b"id: 3\ndata: {\"a\":1}\n\n"
         );
         assert_eq!(&sse_event(1, "a\nb")[..], b"id: 1\ndata: a\ndata: b\n\n");
+        // A CR before a line's end goes with it; an empty last line is still a data line.
+        assert_eq!(
+            &sse_event(12345678901, "a\r\nb\n")[..],
+            b"id: 12345678901\ndata: a\ndata: b\ndata: \n\n"
+        );
         let e = encode_error(&Terminal {
             seq: 4,
             ending: Ending::abnormal(Reason::Idle, "idle"),

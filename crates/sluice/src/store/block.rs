@@ -126,8 +126,19 @@ pub(crate) struct BlockError(&'static str);
 /// Encodes chunks as a block body: a format byte, then per chunk its seq and offset (u64 and
 /// i64, little-endian), then its JSON and its text, each as a u32 length and the bytes;
 /// compressed (see [`LZ4`]) if it is large enough to be worth it and that makes it smaller.
-pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> Vec<u8> {
-    let mut plain = vec![PLAIN];
+pub(crate) fn encode<'a, I>(chunks: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a LoggedChunk>,
+    I::IntoIter: Clone,
+{
+    let chunks = chunks.into_iter();
+    // Sized once: grown a chunk at a time, a full block's buffer was reallocated six times.
+    let size = chunks
+        .clone()
+        .map(|c| CHUNK_HEAD + c.data.len() + c.content.len())
+        .sum::<usize>();
+    let mut plain = Vec::with_capacity(1 + size);
+    plain.push(PLAIN);
     for c in chunks {
         encode_chunk(&mut plain, c);
     }
@@ -137,15 +148,47 @@ pub(crate) fn encode<'a>(chunks: impl IntoIterator<Item = &'a LoggedChunk>) -> V
     if plain.len() < COMPRESS_FROM {
         return plain;
     }
-    let compressed = lz4_flex::block::compress(&plain[1..]);
-    if compressed.len() + 5 >= plain.len() {
-        return plain;
+    compress(&plain[1..], |compressed| {
+        if compressed.len() + 5 >= plain.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(compressed.len() + 5);
+        out.push(LZ4);
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(compressed);
+        Some(out)
+    })
+    .unwrap_or(plain)
+}
+
+/// The bytes [`encode_chunk`] writes besides a chunk's JSON and text.
+const CHUNK_HEAD: usize = 8 + 8 + 4 + 4;
+
+/// The largest block compressed in the writer's reused buffer; a larger one (a block holding
+/// a chunk near the event cap) gets a buffer of its own, so that the thread does not keep
+/// that much for good.
+const SCRATCH_MAX: usize = 4 * BLOCK_BYTES;
+
+thread_local! {
+    /// Where blocks are compressed. lz4_flex's safe encoder clears a fresh buffer of the
+    /// largest possible output for every block it compresses; this one is cleared once.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// LZ4-compresses `input` and hands the result to `then`.
+fn compress<T>(input: &[u8], then: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+    let need = lz4_flex::block::get_maximum_output_size(input.len());
+    let into = |buf: &mut Vec<u8>| {
+        if buf.len() < need {
+            buf.resize(need, 0);
+        }
+        let n = lz4_flex::block::compress_into(input, buf).ok()?;
+        then(buf.get(..n)?)
+    };
+    if need > SCRATCH_MAX {
+        return into(&mut Vec::new());
     }
-    let mut out = Vec::with_capacity(compressed.len() + 5);
-    out.push(LZ4);
-    out.extend_from_slice(&size.to_le_bytes());
-    out.extend_from_slice(&compressed);
-    out
+    SCRATCH.with_borrow_mut(into)
 }
 
 /// Appends one chunk as blocks hold it (and the journal's records, after their stream id): seq
@@ -291,6 +334,34 @@ mod tests {
         let mut short = body.clone();
         short[1..5].copy_from_slice(&((plain as u32) / 2).to_le_bytes());
         assert!(decode(&short).is_err());
+    }
+
+    #[test]
+    fn a_block_too_large_for_the_reused_buffer_is_compressed_all_the_same() {
+        let text = "the same words again and again ".repeat(SCRATCH_MAX / 16);
+        let chunks = [
+            chunk(1, &format!("{{\"t\":\"{text}\"}}"), &text),
+            chunk(2, "{}", ""),
+        ];
+        let body = encode(&chunks);
+        assert_eq!(body[0], LZ4);
+        assert!(body.len() * 4 < 2 * text.len(), "{} bytes", body.len());
+        let decoded = decode(&body).expect("decodes");
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[0].3, text);
+        // And the next, small one still uses the reused buffer, whole.
+        let small: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
+            .map(|seq| {
+                chunk(
+                    seq,
+                    &format!("{{\"n\":{seq},\"pad\":\"{}\"}}", "p".repeat(200)),
+                    "p",
+                )
+            })
+            .collect();
+        let body = encode(&small);
+        assert_eq!(body[0], LZ4);
+        assert_eq!(decode(&body).expect("decodes").len(), BLOCK_CHUNKS);
     }
 
     #[test]
