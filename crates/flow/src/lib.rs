@@ -19,7 +19,7 @@
 //! | `task.cancel()`, `CancelledError` | [`CancelToken::cancel`] with a [`CancelCause`]; [`CancelToken::run`] → [`Cancellable`] | [`cancel`] |
 //! | `except CancelledError: await cleanup(); raise` | [`Tasks::on_drop`] → [`CleanupGuard`] | [`tasks`] |
 //! | `asyncio.shield(task)` | [`Tasks::shield`] → [`Shielded`] | [`shield`] |
-//! | `asyncio.Queue(maxsize=n)` | [`queue::bounded`] → [`Producer`], [`Consumer`] | [`queue`] |
+//! | `asyncio.Queue(maxsize=n)` | [`queue::bounded`] (or [`queue::bounded_in_bytes`]) → [`Producer`], [`Consumer`] | [`queue`] |
 //! | `asyncio.gather` under one timeout | [`Gather::all`] → [`Gathered`] | [`gather`] |
 //! | first-completed wins | [`Gather::race`] | [`gather`] |
 //!

@@ -9,7 +9,9 @@
 //! - the consumer's departure is visible to the producer at once: [`Producer::send`] fails and
 //!   hands the item back, and [`Producer::consumer_departed`] resolves, so a producer can stop
 //!   upstream work the moment its client goes away;
-//! - the depth is observable from both ends, for metrics.
+//! - the depth is observable from both ends, for metrics;
+//! - a queue may be bounded in bytes too ([`bounded_in_bytes`]): whichever bound is reached
+//!   first makes the producer wait, and an item larger than the byte bound goes through alone.
 //!
 //! A deque under a mutex, not tokio's `mpsc`: a queue per stream lives as long as the stream,
 //! and `mpsc` allocates about 0.8 KB for each whatever its use (its channel, padded against
@@ -47,10 +49,31 @@ use tokio::sync::Notify;
 
 /// Makes a queue that holds at most `capacity` items (at least 1).
 pub fn bounded<T, E>(capacity: usize) -> (Producer<T, E>, Consumer<T, E>) {
+    bounded_in_bytes(capacity, usize::MAX, |_| 0)
+}
+
+/// Makes a queue that holds at most `capacity` items (at least 1) and at most `max_bytes` of
+/// them as `weigh` counts an item's bytes, whichever is reached first; an item is counted from
+/// when it is sent until it is received. An item heavier than `max_bytes` is let in when the
+/// queue holds no bytes, so it goes through alone rather than never. `weigh` must give the
+/// same figure for an item whenever it is asked.
+///
+/// The count is kept under the queue's own lock, which each end takes anyway: bounding a
+/// stream's buffer in bytes this way costs no lock of its own (a semaphore's permits, given
+/// back as each item goes, took one more per item).
+pub fn bounded_in_bytes<T, E>(
+    capacity: usize,
+    max_bytes: usize,
+    weigh: fn(&T) -> usize,
+) -> (Producer<T, E>, Consumer<T, E>) {
     let shared = Arc::new(Shared {
         capacity: capacity.max(1),
+        max_bytes,
+        weigh,
         state: Mutex::new(State {
             items: VecDeque::new(),
+            bytes: 0,
+            refused: false,
             ending: None,
             producer_done: false,
             consumer_gone: false,
@@ -74,9 +97,13 @@ pub fn bounded<T, E>(capacity: usize) -> (Producer<T, E>, Consumer<T, E>) {
 /// What both ends share: one allocation per queue.
 struct Shared<T, E> {
     capacity: usize,
+    /// The bound in bytes (`usize::MAX`: none).
+    max_bytes: usize,
+    /// An item's bytes, for `max_bytes`.
+    weigh: fn(&T) -> usize,
     state: Mutex<State<T, E>>,
-    /// Wakes a producer waiting for room (notified when an item is taken from a full queue, and
-    /// when the consumer departs).
+    /// Wakes a producer waiting for room (notified when an item is taken from a queue that
+    /// refused one, and when the consumer departs).
     room: Notify,
     /// Wakes whoever waits for the consumer to depart.
     departed: Notify,
@@ -86,6 +113,11 @@ struct State<T, E> {
     /// The items sent and not yet received; grows as needed up to the capacity, so a queue that
     /// is never full takes only the room its items need.
     items: VecDeque<T>,
+    /// The queued items' bytes, as the queue's `weigh` counts them.
+    bytes: usize,
+    /// An item was refused for want of room since the last one was taken: the next one taken
+    /// wakes the producer.
+    refused: bool,
     /// How the producer said it was done; `None` until it says so (and if it never does).
     ending: Option<Result<(), E>>,
     /// The producer has ended the queue or gone away.
@@ -142,9 +174,14 @@ impl<T, E> Producer<T, E> {
         if state.consumer_gone {
             return Err(TrySendError::Departed(item));
         }
-        if state.items.len() >= self.shared.capacity {
+        let bytes = (self.shared.weigh)(&item);
+        if state.items.len() >= self.shared.capacity
+            || (state.bytes > 0 && state.bytes.saturating_add(bytes) > self.shared.max_bytes)
+        {
+            state.refused = true;
             return Err(TrySendError::Full(item));
         }
+        state.bytes = state.bytes.saturating_add(bytes);
         state.items.push_back(item);
         let receiver = state.receiver.take();
         drop(state);
@@ -215,6 +252,12 @@ impl<T, E> Producer<T, E> {
         self.shared.lock().items.len()
     }
 
+    /// How many bytes of items are queued now (as the queue weighs them; 0 for a queue made
+    /// by [`bounded`]).
+    pub fn bytes(&self) -> usize {
+        self.shared.lock().bytes
+    }
+
     /// The queue's capacity.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
@@ -258,10 +301,11 @@ impl<T, E> Consumer<T, E> {
         }
         let mut state = self.shared.lock();
         if let Some(item) = state.items.pop_front() {
-            // Only a full queue can have a producer waiting for room.
-            let was_full = state.items.len() + 1 >= self.shared.capacity;
+            state.bytes = state.bytes.saturating_sub((self.shared.weigh)(&item));
+            // Only a queue that refused an item can have a producer waiting for room.
+            let refused = std::mem::take(&mut state.refused);
             drop(state);
-            if was_full {
+            if refused {
                 self.shared.room.notify_waiters();
             }
             return Poll::Ready(Some(Ok(item)));
@@ -309,7 +353,11 @@ impl<T, E> Drop for Consumer<T, E> {
     /// item may hold room the producer is waiting for).
     fn drop(&mut self) {
         self.depart();
-        let items = std::mem::take(&mut self.shared.lock().items);
+        let items = {
+            let mut state = self.shared.lock();
+            state.bytes = 0;
+            std::mem::take(&mut state.items)
+        };
         drop(items);
     }
 }
@@ -477,6 +525,58 @@ mod tests {
             .expect("joined");
         assert_eq!(rx.recv().await, Some(Ok(2)));
         assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_bounded_in_bytes_waits_for_bytes_and_lets_a_heavy_item_through_alone() {
+        let (tx, mut rx) = bounded_in_bytes::<String, ()>(10, 10, String::len);
+        tx.try_send("abcd".into()).expect("4 of 10 bytes");
+        tx.try_send("efgh".into()).expect("8 of 10 bytes");
+        assert_eq!(tx.bytes(), 8);
+        // Places are left, bytes are not.
+        assert!(matches!(
+            tx.try_send("ijk".into()),
+            Err(TrySendError::Full(back)) if back == "ijk"
+        ));
+        let waiting = tokio::spawn(async move {
+            tx.send("ijk".into()).await.expect("room once 4 bytes go");
+            // Heavier than the whole bound: waits until the queue holds no bytes, then goes.
+            tx.send("0123456789abcdef".into()).await.expect("alone");
+            assert_eq!(tx.bytes(), 16);
+            tx.end();
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "8 + 3 bytes would pass the bound");
+        assert_eq!(rx.recv().await, Some(Ok("abcd".to_string())));
+        assert_eq!(rx.recv().await, Some(Ok("efgh".to_string())));
+        assert_eq!(rx.recv().await, Some(Ok("ijk".to_string())));
+        assert_eq!(rx.recv().await, Some(Ok("0123456789abcdef".to_string())));
+        assert_eq!(rx.recv().await, None);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("done")
+            .expect("joined");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_full_in_bytes_wakes_its_producer_once_bytes_are_taken() {
+        let (tx, mut rx) = bounded_in_bytes::<String, ()>(10, 4, String::len);
+        tx.send("abcd".into()).await.expect("room");
+        let waiting = tokio::spawn(async move {
+            tx.send("e".into()).await.expect("room once taken");
+            tx.bytes()
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "the queue is full in bytes, not in places"
+        );
+        assert_eq!(rx.recv().await, Some(Ok("abcd".to_string())));
+        let bytes = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("woken by the bytes taken")
+            .expect("joined");
+        assert_eq!(bytes, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,7 +29,7 @@ use sluice_flow::{
     queue, CancelCause, CancelToken, CleanupGuard, Consumer, Event, Producer, StreamLimits, Tasks,
     Timed, TrySendError,
 };
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::hub::{Hub, Live, Publisher};
@@ -53,6 +53,16 @@ pub enum Frame {
     KeepAlive,
 }
 
+impl Frame {
+    /// What the frame counts against its stream's buffer, in bytes: a chunk its JSON.
+    fn bytes(&self) -> usize {
+        match self {
+            Frame::Chunk(c) => c.data.len(),
+            Frame::KeepAlive => 0,
+        }
+    }
+}
+
 /// A chunk for the client side: its event id, its JSON, and the text it adds. The client side
 /// writes it out only once `committed` has reached `seq` (it is in the transcript).
 #[derive(Debug)]
@@ -64,27 +74,16 @@ pub struct ChunkFrame {
     pub seq: u64,
     /// The chunk JSON (a non-streaming response parses what it needs from it).
     pub data: Arc<str>,
-    /// The chunk's share of the stream's byte buffer, given back when the frame is dropped
-    /// (written out, or abandoned).
-    #[allow(dead_code, reason = "held, not read: dropping it gives the room back")]
-    pub room: BufferShare,
 }
-
-/// A frame's share of its stream's buffer between upstream and client, in bytes. The buffer is
-/// bounded in chunks by the queue and in bytes by these shares: a relay waits for room before it
-/// queues a chunk, and room comes back when the client side drops the frame.
-#[derive(Debug)]
-pub struct BufferShare(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 #[cfg(test)]
 impl ChunkFrame {
-    /// A chunk frame holding no room (for tests of the client side).
+    /// A chunk frame (for tests of the client side).
     pub(crate) fn for_test(seq: u64, data: &str, committed: Option<Watermark>) -> Box<Self> {
         Box::new(Self {
             committed,
             seq,
             data: Arc::from(data),
-            room: BufferShare(None),
         })
     }
 }
@@ -218,7 +217,10 @@ async fn record(ctx: &RelayContext, req: StreamRequest) -> Result<(Frames, Begun
         .await?;
     let cancel = ctx.shutdown.child();
     let publisher = ctx.hub.register(id.clone(), tenant_name, cancel.clone());
-    let (tx, rx) = queue::bounded(ctx.buffer_chunks);
+    // The stream's buffer toward the client, bounded in chunks and in bytes: a relay waits for
+    // room before it queues a chunk (backpressure), and a chunk larger than the byte bound
+    // goes through alone.
+    let (tx, rx) = queue::bounded_in_bytes(ctx.buffer_chunks, ctx.buffer_bytes, Frame::bytes);
     let progress = Progress {
         attempts: upstream.is_route().then(Attempts::default),
         ..Progress::default()
@@ -426,11 +428,6 @@ fn relay<'a>(
         let mut unpublished: Unpublished = VecDeque::new();
         let mut followed = false;
         let watermark = Watermark::new();
-        // The stream's byte buffer toward the client (see `BufferShare`).
-        let byte_limit = ctx
-            .buffer_bytes
-            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-        let room = Arc::new(Semaphore::new(byte_limit));
         // Made once: a wait made at every turn of the loop would join and leave the token's
         // waiter list for every chunk.
         let mut cancel_wait = std::pin::pin!(cancel.cancelled_owned());
@@ -566,15 +563,13 @@ fn relay<'a>(
                 continue; // nobody on the original connection: recorded and published is all
             };
             buffer_depth.record(tx.depth() as f64);
-            // Room first (bytes, then a place in the queue), all under the slow-client limit. The
-            // send goes first: a chunk already committed and published reaches the client if there
-            // is room for it; a cancel only interrupts a send that is waiting for room.
-            let wanted = u32::try_from(data.len().min(byte_limit)).unwrap_or(u32::MAX);
+            // Room (a place in the queue and bytes), under the slow-client limit. The send goes
+            // first: a chunk already committed and published reaches the client if there is
+            // room for it; a cancel only interrupts a send that is waiting for room.
             let chunk = Box::new(ChunkFrame {
                 committed,
                 seq,
                 data,
-                room: BufferShare(room.clone().try_acquire_many_owned(wanted).ok()),
             });
             let sent = match send_now(tx, chunk) {
                 Ok(sent) => Timed::Completed(sent),
@@ -585,7 +580,7 @@ fn relay<'a>(
                     let sending = Instant::now();
                     let send = Box::pin(sluice_flow::timeout(
                         ctx.slow_client_timeout,
-                        send_when_room(tx, &room, wanted, chunk),
+                        send_when_room(tx, chunk),
                     ));
                     let sent = tokio::select! {
                         biased;
@@ -610,7 +605,7 @@ fn relay<'a>(
                         format!(
                             "the client left {} chunks ({} bytes) unread for {:?}",
                             tx.depth(),
-                            byte_limit - room.available_permits(),
+                            tx.bytes(),
                             ctx.slow_client_timeout
                         ),
                     )
@@ -635,15 +630,12 @@ fn relay<'a>(
     }
 }
 
-/// Queues `chunk` for the client if it holds its room and the queue has a place now: whether
-/// the client is still there; or the chunk back, to wait with.
+/// Queues `chunk` for the client if the queue has room for it now: whether the client is
+/// still there; or the chunk back, to wait with.
 fn send_now(
     tx: &Producer<Frame, Terminal>,
     chunk: Box<ChunkFrame>,
 ) -> Result<bool, Box<ChunkFrame>> {
-    if chunk.room.0.is_none() {
-        return Err(chunk);
-    }
     match tx.try_send(Frame::Chunk(chunk)) {
         Ok(()) => Ok(true),
         Err(TrySendError::Departed(_)) => Ok(false),
@@ -653,20 +645,9 @@ fn send_now(
     }
 }
 
-/// Waits for `chunk`'s room (unless it holds it), then for a place in the queue: whether the
-/// client is still there.
-async fn send_when_room(
-    tx: &Producer<Frame, Terminal>,
-    room: &Arc<Semaphore>,
-    wanted: u32,
-    mut chunk: Box<ChunkFrame>,
-) -> bool {
-    if chunk.room.0.is_none() {
-        chunk.room.0 = tokio::select! {
-            room = room.clone().acquire_many_owned(wanted) => room.ok(),
-            () = tx.consumer_departed() => return false,
-        };
-    }
+/// Waits for room in the queue for `chunk` and queues it: whether the client is still there
+/// (the wait ends at once if it leaves).
+async fn send_when_room(tx: &Producer<Frame, Terminal>, chunk: Box<ChunkFrame>) -> bool {
     tx.send(Frame::Chunk(chunk)).await.is_ok()
 }
 
