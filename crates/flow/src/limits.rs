@@ -144,6 +144,8 @@ impl StreamLimits {
             items: 0,
             keep_alive_at: self.keep_alive.map(|every| started + every),
             timer: None,
+            arrived: started,
+            waited: Duration::ZERO,
         }
     }
 }
@@ -190,7 +192,14 @@ pub struct Limited<S> {
     keep_alive_at: Option<Instant>,
     /// One timer, for whichever is due first: the earliest hard limit or the keep-alive; and the
     /// instant it is set for. Made the first time the inner stream makes the consumer wait.
+    /// Moved earlier at once when something falls due sooner, but left where it is when what
+    /// is due moves later (the idle limit, at every item): it then fires early once and is set
+    /// again, rather than being moved in the timer wheel for every item.
     timer: Option<(Instant, Pin<Box<Sleep>>)>,
+    /// When the last item was handed out (the clock read of the poll that got it).
+    arrived: Instant,
+    /// The time the consumer has spent waiting for items, all told.
+    waited: Duration,
 }
 
 impl<S> Limited<S> {
@@ -202,6 +211,24 @@ impl<S> Limited<S> {
     /// When the clock started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// When the last item was handed out ([`started`](Self::started) before the first): the
+    /// clock as read by the poll that got it, so that a consumer timing its items needs no
+    /// clock read of its own.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    /// How long the consumer has spent waiting for items so far, all told: from each time it
+    /// asked for the next item to the poll that got it (from the start, for the first), and
+    /// the wait under way, if any, up to now (so after the end, the wait that ended it too).
+    /// Time between being handed an item and asking for the next is the consumer's own.
+    pub fn waited(&self) -> Duration {
+        match self.waiting_since {
+            Some(since) => self.waited + Instant::now().saturating_duration_since(since),
+            None => self.waited,
+        }
     }
 
     /// The earliest hard limit now in force: its instant, which limit, and its duration.
@@ -225,31 +252,41 @@ impl<S> Limited<S> {
         }
     }
 
-    /// Sets the timer for `due` (if any) and polls it: whether it has fired.
+    /// Makes sure the timer wakes us by `due` (if any) and polls it: whether `due` has come.
     fn poll_timer(&mut self, due: Option<Instant>, cx: &mut Context<'_>) -> bool {
         let Some(due) = due else {
             return false;
         };
-        let timer = match &mut self.timer {
-            Some((armed, timer)) => {
-                if *armed != due {
-                    *armed = due;
-                    timer.as_mut().reset(due);
-                }
-                timer
+        let (armed, timer) = self
+            .timer
+            .get_or_insert_with(|| (due, Box::pin(tokio::time::sleep_until(due))));
+        loop {
+            // Set for later than `due`: moved to it. Set for earlier and already fired: set
+            // again for `due`. Set for earlier and not fired yet: left, to fire early once.
+            if *armed > due || (*armed < due && timer.is_elapsed()) {
+                *armed = due;
+                timer.as_mut().reset(due);
             }
-            slot @ None => {
-                &mut slot
-                    .insert((due, Box::pin(tokio::time::sleep_until(due))))
-                    .1
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(()) if *armed == due => return true,
+                // It fired early (between the look above and the poll): set it again.
+                Poll::Ready(()) => {}
             }
-        };
-        timer.as_mut().poll(cx).is_ready()
+        }
+    }
+
+    /// Ends the wait under way (if any) at `now`, adding it to `waited`.
+    fn close_wait(&mut self, now: Instant) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += now.saturating_duration_since(since);
+        }
     }
 
     fn trip(&mut self, limit: Limit, limit_after: Duration, now: Instant) -> LimitExceeded {
         self.inner = None; // drops the inner stream: its cleanup runs here, once
         self.timer = None;
+        self.close_wait(now);
         LimitExceeded {
             limit,
             limit_after,
@@ -292,12 +329,14 @@ impl<S: Stream> Stream for Limited<S> {
         match inner.as_mut().poll_next(cx) {
             Poll::Ready(Some(item)) => {
                 this.items += 1;
-                this.waiting_since = None;
+                this.close_wait(now);
+                this.arrived = now;
                 return Poll::Ready(Some(Ok(Event::Item(item))));
             }
             Poll::Ready(None) => {
                 this.inner = None;
                 this.timer = None;
+                this.close_wait(now);
                 return Poll::Ready(None);
             }
             Poll::Pending => {}
@@ -528,6 +567,53 @@ mod tests {
             tokio::time::sleep(ms(500)).await;
         }
         assert_eq!(got, vec![Ok(0), Ok(1), Ok(2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_follows_every_item_though_its_timer_is_not_moved_each_time() {
+        // Twenty items 90 ms apart under a 100 ms idle limit: each would trip it if the timer
+        // set at the start (or at any earlier item) were taken for the limit itself.
+        let limits = StreamLimits::new().idle(ms(100));
+        let mut gaps = vec![90; 20];
+        gaps.push(150);
+        let (events, _) = run(limits, gaps).await;
+        assert_eq!(items(&events), (0..20).collect::<Vec<_>>());
+        let err = terminal(&events).expect("a terminal error");
+        assert_eq!(
+            (err.limit, err.items, err.elapsed),
+            (Limit::Idle, 20, ms(20 * 90 + 100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn arrivals_and_waits_are_timed_for_the_consumer() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut s = StreamLimits::new()
+            .idle(ms(1000))
+            .apply(scheduled(vec![30, 50, 0], drops));
+        assert_eq!((s.arrived(), s.waited()), (started, ms(0)));
+        assert!(matches!(s.next().await, Some(Ok(Event::Item(0)))));
+        assert_eq!((s.arrived(), s.waited()), (started + ms(30), ms(30)));
+        // The consumer's own 200 ms is not waiting: the stream only starts its next gap when
+        // asked (a generator runs when polled), so item 1 comes 50 ms after the ask.
+        tokio::time::sleep(ms(200)).await;
+        assert!(matches!(s.next().await, Some(Ok(Event::Item(1)))));
+        assert_eq!((s.arrived(), s.waited()), (started + ms(280), ms(80)));
+        assert!(matches!(s.next().await, Some(Ok(Event::Item(2)))));
+        assert_eq!((s.arrived(), s.waited()), (started + ms(280), ms(80)));
+        // The wait that ends the stream counts too, and time after it does not.
+        tokio::time::sleep(ms(20)).await;
+        assert!(s.next().await.is_none());
+        tokio::time::sleep(ms(500)).await;
+        assert_eq!(s.waited(), ms(80));
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut s = StreamLimits::new()
+            .idle(ms(100))
+            .apply(scheduled(vec![30, 500], drops));
+        assert!(matches!(s.next().await, Some(Ok(Event::Item(0)))));
+        assert!(matches!(s.next().await, Some(Err(_))));
+        assert_eq!(s.waited(), ms(130));
     }
 
     #[tokio::test(start_paused = true)]

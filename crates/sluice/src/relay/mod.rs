@@ -415,7 +415,6 @@ fn relay<'a>(
             keep_alive: Some(ctx.keep_alive),
         };
         let mut limited = limits.apply_from(source, req.started);
-        let mut upstream_wait = Duration::ZERO;
         let mut client_wait = Duration::ZERO;
         let mut last_chunk: Option<Instant> = None;
         let mut seq = 0u64;
@@ -447,7 +446,6 @@ fn relay<'a>(
             // the loop's body holds across an `.await` below takes room in the relay's task all its
             // life, in every state, the idle wait included.
             let (data, content, offset) = {
-                let waiting = Instant::now();
                 let next = tokio::select! {
                     biased;
                     () = departed(&client) => {
@@ -470,9 +468,6 @@ fn relay<'a>(
                     }
                     next = limited.next() => next,
                 };
-                // One clock read for the wait and the chunk's own times below.
-                let now = Instant::now();
-                upstream_wait += now.saturating_duration_since(waiting);
                 let chunk = match next {
                     None => break Ending::Completed,
                     Some(Err(limit)) => {
@@ -501,6 +496,8 @@ fn relay<'a>(
                 };
 
                 seq += 1;
+                // The chunk's times from the clock read that got it: no read of our own.
+                let now = limited.arrived();
                 let offset = now.saturating_duration_since(req.started);
                 {
                     let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
@@ -612,6 +609,7 @@ fn relay<'a>(
                 }
             }
         };
+        let upstream_wait = limited.waited();
         // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
         drop(limited);
         // Chunks still waiting for their commit reach the hub before the stream's end does.
