@@ -26,11 +26,21 @@
 //! Histogram samples wait in the recorder until they are folded into buckets; a thread folds
 //! them every [`UPKEEP_INTERVAL`] so memory stays flat when nobody scrapes `/metrics` (without
 //! it, every chunk relayed kept a few samples for good: the soak in docs/benchmarks/memory.md).
+//!
+//! The three per-chunk metrics (`sluice_inter_chunk_seconds`, `sluice_stream_buffer_depth`,
+//! `sluice_chunks_relayed_total`) are not recorded through the recorder but counted by each
+//! relay in buckets of its own ([`ChunkStats`]) and added to the process's totals every
+//! [`CHUNK_STATS_EVERY`] chunks and when the stream ends: through the recorder each chunk cost
+//! two timestamped samples pushed onto lists all relays share and a shared counter, about 5% of
+//! the gateway's CPU per chunk (`perf`, docs/benchmarks/README.md). `/metrics` renders them
+//! in the same format, so a stream's latest chunks show there at its end or within
+//! [`CHUNK_STATS_EVERY`] chunks.
 
-use std::sync::OnceLock;
+use std::fmt::Write as _;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -50,12 +60,6 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
         .get_or_init(|| {
             PrometheusBuilder::new()
                 .set_buckets(SECONDS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("sluice_stream_buffer_depth".into()),
-                        DEPTH,
-                    )
-                })
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
@@ -81,7 +85,210 @@ fn start_upkeep(handle: PrometheusHandle) {
 /// The metrics in Prometheus' text format.
 pub fn render() -> String {
     match handle() {
-        Some(h) => h.render(),
+        Some(h) => {
+            let mut out = h.render();
+            render_chunk_stats(&mut out);
+            out
+        }
         None => "# metrics recorder unavailable\n".to_string(),
+    }
+}
+
+/// How many chunks a relay counts in its own [`ChunkStats`] before adding them to the totals.
+pub const CHUNK_STATS_EVERY: u32 = 64;
+
+/// Buckets of one histogram: a count per upper bound (and one past the last), and the sum.
+#[derive(Debug, Clone)]
+struct Buckets<const N: usize> {
+    counts: [u64; N],
+    sum: f64,
+}
+
+impl<const N: usize> Buckets<N> {
+    const EMPTY: Self = Self {
+        counts: [0; N],
+        sum: 0.0,
+    };
+
+    /// Counts `value` in the first bucket whose bound is at least it (Prometheus' `le`).
+    fn record(&mut self, bounds: &[f64], value: f64) {
+        let i = bounds.partition_point(|&b| b < value).min(N - 1);
+        self.counts[i] += 1;
+        self.sum += value;
+    }
+
+    fn add(&mut self, other: &Self) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.sum += other.sum;
+    }
+
+    /// Appends the histogram in Prometheus' text format.
+    fn render(&self, name: &str, bounds: &[f64], out: &mut String) {
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut total = 0;
+        for (bound, count) in bounds.iter().zip(&self.counts) {
+            total += count;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {total}");
+        }
+        total += self.counts[N - 1];
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// One bucket per bound of [`SECONDS`] and one past them.
+const GAP_BUCKETS: usize = SECONDS.len() + 1;
+/// One bucket per bound of [`DEPTH`] and one past them.
+const DEPTH_BUCKETS: usize = DEPTH.len() + 1;
+
+/// The per-chunk metrics, counted.
+#[derive(Debug, Clone)]
+struct ChunkTotals {
+    gaps: Buckets<GAP_BUCKETS>,
+    depth: Buckets<DEPTH_BUCKETS>,
+    relayed: u64,
+}
+
+impl ChunkTotals {
+    const EMPTY: Self = Self {
+        gaps: Buckets::EMPTY,
+        depth: Buckets::EMPTY,
+        relayed: 0,
+    };
+}
+
+/// The process's per-chunk totals, which relays add to now and then.
+static CHUNK_TOTALS: Mutex<ChunkTotals> = Mutex::new(ChunkTotals::EMPTY);
+
+fn render_chunk_stats(out: &mut String) {
+    let totals = CHUNK_TOTALS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let _ = writeln!(out, "# TYPE sluice_chunks_relayed_total counter");
+    let _ = writeln!(out, "sluice_chunks_relayed_total {}", totals.relayed);
+    totals
+        .gaps
+        .render("sluice_inter_chunk_seconds", SECONDS, out);
+    totals
+        .depth
+        .render("sluice_stream_buffer_depth", DEPTH, out);
+}
+
+/// One relay's per-chunk metrics, counted here and added to the process's totals every
+/// [`CHUNK_STATS_EVERY`] chunks and when dropped (see the module docs). Takes no memory
+/// until its first chunk: an idle stream has none.
+#[derive(Debug, Default)]
+pub struct ChunkStats(Option<Box<ChunkTotals>>);
+
+impl ChunkStats {
+    /// Counts the gap between two chunks.
+    pub fn gap(&mut self, gap: Duration) {
+        self.totals().gaps.record(SECONDS, gap.as_secs_f64());
+    }
+
+    /// Counts one chunk relayed, and how many chunks were queued for the client when it was
+    /// (`None`: nobody on the original connection to queue it for).
+    pub fn relayed(&mut self, depth: Option<usize>) {
+        self.relayed_into(depth, &CHUNK_TOTALS);
+    }
+
+    fn relayed_into(&mut self, depth: Option<usize>, totals: &Mutex<ChunkTotals>) {
+        let t = self.totals();
+        if let Some(depth) = depth {
+            t.depth.record(DEPTH, depth as f64);
+        }
+        t.relayed += 1;
+        if t.relayed >= u64::from(CHUNK_STATS_EVERY) {
+            self.flush_into(totals);
+        }
+    }
+
+    fn totals(&mut self) -> &mut ChunkTotals {
+        self.0.get_or_insert_with(|| Box::new(ChunkTotals::EMPTY))
+    }
+
+    /// Adds what is counted to `totals` and starts again.
+    fn flush_into(&mut self, totals: &Mutex<ChunkTotals>) {
+        let Some(mine) = self.0.as_deref_mut() else {
+            return;
+        };
+        if mine.relayed == 0 && mine.gaps.counts.iter().all(|&c| c == 0) {
+            return;
+        }
+        let mut totals = totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals.gaps.add(&mine.gaps);
+        totals.depth.add(&mine.depth);
+        totals.relayed += mine.relayed;
+        drop(totals);
+        *mine = ChunkTotals::EMPTY;
+    }
+}
+
+impl Drop for ChunkStats {
+    fn drop(&mut self) {
+        self.flush_into(&CHUNK_TOTALS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_count_up_to_and_including_their_bound_and_render_cumulatively() {
+        let bounds = [1.0, 2.0];
+        let mut b = Buckets::<3>::EMPTY;
+        for v in [0.5, 1.0, 1.5, 2.0, 7.0] {
+            b.record(&bounds, v);
+        }
+        assert_eq!(b.counts, [2, 2, 1]);
+        let mut out = String::new();
+        b.render("x", &bounds, &mut out);
+        assert_eq!(
+            out,
+            "# TYPE x histogram\nx_bucket{le=\"1\"} 2\nx_bucket{le=\"2\"} 4\n\
+             x_bucket{le=\"+Inf\"} 5\nx_sum 12\nx_count 5\n"
+        );
+        // Small bounds are written out in full, as Prometheus reads them.
+        let mut out = String::new();
+        Buckets::<2>::EMPTY.render("y", &[0.000_01], &mut out);
+        assert!(out.contains("y_bucket{le=\"0.00001\"} 0"), "{out}");
+    }
+
+    #[test]
+    fn a_relay_adds_its_counts_every_so_many_chunks_and_when_it_ends() {
+        let totals = Mutex::new(ChunkTotals::EMPTY);
+        let read = || totals.lock().expect("lock").clone();
+        let mut stats = ChunkStats::default();
+        assert!(stats.0.is_none(), "nothing held before the first chunk");
+        for i in 0..CHUNK_STATS_EVERY + 3 {
+            if i > 0 {
+                stats.gap(Duration::from_millis(2));
+            }
+            stats.relayed_into((i % 2 == 0).then_some(1), &totals);
+        }
+        let t = read();
+        assert_eq!(t.relayed, u64::from(CHUNK_STATS_EVERY));
+        stats.flush_into(&totals);
+        let t = read();
+        assert_eq!(t.relayed, u64::from(CHUNK_STATS_EVERY) + 3);
+        assert_eq!(
+            t.gaps.counts.iter().sum::<u64>(),
+            u64::from(CHUNK_STATS_EVERY) + 2
+        );
+        // 2 ms falls in the 5 ms bucket; depth 1 in the `le="1"` one, once every other chunk.
+        let five_ms = SECONDS.iter().position(|&b| b == 0.005).expect("bound");
+        assert_eq!(t.gaps.counts[five_ms], u64::from(CHUNK_STATS_EVERY) + 2);
+        assert_eq!(
+            t.depth.counts[1],
+            (u64::from(CHUNK_STATS_EVERY) + 3).div_ceil(2)
+        );
+        // Nothing twice.
+        stats.flush_into(&totals);
+        assert_eq!(read().relayed, u64::from(CHUNK_STATS_EVERY) + 3);
     }
 }

@@ -404,10 +404,8 @@ fn relay<'a>(
     progress: &'a Mutex<Progress>,
 ) -> impl std::future::Future<Output = (Ending, Option<Producer<Frame, Terminal>>)> + Send + 'a {
     async move {
-        // The per-chunk metrics' handles, looked up once per stream rather than per chunk.
-        let inter_chunk = metrics::histogram!("sluice_inter_chunk_seconds");
-        let relayed = metrics::counter!("sluice_chunks_relayed_total");
-        let buffer_depth = metrics::histogram!("sluice_stream_buffer_depth");
+        // The per-chunk metrics, counted here and added to the totals now and then.
+        let mut stats = crate::metrics::ChunkStats::default();
         let limits = StreamLimits {
             first_item: Some(req.timeouts.first_token),
             idle: Some(req.timeouts.idle),
@@ -510,7 +508,7 @@ fn relay<'a>(
                 match last_chunk.replace(now) {
                     None => metrics::histogram!("sluice_time_to_first_token_seconds")
                         .record(offset.as_secs_f64()),
-                    Some(prev) => inter_chunk.record((now - prev).as_secs_f64()),
+                    Some(prev) => stats.gap(now.saturating_duration_since(prev)),
                 }
                 // What the upstream says goes no further than here with a key in it.
                 let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
@@ -554,12 +552,11 @@ fn relay<'a>(
                 }),
             }
             publish_committed(&mut unpublished, &watermark, publisher);
-            relayed.increment(1);
+            stats.relayed(client.as_ref().map(Producer::depth));
 
             let Some(tx) = &client else {
                 continue; // nobody on the original connection: recorded and published is all
             };
-            buffer_depth.record(tx.depth() as f64);
             // Room (a place in the queue and bytes), under the slow-client limit. The send goes
             // first: a chunk already committed and published reaches the client if there is
             // room for it; a cancel only interrupts a send that is waiting for room.
