@@ -119,7 +119,7 @@ impl SseParser {
         }
         // memchr looks for the line ends a word at a time, not a byte at a time.
         while let Some(end) = memchr::memchr2(b'\n', b'\r', bytes) {
-            self.extend_line(&bytes[..end])?;
+            let input = bytes;
             let terminator = bytes[end];
             bytes = &bytes[end + 1..];
             if terminator == b'\r' {
@@ -129,6 +129,15 @@ impl SseParser {
                     Some(_) => {}
                 }
             }
+            if self.line.is_empty() {
+                // The whole line is in this read (the usual case): read where it is, without
+                // copying it into the line buffer first.
+                let line = &input[..end];
+                self.check_line(line.len())?;
+                self.process_line(line, out)?;
+                continue;
+            }
+            self.extend_line(&input[..end])?;
             // The line's buffer is handed back and reused: no allocation per line.
             let mut line = std::mem::take(&mut self.line);
             let processed = self.process_line(&line, out);
@@ -149,11 +158,17 @@ impl SseParser {
     }
 
     fn extend_line(&mut self, bytes: &[u8]) -> Result<(), SseError> {
+        self.check_line(self.line.len() + bytes.len())?;
+        self.line.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Whether a line of `len` bytes is within the line cap.
+    fn check_line(&self, len: usize) -> Result<(), SseError> {
         let limit = self.max_event.saturating_add(LINE_OVERHEAD);
-        if self.line.len() + bytes.len() > limit {
+        if len > limit {
             return Err(SseError::LineTooLong { limit });
         }
-        self.line.extend_from_slice(bytes);
         Ok(())
     }
 
@@ -260,6 +275,15 @@ mod tests {
         let big = vec![b'a'; 100 + LINE_OVERHEAD + 1];
         assert_eq!(
             parser.push(&big, &mut Vec::new()),
+            Err(SseError::LineTooLong {
+                limit: 100 + LINE_OVERHEAD
+            })
+        );
+        // The same line whole in one read, its end included, is refused all the same.
+        let mut whole = big.clone();
+        whole.extend_from_slice(b"\n\n");
+        assert_eq!(
+            SseParser::with_max_event(100).push(&whole, &mut Vec::new()),
             Err(SseError::LineTooLong {
                 limit: 100 + LINE_OVERHEAD
             })
