@@ -28,9 +28,9 @@
 //! it, every chunk relayed kept a few samples for good: the soak in docs/benchmarks/memory.md).
 //!
 //! The three per-chunk metrics (`sluice_inter_chunk_seconds`, `sluice_stream_buffer_depth`,
-//! `sluice_chunks_relayed_total`) are not recorded through the recorder but counted by each
-//! relay in buckets of its own ([`ChunkStats`]) and added to the process's totals every
-//! [`CHUNK_STATS_EVERY`] chunks and when the stream ends: through the recorder each chunk cost
+//! `sluice_chunks_relayed_total`) are not recorded through the recorder: each relay keeps its
+//! last few chunks' samples in place ([`ChunkStats`]) and adds them to the process's totals
+//! under one lock every [`CHUNK_STATS_EVERY`] chunks and when the stream ends: through the recorder each chunk cost
 //! two timestamped samples pushed onto lists all relays share and a shared counter, about 5% of
 //! the gateway's CPU per chunk (`perf`, docs/benchmarks/README.md). `/metrics` renders them
 //! in the same format, so a stream's latest chunks show there at its end or within
@@ -94,8 +94,8 @@ pub fn render() -> String {
     }
 }
 
-/// How many chunks a relay counts in its own [`ChunkStats`] before adding them to the totals.
-pub const CHUNK_STATS_EVERY: u32 = 64;
+/// How many chunks' samples a relay keeps ([`ChunkStats`]) before adding them to the totals.
+pub const CHUNK_STATS_EVERY: u32 = 8;
 
 /// Buckets of one histogram: a count per upper bound (and one past the last), and the sum.
 #[derive(Debug, Clone)]
@@ -115,13 +115,6 @@ impl<const N: usize> Buckets<N> {
         let i = bounds.partition_point(|&b| b < value).min(N - 1);
         self.counts[i] += 1;
         self.sum += value;
-    }
-
-    fn add(&mut self, other: &Self) {
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
-        }
-        self.sum += other.sum;
     }
 
     /// Appends the histogram in Prometheus' text format.
@@ -178,16 +171,41 @@ fn render_chunk_stats(out: &mut String) {
         .render("sluice_stream_buffer_depth", DEPTH, out);
 }
 
-/// One relay's per-chunk metrics, counted here and added to the process's totals every
-/// [`CHUNK_STATS_EVERY`] chunks and when dropped (see the module docs). Takes no memory
-/// until its first chunk: an idle stream has none.
+/// One relay's per-chunk metrics: its last few chunks' samples, kept in place and added to the
+/// process's totals every [`CHUNK_STATS_EVERY`] chunks and when dropped (see the module docs).
+/// Inline and small (the relay's task carries it for the stream's life, idle or not), so an
+/// idle stream holds at most a few samples and nothing on the heap.
 #[derive(Debug, Default)]
-pub struct ChunkStats(Option<Box<ChunkTotals>>);
+pub struct ChunkStats {
+    samples: [Sample; CHUNK_STATS_EVERY as usize],
+    /// How many of `samples` are complete; the one at this index may have its gap already.
+    len: u8,
+}
+
+/// One chunk's samples.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// The gap since the chunk before, in seconds (`NaN`: none, the first chunk).
+    gap: f32,
+    /// Chunks queued for the client when it was (`u16::MAX`: none queued it).
+    depth: u16,
+}
+
+impl Default for Sample {
+    fn default() -> Self {
+        Self {
+            gap: f32::NAN,
+            depth: u16::MAX,
+        }
+    }
+}
 
 impl ChunkStats {
-    /// Counts the gap between two chunks.
+    /// Counts the gap between the chunk about to be counted and the one before.
     pub fn gap(&mut self, gap: Duration) {
-        self.totals().gaps.record(SECONDS, gap.as_secs_f64());
+        if let Some(s) = self.samples.get_mut(usize::from(self.len)) {
+            s.gap = gap.as_secs_f32();
+        }
     }
 
     /// Counts one chunk relayed, and how many chunks were queued for the client when it was
@@ -197,34 +215,34 @@ impl ChunkStats {
     }
 
     fn relayed_into(&mut self, depth: Option<usize>, totals: &Mutex<ChunkTotals>) {
-        let t = self.totals();
-        if let Some(depth) = depth {
-            t.depth.record(DEPTH, depth as f64);
+        if let Some(s) = self.samples.get_mut(usize::from(self.len)) {
+            s.depth = depth.map_or(u16::MAX, |d| u16::try_from(d).unwrap_or(u16::MAX - 1));
+            self.len += 1;
         }
-        t.relayed += 1;
-        if t.relayed >= u64::from(CHUNK_STATS_EVERY) {
+        if usize::from(self.len) >= self.samples.len() {
             self.flush_into(totals);
         }
     }
 
-    fn totals(&mut self) -> &mut ChunkTotals {
-        self.0.get_or_insert_with(|| Box::new(ChunkTotals::EMPTY))
-    }
-
-    /// Adds what is counted to `totals` and starts again.
+    /// Adds the complete samples to `totals` and starts again.
     fn flush_into(&mut self, totals: &Mutex<ChunkTotals>) {
-        let Some(mine) = self.0.as_deref_mut() else {
-            return;
-        };
-        if mine.relayed == 0 && mine.gaps.counts.iter().all(|&c| c == 0) {
+        let n = usize::from(self.len);
+        if n == 0 {
             return;
         }
         let mut totals = totals.lock().unwrap_or_else(PoisonError::into_inner);
-        totals.gaps.add(&mine.gaps);
-        totals.depth.add(&mine.depth);
-        totals.relayed += mine.relayed;
+        for s in &self.samples[..n] {
+            if !s.gap.is_nan() {
+                totals.gaps.record(SECONDS, f64::from(s.gap));
+            }
+            if s.depth != u16::MAX {
+                totals.depth.record(DEPTH, f64::from(s.depth));
+            }
+            totals.relayed += 1;
+        }
         drop(totals);
-        *mine = ChunkTotals::EMPTY;
+        self.samples = Default::default();
+        self.len = 0;
     }
 }
 
@@ -264,7 +282,8 @@ mod tests {
         let totals = Mutex::new(ChunkTotals::EMPTY);
         let read = || totals.lock().expect("lock").clone();
         let mut stats = ChunkStats::default();
-        assert!(stats.0.is_none(), "nothing held before the first chunk");
+        // Carried by every relay's task, idle ones included: a few samples, in place.
+        assert!(std::mem::size_of::<ChunkStats>() <= 72);
         for i in 0..CHUNK_STATS_EVERY + 3 {
             if i > 0 {
                 stats.gap(Duration::from_millis(2));
