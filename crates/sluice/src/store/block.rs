@@ -148,17 +148,7 @@ where
     if plain.len() < COMPRESS_FROM {
         return plain;
     }
-    compress(&plain[1..], |compressed| {
-        if compressed.len() + 5 >= plain.len() {
-            return None;
-        }
-        let mut out = Vec::with_capacity(compressed.len() + 5);
-        out.push(LZ4);
-        out.extend_from_slice(&size.to_le_bytes());
-        out.extend_from_slice(compressed);
-        Some(out)
-    })
-    .unwrap_or(plain)
+    lz4_block(&plain[1..], size).unwrap_or(plain)
 }
 
 /// The bytes [`encode_chunk`] writes besides a chunk's JSON and text.
@@ -175,20 +165,28 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// LZ4-compresses `input` and hands the result to `then`.
-fn compress<T>(input: &[u8], then: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+/// A block body of `input` LZ4-compressed (its format byte, `size` and the LZ4 block), or
+/// `None` if that would be no smaller than the plain body.
+fn lz4_block(input: &[u8], size: u32) -> Option<Vec<u8>> {
     let need = lz4_flex::block::get_maximum_output_size(input.len());
-    let into = |buf: &mut Vec<u8>| {
+    let pack = |buf: &mut Vec<u8>| {
         if buf.len() < need {
             buf.resize(need, 0);
         }
         let n = lz4_flex::block::compress_into(input, buf).ok()?;
-        then(buf.get(..n)?)
+        if n + 5 > input.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n + 5);
+        out.push(LZ4);
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(buf.get(..n)?);
+        Some(out)
     };
     if need > SCRATCH_MAX {
-        return into(&mut Vec::new());
+        return pack(&mut Vec::new());
     }
-    SCRATCH.with_borrow_mut(into)
+    SCRATCH.with_borrow_mut(pack)
 }
 
 /// Appends one chunk as blocks hold it (and the journal's records, after their stream id): seq
