@@ -77,8 +77,10 @@ struct Args {
     /// `up` (the benchmark's HTTP upstream: each stream also holds an upstream connection).
     #[arg(long, default_value = "sim")]
     idle_model: String,
-    /// Run only sluice's throughput at this many concurrent streams for 10 s and print it (for
-    /// profiling: attach perf to the sluice process meanwhile).
+    /// Run only the throughput at this many concurrent streams: 10 s of sluice alone, printed
+    /// (for profiling: attach perf to the sluice process meanwhile), then five alternating
+    /// rounds of 2 s each of direct, sluice and sluice without transcripts (so that all three
+    /// see the same moments of a noisy machine) and their medians, with sluice's share of direct.
     #[arg(long)]
     only_throughput: Option<usize>,
     /// Run only the time to first token, this many streams one at a time to each of direct,
@@ -316,6 +318,30 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("sluice pid {sluice_pid}");
         let level = throughput(&sluice_target, concurrency, 10.0, plan.tokens_per_stream).await;
         println!("{}", serde_json::to_string_pretty(&level)?);
+        let targets = [direct(&mock), sluice_target.clone(), bare_target];
+        let mut rounds = vec![Vec::new(); targets.len()];
+        for _ in 0..5 {
+            for (t, r) in targets.iter().zip(&mut rounds) {
+                let level = throughput(t, concurrency, 2.0, plan.tokens_per_stream).await;
+                r.push(level.chunks_per_s);
+            }
+        }
+        let medians: Vec<f64> = rounds
+            .iter_mut()
+            .map(|r| {
+                r.sort_by(f64::total_cmp);
+                r[r.len() / 2]
+            })
+            .collect();
+        for (t, m) in targets.iter().zip(&medians) {
+            println!(
+                "{}: {:.0} chunks/s at {} streams (median of 5 rounds of 2 s), {:.0}% of direct",
+                t.name,
+                m,
+                concurrency,
+                100.0 * m / medians[0]
+            );
+        }
         return Ok(());
     }
     if let Some(n) = args.only_ttft {
