@@ -37,8 +37,8 @@ mod short;
 mod tail;
 
 use measure::{
-    chunk_latency, client, close_delay, dist, idle_streams, throughput, ttft, ttft_samples, Target,
-    TargetResult,
+    chunk_latency, chunk_latency_samples, client, close_delay, dist, idle_streams, throughput,
+    ttft, ttft_samples, Target, TargetResult,
 };
 use report::{machine, now_utc, Report};
 
@@ -85,7 +85,8 @@ struct Args {
     only_throughput: Option<usize>,
     /// Run only the time to first token, this many streams one at a time to each of direct,
     /// sluice and sluice without transcripts in turn (so that all three see the same moments of
-    /// a noisy machine), and print p50 / p99 and what sluice adds.
+    /// a noisy machine), and print p50 / p99 and what sluice adds; then the same for the
+    /// per-chunk latency (as many chunks, a millisecond apart, in streams of 100).
     #[arg(long)]
     only_ttft: Option<usize>,
     /// Run only the memory scenarios (transcript read, dripped bodies, a spike, a soak) in a
@@ -200,6 +201,22 @@ fn write_report<T: Serialize>(
     std::fs::write(args.out.join(format!("{name}.md")), &md)?;
     println!("{md}");
     Ok(())
+}
+
+/// Prints each target's p50 / p99 of `samples` (µs) and what it adds to the first's (direct).
+fn print_added(targets: &[Target], samples: Vec<Vec<f64>>, what: &str, unit: &str) {
+    let dists: Vec<_> = samples.into_iter().map(dist).collect();
+    for (t, d) in targets.iter().zip(&dists) {
+        println!(
+            "{}: {what} p50 {:.0} µs, p99 {:.0} µs ({} {unit}); added p50 {:.0} µs, p99 {:.0} µs",
+            t.name,
+            d.p50_us,
+            d.p99_us,
+            d.n,
+            d.p50_us - dists[0].p50_us,
+            d.p99_us - dists[0].p99_us
+        );
+    }
 }
 
 /// The upstream itself, as a target: the physical limit.
@@ -358,18 +375,14 @@ async fn main() -> anyhow::Result<()> {
                 s.extend(ttft_samples(t, 10).await?);
             }
         }
-        let dists: Vec<_> = samples.into_iter().map(dist).collect();
-        for (t, d) in targets.iter().zip(&dists) {
-            println!(
-                "{}: TTFT p50 {:.0} µs, p99 {:.0} µs ({} streams); added p50 {:.0} µs, p99 {:.0} µs",
-                t.name,
-                d.p50_us,
-                d.p99_us,
-                d.n,
-                d.p50_us - dists[0].p50_us,
-                d.p99_us - dists[0].p99_us
-            );
+        print_added(&targets, samples, "TTFT", "streams");
+        let mut samples = vec![Vec::with_capacity(n); targets.len()];
+        for _ in 0..n.div_ceil(200) {
+            for (t, s) in targets.iter().zip(&mut samples) {
+                s.extend(chunk_latency_samples(t, 2, 100).await?);
+            }
         }
+        print_added(&targets, samples, "per-chunk", "chunks");
         return Ok(());
     }
     if args.only_memory {

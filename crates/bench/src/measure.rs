@@ -173,6 +173,15 @@ pub(crate) async fn chunk_latency(
     if !t.stamps {
         return Ok(None);
     }
+    Ok(Some(dist(chunk_latency_samples(t, streams, tokens).await?)))
+}
+
+/// [`chunk_latency`]'s samples (µs), for a target whose upstream stamps its chunks.
+pub(crate) async fn chunk_latency_samples(
+    t: &Target,
+    streams: usize,
+    tokens: u32,
+) -> anyhow::Result<Vec<f64>> {
     let mut samples = Vec::new();
     for _ in 0..streams {
         stream(
@@ -186,7 +195,7 @@ pub(crate) async fn chunk_latency(
         )
         .await?;
     }
-    Ok(Some(dist(samples)))
+    Ok(samples)
 }
 
 /// Streams and chunks per second with `concurrency` clients looping for `seconds`.
