@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::hub::{Hub, Live, Publisher};
 use crate::redact::Redactor;
-use crate::store::{Finish, NewStream, Store, StoreError, StreamKey, Watermark};
+use crate::store::{Arrival, Finish, NewStream, Store, StoreError, StreamKey, Watermark};
 use crate::stream::{Ending, OnDisconnect, Reason, Terminal, Timeouts};
 use crate::upstream::route::Attempts;
 use crate::upstream::{ChunkStream, Upstream, UpstreamRequest};
@@ -42,6 +42,12 @@ use crate::upstream::{ChunkStream, Upstream, UpstreamRequest};
 use departure::Departure;
 
 mod departure;
+
+/// A chunk the relay waited at least this long for (or a stream's first) came after a pause:
+/// the store commits it at once if its writer is idle, where a chunk of a burst is left to be
+/// committed with the rest of the burst (see [`Store::append`]). A fast upstream's chunks
+/// are there microseconds apart; a model's tokens, tens of milliseconds.
+const PAUSE: Duration = Duration::from_micros(200);
 
 /// What the relay hands the client side, in order.
 #[derive(Debug)]
@@ -415,6 +421,8 @@ fn relay<'a>(
         let mut limited = limits.apply_from(source, req.started);
         let mut client_wait = Duration::ZERO;
         let mut last_chunk: Option<Instant> = None;
+        // How long the relay had waited for chunks, all told, when it got the last one.
+        let mut waited_before = Duration::ZERO;
         let mut seq = 0u64;
         // The original client; `None` once it has gone and the policy keeps the stream running.
         let mut client = Some(tx);
@@ -443,7 +451,7 @@ fn relay<'a>(
             // The next chunk, and what the stream keeps of it, in a block of their own: whatever
             // the loop's body holds across an `.await` below takes room in the relay's task all its
             // life, in every state, the idle wait included.
-            let (data, content, offset) = {
+            let (data, content, arrival) = {
                 let next = tokio::select! {
                     biased;
                     () = departed(&client) => {
@@ -510,13 +518,25 @@ fn relay<'a>(
                         .record(offset.as_secs_f64()),
                     Some(prev) => stats.gap(now.saturating_duration_since(prev)),
                 }
+                // Waited for, not merely late: a relay that was busy or not scheduled (many
+                // streams on two cores) finds a burst's chunks ready, and they are batched.
+                let waited = limited.waited();
+                let after_pause = seq == 1 || waited.saturating_sub(waited_before) >= PAUSE;
+                waited_before = waited;
                 // What the upstream says goes no further than here with a key in it.
                 let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
                 let content = match ctx.redactor.chunk(&chunk.content) {
                     std::borrow::Cow::Borrowed(_) => chunk.content,
                     std::borrow::Cow::Owned(redacted) => redacted,
                 };
-                (data, content, offset)
+                (
+                    data,
+                    content,
+                    Arrival {
+                        offset,
+                        after_pause,
+                    },
+                )
             };
             // Nobody gets a chunk before it is committed (invariant 1, even across a crash of the
             // process): the client side waits for `committed`, and the hub publishes in commit
@@ -524,7 +544,7 @@ fn relay<'a>(
             let committed = if ctx.record_chunks {
                 match ctx
                     .store
-                    .append(&req.id, seq, offset, data.clone(), content, &watermark)
+                    .append(&req.id, seq, arrival, data.clone(), content, &watermark)
                     .await
                 {
                     Ok(()) => Some(watermark.clone()),

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::postgres::{PgOptions, PgStore};
 use super::sqlite::SqliteStore;
-use super::write::Op;
+use super::write::{Arrival, Op};
 use super::{
     Change, ChunkRecord, Finish, NewStream, StoreError, StoredChunk, StreamState, StreamSummary,
     Transcript, TranscriptHead, Watermark,
@@ -158,22 +158,29 @@ impl Store {
     /// whatever else the writer batched alongside it. The relay hands a chunk to anyone only
     /// after that, so a chunk a client has seen survives a crash of the process. (If a commit
     /// fails, the error is logged and counted, and the watermark moves on all the same.)
+    ///
+    /// A chunk that came after a pause (`arrival`, a bare offset being a chunk of a burst) is
+    /// committed before this returns if the SQLite writer is idle, on the caller's thread: no
+    /// thread hand-off between the chunk and its client. A chunk of a burst is left to the
+    /// writer's job, to be committed with the rest of the burst.
     pub async fn append(
         &self,
         id: &Arc<str>,
         seq: u64,
-        offset: Duration,
+        arrival: impl Into<Arrival>,
         data: Arc<str>,
         content: String,
         watermark: &Watermark,
     ) -> Result<(), StoreError> {
+        let arrival = arrival.into();
         let op = Op::Append {
             id: id.clone(),
             seq,
-            offset,
+            offset: arrival.offset,
             data,
             content,
             watermark: watermark.clone(),
+            promptly: arrival.after_pause,
         };
         // Almost always there is room: queue it without a wait. Only a full queue waits, and
         // that wait is boxed, so a relay's task does not carry room for it while the stream

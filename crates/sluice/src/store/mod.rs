@@ -56,6 +56,7 @@ pub use records::{
 };
 pub(crate) use sqlite::journal::{decode_all as decode_journal, encode as encode_journal};
 pub use watermark::Watermark;
+pub use write::Arrival;
 
 /// News from another node sharing the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

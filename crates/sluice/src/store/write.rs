@@ -33,6 +33,54 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
     }
 }
 
+impl Op {
+    /// Whether the write is one a stream makes as it runs (its record, a chunk, its final
+    /// status, a flush): a few rows at most, light enough to commit on a runtime thread.
+    /// Deleting and expiring can touch any number of rows.
+    /// Whether a writer that is idle commits this write on the caller's thread: a stream's
+    /// record, its final status, and a chunk that came after a pause (what a first token, a
+    /// stream's end and a slow stream's every chunk wait for). A chunk of a burst goes to the
+    /// blocking job, which commits it with the rest of the burst: committed one by one, a
+    /// fast stream's chunks would each wake its client side and take a write of their own
+    /// (one stream's throughput halved, `sluice-bench --only-throughput 1`).
+    pub(super) fn commits_here(&self) -> bool {
+        match self {
+            Op::Append { promptly, .. } => *promptly,
+            other => other.is_light(),
+        }
+    }
+
+    pub(super) fn is_light(&self) -> bool {
+        matches!(
+            self,
+            Op::Begin(..) | Op::Append { .. } | Op::Finish(..) | Op::Flush(_)
+        )
+    }
+}
+
+/// When a chunk arrived in its stream, for the store: its offset from the stream's start (kept
+/// in the transcript) and whether it came after a pause (see [`Store::append`]).
+///
+/// [`Store::append`]: super::Store::append
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// Since the stream's request arrived.
+    pub offset: Duration,
+    /// The stream had been quiet before it: no other chunk of it is about to be batched with
+    /// it, so it is worth committing at once.
+    pub after_pause: bool,
+}
+
+/// A chunk that came in a burst (no pause before it).
+impl From<Duration> for Arrival {
+    fn from(offset: Duration) -> Self {
+        Self {
+            offset,
+            after_pause: false,
+        }
+    }
+}
+
 /// How many writes may wait for the writer.
 pub(super) const WRITE_QUEUE: usize = 8192;
 /// The most writes committed in one transaction.
@@ -49,6 +97,8 @@ pub(super) enum Op {
         data: Arc<str>,
         content: String,
         watermark: Watermark,
+        /// Commit it on the caller's thread if the writer is idle (see [`Arrival`]).
+        promptly: bool,
     },
     Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),

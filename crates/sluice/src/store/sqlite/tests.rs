@@ -321,7 +321,7 @@ async fn a_write_that_slips_in_as_the_writer_stops_is_committed() {
     let (ack, committed) = tokio::sync::oneshot::channel();
     let ack = Mutex::new(Some(ack));
     let job = tokio::task::spawn_blocking(move || {
-        writer.drain_with(|| {
+        writer.drain_from(Vec::new(), || {
             if let Some(ack) = ack.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 writer
                     .tx
@@ -536,4 +536,123 @@ async fn list_is_newest_first_and_paged() {
         .expect("list")
         .0
         .is_empty());
+}
+
+/// A chunk that came after a pause, queued while the writer is idle, is committed by the
+/// caller before `append` returns: no thread is woken for it. A chunk of a burst is left to the
+/// writer's job, which commits it all the same.
+#[tokio::test]
+async fn a_chunk_after_a_pause_is_committed_where_it_is_appended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
+    let store = crate::store::Store::from_sqlite(sqlite);
+    store.begin(new_stream("p1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("p1");
+    let mark = Watermark::new();
+    for seq in 1..=3 {
+        let arrival = crate::store::Arrival {
+            offset: Duration::from_millis(seq),
+            after_pause: true,
+        };
+        store
+            .append(&id, seq, arrival, chunk_json(seq), String::new(), &mark)
+            .await
+            .expect("append");
+        assert!(
+            mark.is_stored(seq),
+            "chunk {seq} was not committed when append returned"
+        );
+    }
+    store
+        .append(
+            &id,
+            4,
+            Duration::from_millis(4),
+            chunk_json(4),
+            String::new(),
+            &mark,
+        )
+        .await
+        .expect("append");
+    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(4)).await;
+    assert!(reached.is_ok(), "a chunk of a burst was never committed");
+    let t = transcript(&store, "p1").await;
+    assert_eq!(t.chunks.len(), 4);
+}
+
+/// While the checkpoint thread holds the gate, a write that would be committed on the caller's
+/// thread goes to a blocking job instead: the caller (a runtime thread) does not wait behind a
+/// checkpoint, and the write is committed once the gate is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::await_holding_lock,
+    reason = "the test is the checkpoint thread holding the gate while writes come"
+)]
+async fn a_write_is_not_committed_on_the_runtime_behind_a_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
+    let writer = sqlite.writer.clone();
+    let store = crate::store::Store::from_sqlite(sqlite);
+    store.begin(new_stream("g1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("g1");
+    let mark = Watermark::new();
+    let gate = writer.gate.lock().unwrap_or_else(PoisonError::into_inner);
+    let arrival = crate::store::Arrival {
+        offset: Duration::ZERO,
+        after_pause: true,
+    };
+    // In a task of its own: an append that waited for the gate would hold up a runtime thread,
+    // not this test.
+    let append = {
+        let (store, mark) = (store.clone(), mark.clone());
+        tokio::spawn(async move {
+            store
+                .append(&id, 1, arrival, chunk_json(1), String::new(), &mark)
+                .await
+        })
+    };
+    let appended = tokio::time::timeout(Duration::from_secs(5), append).await;
+    assert!(
+        matches!(appended, Ok(Ok(Ok(())))),
+        "append waited for the gate"
+    );
+    assert!(!mark.is_stored(1), "committed while the gate was held");
+    drop(gate);
+    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(1)).await;
+    assert!(reached.is_ok(), "the write was never committed");
+}
+
+/// The writes a stream makes as it runs may be committed on a runtime thread; deleting and
+/// expiring streams (any number of rows) never are.
+#[test]
+fn only_a_streams_own_writes_are_committed_on_the_callers_thread() {
+    let (ack, _) = tokio::sync::oneshot::channel();
+    assert!(!Op::Expire { before: 0, ack }.commits_here());
+    let (ack, _) = tokio::sync::oneshot::channel();
+    let delete = Op::Delete {
+        tenant: "local".into(),
+        id: "s1".into(),
+        ack,
+    };
+    assert!(!delete.commits_here());
+    let (ack, _) = tokio::sync::oneshot::channel();
+    assert!(Op::Begin(new_stream("s1"), ack).commits_here());
+    let (ack, _) = tokio::sync::oneshot::channel();
+    assert!(Op::Finish(bare_finish("s1", Ending::Completed), ack).commits_here());
+    let append = |promptly| Op::Append {
+        id: Arc::from("s1"),
+        seq: 2,
+        offset: Duration::ZERO,
+        data: chunk_json(2),
+        content: String::new(),
+        watermark: Watermark::new(),
+        promptly,
+    };
+    assert!(append(true).commits_here());
+    assert!(!append(false).commits_here());
+}
+
+/// A chunk's JSON.
+fn chunk_json(seq: u64) -> Arc<str> {
+    Arc::from(serde_json::json!({"choices": [{"delta": {"content": seq.to_string()}}]}).to_string())
 }

@@ -1,9 +1,10 @@
-//! The group-commit writer: writes arrive over a bounded channel and are committed in batches by
-//! one blocking job on the one write connection; chunks go to the journal and are written to the
-//! database in per-stream blocks as their runs fill.
+//! The group-commit writer: writes arrive over a bounded channel and are committed in batches on
+//! the one write connection (by the task whose write found the writer idle, or by one blocking
+//! job while writes keep coming); chunks go to the journal and are written to the database in
+//! per-stream blocks as their runs fill.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::Instant;
 
 use rusqlite::{params, Connection};
@@ -20,15 +21,25 @@ use super::journal::Journal;
 use super::lock;
 use super::schema::insert_block;
 
-/// The writer: a queue of writes and, while it holds any, one blocking job that commits them.
+/// The writer: a queue of writes and, while it holds any, one committer that takes them.
 ///
 /// Why not a writer task that hands each batch to `spawn_blocking`? Every commit then costs two
 /// extra thread hand-offs (task → blocking thread → task), and on a loaded machine those
 /// wake-ups were most of a commit's latency, which a client sees twice before its first token.
-/// Here the job itself takes the writes and acks them; while writes keep coming it never stops,
-/// so a busy gateway pays no hand-off at all. It still runs under `spawn_blocking`, so it never
-/// blocks the runtime's threads, and tokio knows work is in flight (its paused test clock does
-/// not jump ahead while a batch is being written; an idle writer holds no thread).
+/// Here the committer itself takes the writes and acks them, and who commits depends on load:
+///
+/// - A write that finds the writer idle is committed at once by the task that queued it, if its
+///   batch is a light one (a stream's record, chunks, final status: a journal `write` and a few
+///   rows, tens of microseconds) and the checkpoint thread does not hold the gate: no thread is
+///   woken and none has to wake the stream's client side from outside the runtime, which is
+///   what a chunk's commit cost most of on two busy cores (see `docs/durability.md`).
+/// - Anything else, and whatever arrives while a batch is being written, goes to one blocking job
+///   under `spawn_blocking` that commits batches until the queue is empty; while writes keep
+///   coming it never stops, so a busy gateway pays no hand-off at all, and deleting or expiring
+///   streams (any number of rows) never runs on the runtime's threads.
+///
+/// Either way tokio knows work is in flight (its paused test clock does not jump ahead while a
+/// batch is being written), and an idle writer holds no thread.
 pub(super) struct Writer {
     pub(super) tx: mpsc::Sender<Op>,
     /// Whether a drain job is running (or about to).
@@ -64,8 +75,9 @@ impl Drop for Running<'_> {
 impl Writer {
     /// Queues a write (waiting for room) and makes sure a drain job will see it.
     pub(super) async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
+        let here = op.commits_here();
         self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
-        self.wake();
+        self.wake(here);
         Ok(())
     }
 
@@ -75,58 +87,117 @@ impl Writer {
         reason = "the write comes back, moved, only when the queue is full"
     )]
     pub(super) fn try_send(self: &Arc<Self>, op: Op) -> Result<(), TrySendError<Op>> {
+        let here = op.commits_here();
         self.tx.try_send(op)?;
-        self.wake();
+        self.wake(here);
         Ok(())
     }
 
-    /// Starts a drain job unless one is running.
-    fn wake(self: &Arc<Self>) {
+    /// Starts committing unless a committer is running: here, or in a blocking job.
+    fn wake(self: &Arc<Self>, here: bool) {
         if !self.running.swap(true, Ordering::SeqCst) {
-            let writer = self.clone();
-            // If the runtime is shutting down the job never runs; the write's ack is then
-            // dropped with the queue and its caller sees `Closed`.
-            drop(self.runtime.spawn_blocking(move || writer.drain()));
+            if here {
+                self.commit_here();
+            } else {
+                self.hand_off(Vec::new());
+            }
         }
     }
 
-    /// Commits batches until the queue is empty.
-    fn drain(&self) {
-        self.drain_with(|| {});
+    /// Hands the committing (starting with `batch`, already taken from the queue) to a
+    /// blocking job.
+    fn hand_off(self: &Arc<Self>, batch: Vec<Op>) {
+        let writer = self.clone();
+        // If the runtime is shutting down the job never runs; the writes' acks are then
+        // dropped with it and their callers see `Closed`.
+        drop(
+            self.runtime
+                .spawn_blocking(move || writer.drain_from(batch, || {})),
+        );
     }
 
-    /// [`drain`](Self::drain), calling `before_stop` each time it finds the queue empty, just
-    /// before it stops: the moment a write can slip in unseen by it (a test puts one there).
-    pub(super) fn drain_with(&self, before_stop: impl Fn()) {
+    /// Commits what is queued on the caller's thread if it is one light batch and the writer's
+    /// state and gate are free, then stops as a drain job does; otherwise hands off.
+    fn commit_here(self: &Arc<Self>) {
+        let _running = Running(&self.running);
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // A job that is stopping holds it for one last write: the next job waits for it.
+            Err(TryLockError::WouldBlock) => return self.hand_off(Vec::new()),
+        };
+        let WriterState { rx, conn, log } = &mut *state;
+        let mut batch = Vec::new();
+        take(rx, &mut batch);
+        if batch.is_empty() {
+            // Another committer took the write meanwhile.
+            return self
+                .stop(rx, conn, log, &|| {})
+                .map_or((), |b| self.hand_off(b));
+        }
+        if !batch.iter().all(Op::is_light) {
+            drop(state);
+            return self.hand_off(batch);
+        }
+        let gate = match self.gate.try_lock() {
+            Ok(gate) => gate,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                drop(state);
+                return self.hand_off(batch);
+            }
+        };
+        self.commit_gated(conn, log, &mut batch);
+        drop(gate);
+        // What came meanwhile is a busy writer's: a blocking job takes it.
+        take(rx, &mut batch);
+        if !batch.is_empty() {
+            drop(state);
+            return self.hand_off(batch);
+        }
+        if let Some(batch) = self.stop(rx, conn, log, &|| {}) {
+            drop(state);
+            self.hand_off(batch);
+        }
+    }
+
+    /// Stops committing, the queue being empty. A write queued after the last look, whose
+    /// sender still saw `running`, would otherwise wait for the next write: this looks once
+    /// more, and returns it (with `running` set again) if no other committer has started.
+    fn stop(
+        &self,
+        rx: &mut mpsc::Receiver<Op>,
+        conn: &mut Connection,
+        log: &mut LogState,
+        before_stop: &dyn Fn(),
+    ) -> Option<Vec<Op>> {
+        before_stop();
+        self.running.store(false, Ordering::SeqCst);
+        match rx.try_recv() {
+            Ok(op) if !self.running.swap(true, Ordering::SeqCst) => Some(vec![op]),
+            // Another committer was started meanwhile: it takes over (it waits for the state's
+            // lock), so this op goes first in its order, committed here.
+            Ok(op) => {
+                self.commit(conn, log, &mut vec![op]);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Commits `batch`, then batches until the queue is empty, calling `before_stop` each time
+    /// it finds the queue empty, just before it stops: the moment a write can slip in unseen
+    /// by it (a test puts one there).
+    pub(super) fn drain_from(&self, mut batch: Vec<Op>, before_stop: impl Fn()) {
         let _running = Running(&self.running);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let WriterState { rx, conn, log } = &mut *state;
-        let mut batch = Vec::new();
         loop {
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            take(rx, &mut batch);
             if batch.is_empty() {
-                before_stop();
-                self.running.store(false, Ordering::SeqCst);
-                // A write queued after the last look, whose sender still saw `running`, would
-                // otherwise wait for the next write: look once more before stopping.
-                match rx.try_recv() {
-                    Ok(op) if !self.running.swap(true, Ordering::SeqCst) => {
-                        batch.push(op);
-                        continue;
-                    }
-                    // Another job was started meanwhile: it takes over (it waits for the
-                    // lock), so this op goes first in its order.
-                    Ok(op) => {
-                        batch.push(op);
-                        self.commit(conn, log, &mut batch);
-                        return;
-                    }
-                    Err(_) => return,
+                match self.stop(rx, conn, log, &before_stop) {
+                    Some(op) => batch = op,
+                    None => return,
                 }
             }
             self.commit(conn, log, &mut batch);
@@ -135,9 +206,14 @@ impl Writer {
 
     /// Commits `batch` in one transaction, then acks every write in it (and empties it).
     fn commit(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
+        // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
+        let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        self.commit_gated(conn, log, batch);
+    }
+
+    /// [`commit`](Self::commit), the gate being held by the caller.
+    fn commit_gated(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
         let result = {
-            // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
-            let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
             let started = Instant::now();
             // A panic in a batch must not lose the batch: its acks and watermarks still have to
             // move, or streams would wait for them forever. (The open transaction rolls back,
@@ -154,6 +230,16 @@ impl Writer {
             }
         };
         settle(batch, &result);
+    }
+}
+
+/// Moves what is queued into `batch`, up to a batch's worth.
+fn take(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
     }
 }
 
