@@ -43,12 +43,6 @@ use departure::Departure;
 
 mod departure;
 
-/// A chunk the relay waited at least this long for (or a stream's first) came after a pause:
-/// the store commits it at once if its writer is idle, where a chunk of a burst is left to be
-/// committed with the rest of the burst (see [`Store::append`]). A fast upstream's chunks
-/// are there microseconds apart; a model's tokens, tens of milliseconds.
-const PAUSE: Duration = Duration::from_micros(200);
-
 /// What the relay hands the client side, in order.
 #[derive(Debug)]
 pub enum Frame {
@@ -421,8 +415,6 @@ fn relay<'a>(
         let mut limited = limits.apply_from(source, req.started);
         let mut client_wait = Duration::ZERO;
         let mut last_chunk: Option<Instant> = None;
-        // How long the relay had waited for chunks, all told, when it got the last one.
-        let mut waited_before = Duration::ZERO;
         let mut seq = 0u64;
         // The original client; `None` once it has gone and the policy keeps the stream running.
         let mut client = Some(tx);
@@ -518,11 +510,9 @@ fn relay<'a>(
                         .record(offset.as_secs_f64()),
                     Some(prev) => stats.gap(now.saturating_duration_since(prev)),
                 }
-                // Waited for, not merely late: a relay that was busy or not scheduled (many
-                // streams on two cores) finds a burst's chunks ready, and they are batched.
-                let waited = limited.waited();
-                let after_pause = seq == 1 || waited.saturating_sub(waited_before) >= PAUSE;
-                waited_before = waited;
+                // Only the first chunk is committed where it arrives (see `Arrival`): a later
+                // one, however long after the one before, is left to the writer's job.
+                let after_pause = seq == 1;
                 // What the upstream says goes no further than here with a key in it.
                 let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));
                 let content = match ctx.redactor.chunk(&chunk.content) {

@@ -159,10 +159,10 @@ impl Store {
     /// after that, so a chunk a client has seen survives a crash of the process. (If a commit
     /// fails, the error is logged and counted, and the watermark moves on all the same.)
     ///
-    /// A chunk that came after a pause (`arrival`, a bare offset being a chunk of a burst) is
-    /// committed before this returns if the SQLite writer is idle, on the caller's thread: no
-    /// thread hand-off between the chunk and its client. A chunk of a burst is left to the
-    /// writer's job, to be committed with the rest of the burst.
+    /// A chunk that came after a pause (`arrival`; a bare offset is not) is committed before
+    /// this returns if the SQLite writer is idle, on the caller's thread: no thread hand-off
+    /// between the chunk and its client. Other chunks are left to the writer's job, to be
+    /// committed with whatever else is waiting.
     pub async fn append(
         &self,
         id: &Arc<str>,

@@ -34,15 +34,12 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
 }
 
 impl Op {
-    /// Whether the write is one a stream makes as it runs (its record, a chunk, its final
-    /// status, a flush): a few rows at most, light enough to commit on a runtime thread.
-    /// Deleting and expiring can touch any number of rows.
     /// Whether a writer that is idle commits this write on the caller's thread: a stream's
-    /// record, its final status, and a chunk that came after a pause (what a first token, a
-    /// stream's end and a slow stream's every chunk wait for). A chunk of a burst goes to the
-    /// blocking job, which commits it with the rest of the burst: committed one by one, a
-    /// fast stream's chunks would each wake its client side and take a write of their own
-    /// (one stream's throughput halved, `sluice-bench --only-throughput 1`).
+    /// record, its final status, and a chunk that came after a pause (the relay says so of a
+    /// stream's first: what a first token waits for). Other chunks go to the blocking job,
+    /// which commits them with whatever else is waiting: committed one by one, a fast stream's
+    /// chunks would each wake its client side and take a write of their own (one stream's
+    /// throughput halved, `sluice-bench --only-throughput 1`).
     pub(super) fn commits_here(&self) -> bool {
         match self {
             Op::Append { promptly, .. } => *promptly,
@@ -50,6 +47,9 @@ impl Op {
         }
     }
 
+    /// Whether the write is one a stream makes as it runs (its record, a chunk, its final
+    /// status, a flush): a few rows at most, light enough to commit on a runtime thread.
+    /// Deleting and expiring can touch any number of rows.
     pub(super) fn is_light(&self) -> bool {
         matches!(
             self,
