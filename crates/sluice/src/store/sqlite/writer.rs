@@ -28,12 +28,15 @@ use super::schema::insert_block;
 /// wake-ups were most of a commit's latency, which a client sees twice before its first token.
 /// Here the committer itself takes the writes and acks them, and who commits depends on load:
 ///
-/// - A write that finds the writer idle is committed at once by the task that queued it, if its
-///   batch is a light one (a stream's record, chunks, final status: a journal `write` and a few
-///   rows, tens of microseconds) and the checkpoint thread does not hold the gate: no thread is
-///   woken and none has to wake the stream's client side from outside the runtime, which is
-///   what a chunk's commit cost most of on two busy cores (see `docs/durability.md`).
-/// - Anything else, and whatever arrives while a batch is being written, goes to one blocking job
+/// - A write that finds the writer idle and is one a stream waits on (`Op::commits_here`: its
+///   record, its final status, a chunk after a pause, which the relay says of a first chunk) is
+///   committed at once by the task that queued it, if the batch it finds is a light one (a
+///   journal `write` and a few rows, tens of microseconds) and the checkpoint thread does not
+///   hold the gate: no thread is woken and none has to wake the stream's client side from
+///   outside the runtime, which is what such a commit cost most of on two busy cores (see
+///   `docs/durability.md`).
+/// - Anything else (a stream's later chunks among it, to be batched), and whatever arrives while
+///   a batch is being written, goes to one blocking job
 ///   under `spawn_blocking` that commits batches until the queue is empty; while writes keep
 ///   coming it never stops, so a busy gateway pays no hand-off at all, and deleting or expiring
 ///   streams (any number of rows) never runs on the runtime's threads.
