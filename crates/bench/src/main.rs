@@ -37,8 +37,8 @@ mod short;
 mod tail;
 
 use measure::{
-    chunk_latency, chunk_latency_samples, client, close_delay, dist, idle_streams, throughput,
-    ttft, ttft_samples, Target, TargetResult,
+    chunk_latency, chunk_latency_samples, client, close_delay, dist, idle_streams, quantile,
+    throughput, ttft, ttft_samples, Target, TargetResult,
 };
 use report::{machine, now_utc, Report};
 
@@ -347,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
             .iter_mut()
             .map(|r| {
                 r.sort_by(f64::total_cmp);
-                r[r.len() / 2]
+                quantile(r, 0.5)
             })
             .collect();
         for (t, m) in targets.iter().zip(&medians) {
