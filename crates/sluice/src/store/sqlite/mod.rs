@@ -10,9 +10,9 @@
 //! | `checkpoint` | the thread that copies the WAL into the database and keeps it bounded |
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::mpsc;
@@ -132,6 +132,8 @@ impl SqliteStore {
             gate: writer_gate,
             runtime,
             write_seconds: metrics::histogram!("sluice_store_write_seconds"),
+            last_commit: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         Ok((
             Self {

@@ -580,6 +580,39 @@ async fn a_chunk_after_a_pause_is_committed_where_it_is_appended() {
     assert_eq!(t.chunks.len(), 4);
 }
 
+/// A stream's later chunk (not after a pause) is committed where it is appended if the writer
+/// has been quiet for `QUIET`: a lone slow stream's chunks wake no thread. Right after a commit
+/// the writer is busy, and such a chunk goes to the blocking job.
+#[tokio::test]
+async fn a_later_chunk_is_committed_where_it_is_appended_when_the_writer_is_quiet() {
+    use super::writer::{is_quiet, QUIET};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
+    let store = crate::store::Store::from_sqlite(sqlite);
+    store.begin(new_stream("q1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("q1");
+    let mark = Watermark::new();
+    for seq in 1..=3 {
+        // Real time, not the test clock: the writer times itself with `Instant`. Sleeping at
+        // least `QUIET` makes it quiet whatever the machine's speed.
+        std::thread::sleep(QUIET);
+        let offset = Duration::from_millis(seq);
+        store
+            .append(&id, seq, offset, chunk_json(seq), String::new(), &mark)
+            .await
+            .expect("append");
+        assert!(
+            mark.is_stored(seq),
+            "chunk {seq} was not committed when append returned"
+        );
+    }
+    let quiet = u64::try_from(QUIET.as_nanos()).expect("QUIET fits");
+    assert!(!is_quiet(1_000, 1_000), "quiet right after a commit");
+    assert!(!is_quiet(1_000, 1_000 + quiet - 1));
+    assert!(is_quiet(1_000, 1_000 + quiet));
+    assert!(!is_quiet(u64::MAX, 0), "a commit after now is not quiet");
+}
+
 /// While the checkpoint thread holds the gate, a write that would be committed on the caller's
 /// thread goes to a blocking job instead: the caller (a runtime thread) does not wait behind a
 /// checkpoint, and the write is committed once the gate is free.

@@ -3,9 +3,9 @@
 //! job while writes keep coming); chunks go to the journal and are written to the database in
 //! per-stream blocks as their runs fill.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 use serde_json::Value;
@@ -29,13 +29,13 @@ use super::schema::insert_block;
 /// Here the committer itself takes the writes and acks them, and who commits depends on load:
 ///
 /// - A write that finds the writer idle and is one a stream waits on (`Op::commits_here`: its
-///   record, its final status, a chunk after a pause, which the relay says of a first chunk) is
-///   committed at once by the task that queued it, if the batch it finds is a light one (a
-///   journal `write` and a few rows, tens of microseconds) and the checkpoint thread does not
-///   hold the gate: no thread is woken and none has to wake the stream's client side from
-///   outside the runtime, which is what such a commit cost most of on two busy cores (see
-///   `docs/durability.md`).
-/// - Anything else (a stream's later chunks among it, to be batched), and whatever arrives while
+///   record, its final status, a chunk after a pause, which the relay says of a first chunk),
+///   or a stream's later chunk when the writer has been [`QUIET`], is committed at once by the
+///   task that queued it, if the batch it finds is a light one (a journal `write` and a few
+///   rows, tens of microseconds) and the checkpoint thread does not hold the gate: no thread is
+///   woken and none has to wake the stream's client side from outside the runtime, which is
+///   what such a commit cost most of on two busy cores (see `docs/durability.md`).
+/// - Anything else (a busy writer's chunks among it, to be batched), and whatever arrives while
 ///   a batch is being written, goes to one blocking job
 ///   under `spawn_blocking` that commits batches until the queue is empty; while writes keep
 ///   coming it never stops, so a busy gateway pays no hand-off at all, and deleting or expiring
@@ -56,7 +56,20 @@ pub(super) struct Writer {
     /// `sluice_store_write_seconds`, looked up once rather than per batch (a lookup hashes the
     /// metric's name in the registry).
     pub(super) write_seconds: metrics::Histogram,
+    /// When the last commit ended, in nanoseconds since `epoch` (see [`QUIET`]).
+    pub(super) last_commit: AtomicU64,
+    /// What `last_commit` counts from.
+    pub(super) epoch: Instant,
 }
+
+/// How long the writer must have been idle for a stream's later chunk to be committed by the
+/// task that appended it, rather than handed to the blocking job.
+///
+/// A lone slow stream (a model's tokens come tens of milliseconds apart) then pays no thread
+/// hand-off per chunk, while a busy writer, whose commits follow each other closely, keeps
+/// batching on the blocking thread. It also bounds what such commits take from the runtime: at
+/// most one per `QUIET`, a journal `write` and a few rows each.
+pub(super) const QUIET: Duration = Duration::from_micros(500);
 
 pub(super) struct WriterState {
     pub(super) rx: mpsc::Receiver<Op>,
@@ -78,7 +91,7 @@ impl Drop for Running<'_> {
 impl Writer {
     /// Queues a write (waiting for room) and makes sure a drain job will see it.
     pub(super) async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
-        let here = op.commits_here();
+        let here = Here::of(&op);
         self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
         self.wake(here);
         Ok(())
@@ -90,21 +103,33 @@ impl Writer {
         reason = "the write comes back, moved, only when the queue is full"
     )]
     pub(super) fn try_send(self: &Arc<Self>, op: Op) -> Result<(), TrySendError<Op>> {
-        let here = op.commits_here();
+        let here = Here::of(&op);
         self.tx.try_send(op)?;
         self.wake(here);
         Ok(())
     }
 
     /// Starts committing unless a committer is running: here, or in a blocking job.
-    fn wake(self: &Arc<Self>, here: bool) {
+    fn wake(self: &Arc<Self>, here: Here) {
         if !self.running.swap(true, Ordering::SeqCst) {
+            let here = match here {
+                Here::Yes => true,
+                Here::IfQuiet => self.quiet(),
+                Here::No => false,
+            };
             if here {
                 self.commit_here();
             } else {
                 self.hand_off(Vec::new());
             }
         }
+    }
+
+    /// Whether the last commit ended at least [`QUIET`] ago. Asked only of an idle writer, so a
+    /// busy one reads no clock for it.
+    fn quiet(&self) -> bool {
+        let now = nanos_since(self.epoch, Instant::now());
+        is_quiet(self.last_commit.load(Ordering::Relaxed), now)
     }
 
     /// Hands the committing (starting with `batch`, already taken from the queue) to a
@@ -224,7 +249,11 @@ impl Writer {
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 apply(conn, batch, &self.runs, log)
             }));
-            self.write_seconds.record(started.elapsed().as_secs_f64());
+            let ended = Instant::now();
+            self.write_seconds
+                .record(ended.saturating_duration_since(started).as_secs_f64());
+            self.last_commit
+                .store(nanos_since(self.epoch, ended), Ordering::Relaxed);
             match applied {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Internal(
@@ -234,6 +263,43 @@ impl Writer {
         };
         settle(batch, &result);
     }
+}
+
+/// Where a write may be committed if it finds the writer idle.
+#[derive(Debug, Clone, Copy)]
+enum Here {
+    /// On the caller's thread: a write a stream waits on (`Op::commits_here`).
+    Yes,
+    /// On the caller's thread if the writer has been quiet (a stream's later chunk).
+    IfQuiet,
+    /// By the blocking job (deletion, expiry).
+    No,
+}
+
+impl Here {
+    fn of(op: &Op) -> Self {
+        if op.commits_here() {
+            Here::Yes
+        } else if op.is_light() {
+            Here::IfQuiet
+        } else {
+            Here::No
+        }
+    }
+}
+
+/// Whether a writer whose last commit ended at `last_commit` is quiet at `now` (both in
+/// nanoseconds since its epoch).
+pub(super) fn is_quiet(last_commit: u64, now: u64) -> bool {
+    now.saturating_sub(last_commit) >= nanos(QUIET)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn nanos_since(epoch: Instant, t: Instant) -> u64 {
+    nanos(t.saturating_duration_since(epoch))
 }
 
 /// Moves what is queued into `batch`, up to a batch's worth.
