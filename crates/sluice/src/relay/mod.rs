@@ -510,8 +510,8 @@ fn relay<'a>(
                         .record(offset.as_secs_f64()),
                     Some(prev) => stats.gap(now.saturating_duration_since(prev)),
                 }
-                // Only the first chunk is committed where it arrives (see `Arrival`): a later
-                // one, however long after the one before, is left to the writer's job.
+                // The first chunk is committed where it arrives (see `Arrival`); a later one
+                // only if the store's writer has been quiet, which the store decides.
                 let after_pause = seq == 1;
                 // What the upstream says goes no further than here with a key in it.
                 let data: Arc<str> = Arc::from(ctx.redactor.chunk(&chunk.data));

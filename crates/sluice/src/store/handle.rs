@@ -161,7 +161,8 @@ impl Store {
     ///
     /// A chunk that came after a pause (`arrival`; a bare offset is not) is committed before
     /// this returns if the SQLite writer is idle, on the caller's thread: no thread hand-off
-    /// between the chunk and its client. Other chunks are left to the writer's job, to be
+    /// between the chunk and its client. So is any chunk if the writer has been quiet for a
+    /// while (no commit in the last 500 µs). Other chunks are left to the writer's job, to be
     /// committed with whatever else is waiting.
     pub async fn append(
         &self,
