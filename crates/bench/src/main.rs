@@ -166,7 +166,9 @@ impl Plan {
 pub(crate) struct Sluice {
     pub(crate) child: tokio::process::Child,
     pub(crate) base: String,
-    _dir: PathBuf,
+    /// The node's data directory and config, removed when the node is dropped (after its
+    /// process is killed: fields drop in order).
+    _dir: tempfile::TempDir,
 }
 
 async fn start_sluice(
@@ -254,10 +256,10 @@ pub(crate) async fn start_with(bin: &Path, tag: &str, config_text: &str) -> anyh
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let dir = std::env::temp_dir().join(format!("sluice-bench-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("sluice.toml");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("sluice-bench-{tag}-"))
+        .tempdir()?;
+    let config = dir.path().join("sluice.toml");
     std::fs::write(&config, config_text)?;
     let child = tokio::process::Command::new(bin)
         .args([
@@ -266,7 +268,7 @@ pub(crate) async fn start_with(bin: &Path, tag: &str, config_text: &str) -> anyh
             &format!("127.0.0.1:{port}"),
             "--data-dir",
         ])
-        .arg(dir.join("data"))
+        .arg(dir.path().join("data"))
         .arg("--config")
         .arg(&config)
         .env("SLUICE_LOG", "warn")
