@@ -34,6 +34,11 @@ CREATE TABLE IF NOT EXISTS chunk_blocks (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chunk_blocks_by_stream ON chunk_blocks (stream_id, first_seq);
+-- The checkpoint thread's one-row write that restarts the WAL (see `checkpoint::Pass`).
+CREATE TABLE IF NOT EXISTS wal_restarts (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n INTEGER NOT NULL
+);
 ";
 
 /// Adds the columns later versions added to a database an earlier version made.

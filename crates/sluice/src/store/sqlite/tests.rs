@@ -613,6 +613,56 @@ async fn a_later_chunk_is_committed_where_it_is_appended_when_the_writer_is_quie
     assert!(!is_quiet(u64::MAX, 0), "a commit after now is not quiet");
 }
 
+/// The checkpoint thread restarts the WAL itself once every frame is copied, so the writer's
+/// next batch is appended to it instead of restarting it (a restart syncs the WAL's new header
+/// to disk: a few hundred microseconds a stream's commit would pay, on a runtime thread); and a
+/// pass with nothing new to copy does nothing.
+#[tokio::test]
+async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
+    use super::checkpoint::Pass;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The thread's own passes do not come during the test: the test runs them.
+    let when = Checkpoints {
+        every: Duration::from_secs(3600),
+        rewind_frames: 4096,
+    };
+    let (sqlite, _) = SqliteStore::open_with(dir.path(), when).expect("open");
+    let wal = sqlite.path().with_extension("db-wal");
+    let gate = sqlite.writer.gate.clone();
+    let mut pass = Pass::new(Connection::open(sqlite.path()).expect("open"), 4096);
+    let store = crate::store::Store::from_sqlite(sqlite);
+    // A WAL's header counts its restarts (its checkpoint sequence number, bytes 12..16).
+    let restarts = || {
+        let header = std::fs::read(&wal).expect("read the WAL");
+        u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
+    };
+    store.begin(new_stream("r1")).await.expect("begin");
+    let before = restarts();
+    assert!(pass.run(&gate).expect("pass").is_some());
+    assert_eq!(restarts(), before + 1, "the pass did not restart the WAL");
+    store.begin(new_stream("r2")).await.expect("begin");
+    assert_eq!(
+        restarts(),
+        before + 1,
+        "the writer's commit restarted the WAL"
+    );
+    assert!(pass.run(&gate).expect("pass").is_some());
+    assert_eq!(restarts(), before + 2, "the pass did not restart the WAL");
+    assert_eq!(
+        pass.run(&gate).expect("pass"),
+        None,
+        "nothing new, yet a pass"
+    );
+    assert_eq!(restarts(), before + 2);
+    for id in ["r1", "r2"] {
+        assert!(store
+            .get(Tenant("local"), StreamId(id))
+            .await
+            .expect("get")
+            .is_some());
+    }
+}
+
 /// While the checkpoint thread holds the gate, a write that would be committed on the caller's
 /// thread goes to a blocking job instead: the caller (a runtime thread) does not wait behind a
 /// checkpoint, and the write is committed once the gate is free.
