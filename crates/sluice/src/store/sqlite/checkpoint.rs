@@ -1,5 +1,6 @@
 //! The checkpoint thread: copies the WAL into the database (which syncs it to disk), keeps the
-//! WAL bounded under writes that never pause, and syncs the chunk journal to disk.
+//! WAL bounded under writes that never pause, restarts the WAL once it is copied (so that no
+//! commit pays the restart's sync), and syncs the chunk journal to disk.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;

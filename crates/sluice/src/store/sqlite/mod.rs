@@ -105,9 +105,13 @@ impl SqliteStore {
         read.busy_timeout(Duration::from_secs(5))?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpoints = Connection::open(&path)?;
-        // Its checkpoints sync the WAL and the database either way; its own write (the WAL's
-        // restart) then syncs only the WAL's new header, not the commit.
+        // It restarts the WAL (see `checkpoint::Pass`), so the writer's settings for that are
+        // its own too: the restart syncs only the WAL's new header (not its commit, nor every
+        // commit), cuts a WAL grown in a burst back to `WAL_SIZE_LIMIT`, and its write never
+        // checkpoints by itself. Its checkpoints sync the WAL and the database either way.
         checkpoints.pragma_update(None, "synchronous", "NORMAL")?;
+        checkpoints.pragma_update(None, "wal_autocheckpoint", 0)?;
+        checkpoints.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let stop = closed.clone();
         let unsynced = journal.unsynced();
         let gate = Arc::new(Mutex::new(()));
