@@ -34,12 +34,13 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
 }
 
 impl Op {
-    /// Whether a writer that is idle commits this write on the caller's thread: a stream's
-    /// record, its final status, and a chunk that came after a pause (the relay says so of a
-    /// stream's first: what a first token waits for). Other chunks go to the blocking job,
-    /// which commits them with whatever else is waiting: committed one by one, a fast stream's
-    /// chunks would each wake its client side and take a write of their own (one stream's
-    /// throughput halved, `sluice-bench --only-throughput 1`).
+    /// Whether a writer that is idle commits this write on the caller's thread whatever its
+    /// recent load: a stream's record, its final status, and a chunk that came after a pause
+    /// (the relay says so of a stream's first: what a first token waits for). Other chunks are
+    /// committed there only if the writer has also been quiet for a while (the SQLite writer's
+    /// `QUIET`); otherwise the blocking job commits them with whatever else is waiting:
+    /// committed one by one, a fast stream's chunks would each wake its client side and take a
+    /// write of their own (one stream's throughput halved, `sluice-bench --only-throughput 1`).
     pub(super) fn commits_here(&self) -> bool {
         match self {
             Op::Append { promptly, .. } => *promptly,

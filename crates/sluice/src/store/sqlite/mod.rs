@@ -7,7 +7,7 @@
 //! | `journal` | the chunk journal: checksummed records appended to segment files, read back at open |
 //! | `writer` | the group-commit writer: the one write connection, batches, the journal and its runs |
 //! | `read` | reads on their own connection: lists, states, chunk pages, transcripts |
-//! | `checkpoint` | the thread that copies the WAL into the database and keeps it bounded |
+//! | `checkpoint` | the thread that copies the WAL into the database, keeps it bounded, restarts it so that no commit syncs, and syncs the journal |
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
