@@ -235,7 +235,7 @@ mod tests {
                     id: id.into(),
                     tenant: "acme".into(),
                     model: "sim".into(),
-                    request: serde_json::json!({}),
+                    request: "{}".into(),
                     key: None,
                 })
                 .await

@@ -490,6 +490,21 @@ async fn models_health_streams_and_metrics() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_transcript_keeps_the_request_as_the_client_sent_it() {
+    let g = gateway("").await;
+    // Fields sluice does not read, escapes, non-ASCII text and nesting: all kept, nothing added
+    // (no `sluice` options here: the gateway stores the body it received).
+    let mut body = chat_body("sim", true, json!({"tokens": 2}), json!(null));
+    body["temperature"] = json!(0.25);
+    body["tools"] = json!([{"type": "function", "function": {"name": "fé", "parameters": {}}}]);
+    body["messages"][0]["content"] = json!("café \"quoted\" \n line ☕");
+    body.as_object_mut().unwrap().remove("sluice");
+    let (r, t) = run_stream(&g.url, &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(t["request"], body);
+}
+
+#[tokio::test(start_paused = true)]
 async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
     let g = gateway("record_chunks = false").await;
     let mut r = Reader::open(

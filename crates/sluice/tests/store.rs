@@ -87,7 +87,8 @@ fn new_stream(id: &str, tenant: &str) -> NewStream {
         id: id.into(),
         tenant: tenant.into(),
         model: "sim".into(),
-        request: json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]}),
+        request: json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
         key: None,
     }
 }

@@ -41,6 +41,8 @@ pub(crate) struct ChatRequest {
     model: String,
     stream: bool,
     options: SluiceOptions,
+    /// Whether the body carried gateway options (`sluice`), which `body` no longer has.
+    had_options: bool,
     pub(crate) body: Map<String, Value>,
 }
 
@@ -102,7 +104,9 @@ pub(super) fn chat_request(value: Value) -> Result<ChatRequest, ApiError> {
             ))
         }
     };
-    let options = match body.remove("sluice") {
+    let given = body.remove("sluice");
+    let had_options = given.is_some();
+    let options = match given {
         None | Some(Value::Null) => SluiceOptions::default(),
         Some(v) => serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
@@ -118,6 +122,7 @@ pub(super) fn chat_request(value: Value) -> Result<ChatRequest, ApiError> {
         model,
         stream,
         options,
+        had_options,
         body,
     })
 }
@@ -251,9 +256,16 @@ pub(super) async fn chat_completions(
     let started = Instant::now();
     let bytes = json_body(&state, &headers, body).await?;
     let chat = parse_chat(&bytes)?;
+    // The transcript keeps the request as received (valid JSON: it just parsed, so valid UTF-8),
+    // rather than its parsed tree cloned and serialized again; gateway options are not part of
+    // it, so a body that had them is stored as parsed, without them.
+    let client_request = if chat.had_options {
+        Value::Object(chat.body.clone()).to_string()
+    } else {
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
     // The parsed request holds what is needed; the raw body need not wait for the stream.
     drop(bytes);
-    let client_request = Value::Object(chat.body.clone());
     let id: Arc<str> = Arc::from(crate::stream::new_stream_id());
     let stream = chat.stream;
     let (frames, model) =
@@ -276,7 +288,7 @@ pub(super) async fn start_stream(
     state: &AppState,
     caller: &Caller,
     chat: ChatRequest,
-    client_request: Value,
+    client_request: String,
     id: Arc<str>,
     started: Instant,
 ) -> Result<Result<(Frames, String), Response>, ApiError> {

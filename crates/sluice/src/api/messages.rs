@@ -199,7 +199,7 @@ async fn answer(
         &state,
         &caller,
         chat,
-        Value::Object(body),
+        Value::Object(body).to_string(),
         id.clone(),
         started,
     )

@@ -126,8 +126,9 @@ pub struct StreamRequest {
     pub tenant: String,
     /// The model the client asked for.
     pub model: String,
-    /// The client's request body, for the transcript (taken by [`start`] when it records it).
-    pub client_request: Value,
+    /// The client's request body as JSON text, for the transcript (taken by [`start`] when it
+    /// records it).
+    pub client_request: String,
     /// Where the answer comes from.
     pub upstream: Upstream,
     /// What is sent there (taken by the relay when it opens the upstream: a waiting stream

@@ -32,7 +32,7 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
         id: Arc::from("s1"),
         tenant: "local".into(),
         model: "sim".into(),
-        client_request: Value::Object(body.clone()),
+        client_request: Value::Object(body.clone()).to_string(),
         upstream: Upstream::Sim(SimDefaults::default()),
         upstream_request: UpstreamRequest { body },
         timeouts: Timeouts::default(),

@@ -16,8 +16,10 @@ pub struct NewStream {
     pub tenant: String,
     /// The model the client asked for.
     pub model: String,
-    /// The client's request body (holds no secrets: keys travel in headers).
-    pub request: Value,
+    /// The client's request body as JSON text, as received (holds no secrets: keys travel in
+    /// headers). Text rather than a parsed value: the chat API stores the bytes it already
+    /// validated instead of cloning their parsed tree and serializing it again.
+    pub request: String,
     /// The key it runs under, when keys are configured.
     pub key: Option<StreamKey>,
 }

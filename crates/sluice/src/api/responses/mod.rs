@@ -159,7 +159,7 @@ pub(super) async fn create(
         &state,
         &caller,
         chat,
-        request.clone(),
+        request.to_string(),
         Arc::from(id.as_str()),
         started,
     )

@@ -189,7 +189,7 @@ async fn apply_in_transaction(tx: &Client, batch: &[Op], node: &str) -> Result<(
                         &s.id,
                         &s.tenant,
                         &s.model,
-                        &s.request.to_string(),
+                        &s.request,
                         &now_unix(),
                         &node,
                         &s.key.as_ref().map(|k| k.id.as_str()),

@@ -46,7 +46,7 @@ fn new_stream(id: &str) -> NewStream {
         id: id.into(),
         tenant: "local".into(),
         model: "sim".into(),
-        request: serde_json::json!({"model": "sim", "messages": []}),
+        request: serde_json::json!({"model": "sim", "messages": []}).to_string(),
         key: None,
     }
 }

@@ -383,7 +383,7 @@ pub(super) fn apply(
                 tx.prepare_cached(
                     "INSERT INTO streams (id, tenant, model, request, status, created) VALUES (?1, ?2, ?3, ?4, 'streaming', ?5)",
                 )?
-                .execute(params![s.id, s.tenant, s.model, s.request.to_string(), now_unix()])?;
+                .execute(params![s.id, s.tenant, s.model, s.request, now_unix()])?;
             }
             Op::Append {
                 id,
