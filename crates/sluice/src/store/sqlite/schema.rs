@@ -9,8 +9,12 @@ use crate::store::block::{self, LoggedChunk, Run};
 use crate::store::StoreError;
 
 pub(super) const SCHEMA: &str = "
+-- `seq` orders a tenant's list. Not AUTOINCREMENT: that writes `sqlite_sequence`, one more
+-- page into the WAL with every stream's record. Without it a deleted newest stream's `seq` may
+-- be taken again, which no reader minds: list cursors are stream ids, looked up when used.
+-- (Databases created before keep AUTOINCREMENT; both work.)
 CREATE TABLE IF NOT EXISTS streams (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     tenant TEXT NOT NULL,
     model TEXT NOT NULL,

@@ -538,6 +538,45 @@ async fn list_is_newest_first_and_paged() {
         .is_empty());
 }
 
+/// A stream's record writes only its own rows (no `sqlite_sequence`, which AUTOINCREMENT
+/// would update with every record); a newest stream deleted leaves its `seq` free for the next
+/// one, and the list and its cursors are none the worse.
+#[tokio::test]
+async fn a_deleted_newest_streams_place_is_taken_again_without_harm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
+    for id in ["a", "b", "c"] {
+        store.begin(new_stream(id)).await.expect("begin");
+    }
+    store
+        .finish(bare_finish("c", Ending::Completed))
+        .await
+        .expect("finish");
+    store
+        .delete(Tenant("local"), StreamId("c"))
+        .await
+        .expect("delete");
+    store.begin(new_stream("d")).await.expect("begin");
+    let ids =
+        |page: Vec<crate::store::StreamSummary>| page.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let (page, _) = store.list(Tenant("local"), 10, None).await.expect("list");
+    assert_eq!(ids(page), vec!["d", "b", "a"]);
+    let (page, more) = store
+        .list(Tenant("local"), 10, Some("d".into()))
+        .await
+        .expect("list");
+    assert_eq!(ids(page), vec!["b", "a"]);
+    assert!(!more);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'sqlite_sequence'"
+        ),
+        0,
+        "a record wrote sqlite_sequence"
+    );
+}
+
 /// A chunk that came after a pause, queued while the writer is idle, is committed by the
 /// caller before `append` returns: no thread is woken for it. A chunk of a burst is left to the
 /// writer's job, which commits it all the same.
