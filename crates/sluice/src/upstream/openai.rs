@@ -486,6 +486,35 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn an_https_upstream_is_spoken_to_in_tls() {
+        // A listener that reads what the client sends first and then hangs up: over `https`
+        // that must be a TLS handshake record (0x16, version 3.x), not an HTTP request line.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("https://{}/v1", listener.local_addr().unwrap());
+        let upstream = OpenAi::new(&base, None, &[], UpstreamLimits::default()).unwrap();
+        let first_bytes = async {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 3];
+            socket.read_exact(&mut head).await.unwrap();
+            head
+        };
+        let mut body = serde_json::Map::new();
+        body.insert("stream".into(), json!(true));
+        let (head, first) = tokio::join!(first_bytes, async {
+            upstream.open(UpstreamRequest { body }).next().await
+        });
+        assert_eq!(
+            head[..2],
+            [0x16, 0x03],
+            "not a TLS handshake record: {head:?}"
+        );
+        assert!(
+            matches!(first, Some(Err(UpstreamError::Transport(_)))),
+            "{first:?}"
+        );
+    }
+
     #[test]
     fn a_base_url_that_is_not_http_is_refused_at_start() {
         for bad in [
