@@ -303,6 +303,13 @@ fn not_an_event_stream(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// How long an idle upstream connection is kept for the next request.
+const IDLE_FOR: Duration = Duration::from_secs(30);
+
+/// The most idle connections kept per upstream host (hyper-util keeps any number): after a
+/// burst of streams, at most this many connections (about 28 KB each) wait for reuse.
+const IDLE_MAX: usize = 1024;
+
 /// The client every upstream of this process shares the settings of (each has its own pool).
 fn http_client() -> Result<HttpClient, OpenAiConfigError> {
     let mut http = HttpConnector::new();
@@ -316,7 +323,8 @@ fn http_client() -> Result<HttpClient, OpenAiConfigError> {
         .enable_http1()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(IDLE_FOR)
+        .pool_max_idle_per_host(IDLE_MAX)
         .pool_timer(TokioTimer::new())
         .build(https))
 }
