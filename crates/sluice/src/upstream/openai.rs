@@ -106,10 +106,14 @@ impl OpenAi {
                 .map_err(|_| OpenAiConfigError::Header(name.to_string()))?;
             headers.insert(name, value);
         }
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        // What reqwest sent, kept so that no upstream sees a change (an extra header of the
+        // config may say otherwise, as it could then).
+        headers
+            .entry(header::CONTENT_TYPE)
+            .or_insert(HeaderValue::from_static("application/json"));
+        headers
+            .entry(header::ACCEPT)
+            .or_insert(HeaderValue::from_static("*/*"));
         let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
         let uri: Uri = url
             .parse()
@@ -434,6 +438,7 @@ mod tests {
         for line in [
             "authorization: bearer sk-test-key",
             "content-type: application/json",
+            "accept: */*",
             "x-extra: yes",
             "host: 127.0.0.1:",
         ] {
