@@ -37,8 +37,8 @@ mod short;
 mod tail;
 
 use measure::{
-    chunk_latency, chunk_latency_samples, client, close_delay, dist, idle_streams, quantile,
-    throughput, ttft, ttft_samples, Target, TargetResult,
+    chunk_latency, chunk_latency_samples, client, close_delay, close_delay_samples, dist,
+    idle_streams, quantile, throughput, ttft, ttft_samples, Target, TargetResult,
 };
 use report::{machine, now_utc, Report};
 
@@ -89,6 +89,11 @@ struct Args {
     /// per-chunk latency (as many chunks, a millisecond apart, in streams of 100).
     #[arg(long)]
     only_ttft: Option<usize>,
+    /// Run only the close → upstream close delay, this many closes for each of direct, sluice
+    /// and sluice without transcripts, in alternating rounds of ten, and print p50 / p99 and
+    /// what sluice adds.
+    #[arg(long)]
+    only_close: Option<usize>,
     /// Run only the memory scenarios (transcript read, dripped bodies, a spike, a soak) in a
     /// fresh sluice and write `memory.md` and `memory.json` to `--out`.
     #[arg(long)]
@@ -385,6 +390,28 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         print_added(&targets, samples, "per-chunk", "chunks");
+        return Ok(());
+    }
+    if let Some(n) = args.only_close {
+        let targets = [direct(&mock), sluice_target.clone(), bare_target];
+        let mut samples = vec![Vec::with_capacity(n); targets.len()];
+        let mut never = vec![0; targets.len()];
+        for _ in 0..n.div_ceil(10) {
+            for ((t, s), missed) in targets.iter().zip(&mut samples).zip(&mut never) {
+                let (round, not_seen) = close_delay_samples(t, &mock, 10).await?;
+                s.extend(round);
+                *missed += not_seen;
+            }
+        }
+        print_added(&targets, samples, "close → upstream close", "closes");
+        for (t, missed) in targets.iter().zip(never) {
+            if missed > 0 {
+                println!(
+                    "{}: {missed} closes the upstream did not see within 2 s",
+                    t.name
+                );
+            }
+        }
         return Ok(());
     }
     if args.only_memory {

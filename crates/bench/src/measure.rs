@@ -264,6 +264,16 @@ pub(crate) async fn close_delay(
     mock: &MockUpstream,
     n: usize,
 ) -> anyhow::Result<(Dist, usize)> {
+    let (samples, never) = close_delay_samples(t, mock, n).await?;
+    Ok((dist(samples), never))
+}
+
+/// [`close_delay`]'s samples (µs), and how many closes the upstream never saw.
+pub(crate) async fn close_delay_samples(
+    t: &Target,
+    mock: &MockUpstream,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, usize)> {
     let mut samples = Vec::with_capacity(n);
     let mut never = 0;
     for _ in 0..n {
@@ -284,7 +294,7 @@ pub(crate) async fn close_delay(
             None => never += 1,
         }
     }
-    Ok((dist(samples), never))
+    Ok((samples, never))
 }
 
 #[derive(Debug, Clone, Serialize)]
