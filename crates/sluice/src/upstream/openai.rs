@@ -314,7 +314,8 @@ const IDLE_FOR: Duration = Duration::from_secs(30);
 /// burst of streams, at most this many connections (about 28 KB each) wait for reuse.
 const IDLE_MAX: usize = 1024;
 
-/// The client every upstream of this process shares the settings of (each has its own pool).
+/// An upstream's HTTP client, with its own pool of connections (every upstream gets one with
+/// these settings).
 fn http_client() -> Result<HttpClient, OpenAiConfigError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
