@@ -9,6 +9,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod pool;
 pub mod route;
 pub mod sim;
 pub mod sse;

@@ -21,35 +21,32 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::anthropic::{self, Step, Translator};
+use super::pool::Pool;
 use super::sse::SseParser;
 use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamLimits, UpstreamRequest};
 use crate::redact::truncate;
 
-/// The HTTP client every request to an upstream goes through: hyper-util's pooled client
-/// (HTTP/1 keep-alive) over rustls.
-///
-/// Why not reqwest, which wraps the same client? Its layers (redirects, retries, its own URL
-/// type) cost every request two parses of its URL and a redirect policy's pass even with both
-/// turned off: about 20,000 instructions of a one-chunk stream's 310,000 (`bash
-/// bench/callgrind 100 300 1`). sluice follows no redirect and retries nothing here (routes
-/// decide), so it needs none of them.
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// A configured OpenAI-compatible upstream.
+///
+/// Its requests go over HTTP/1 connections of its own [`Pool`] (kept alive and reused), each
+/// driven by the stream that uses it. Not reqwest: its layers (redirects, retries, its own URL
+/// type) cost every request two parses of its URL and a redirect policy's pass even with both
+/// turned off (about 20,000 instructions of a one-chunk stream's 310,000, `bash
+/// bench/callgrind 100 300 1`), and sluice follows no redirect and retries nothing here (routes
+/// decide). Not hyper-util's pooled client either: see [`super::pool`] for why.
 #[derive(Clone)]
 pub struct OpenAi {
-    /// Shared by the upstream's clones (the client itself is a few hundred bytes of settings).
-    client: Arc<HttpClient>,
+    /// Shared by the upstream's clones.
+    pool: Arc<Pool>,
     /// Parsed once, at start.
     uri: Uri,
     api_key: Option<String>,
-    /// Sent with every request: the extra headers, the content type, and the key (marked
+    /// Sent with every request: the extra headers, `Host`, the content type, and the key (marked
     /// sensitive), built once.
     headers: HeaderMap,
     limits: UpstreamLimits,
@@ -118,11 +115,20 @@ impl OpenAi {
         let uri: Uri = url
             .parse()
             .map_err(|_| OpenAiConfigError::Url(base_url.into()))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(OpenAiConfigError::Url(base_url.into()));
-        }
+        let host = match (uri.scheme_str(), uri.host()) {
+            (Some(scheme @ ("http" | "https")), Some(host)) => match uri.port_u16() {
+                Some(port) if port != if scheme == "https" { 443 } else { 80 } => {
+                    format!("{host}:{port}")
+                }
+                _ => host.to_string(),
+            },
+            _ => return Err(OpenAiConfigError::Url(base_url.into())),
+        };
+        let host =
+            HeaderValue::from_str(&host).map_err(|_| OpenAiConfigError::Url(base_url.into()))?;
+        headers.insert(header::HOST, host);
         let mut upstream = Self {
-            client: Arc::new(http_client()?),
+            pool: Pool::new(connector()?, IDLE_MAX, IDLE_FOR),
             uri,
             api_key: None,
             headers,
@@ -201,15 +207,22 @@ impl OpenAi {
         };
         let mut post = Request::new(Full::new(Bytes::from(body)));
         *post.method_mut() = hyper::Method::POST;
-        *post.uri_mut() = self.uri.clone();
+        // In origin form (the path), as HTTP/1 sends it to a server that is not a proxy.
+        *post.uri_mut() = Uri::from(
+            self.uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         *post.headers_mut() = self.headers.clone();
-        let sent = self.client.request(post);
+        let (pool, address) = (self.pool.clone(), self.uri.clone());
+        let sent = Box::pin(async move { pool.send(&address, post).await });
         let limits = self.limits;
         Box::pin(stream! {
-            let response: Response<Incoming> = match sent.await {
+            let (response, mut lease): (Response<Incoming>, _) = match sent.await {
                 Ok(r) => r,
                 Err(e) => {
-                    yield Err(UpstreamError::Transport(error_chain(&e)));
+                    yield Err(UpstreamError::Transport(error_chain(&*e)));
                     return;
                 }
             };
@@ -225,12 +238,22 @@ impl OpenAi {
             let mut response = response.into_body();
             if !status.is_success() {
                 let mut body = Vec::new();
-                while let Some(Ok(frame)) = response.frame().await {
-                    let Ok(bytes) = frame.into_data() else { continue };
-                    let room = max_error.saturating_sub(body.len());
-                    body.extend_from_slice(&bytes[..bytes.len().min(room)]);
-                    if body.len() >= max_error {
-                        break;
+                loop {
+                    match lease.drive(response.frame()).await {
+                        Some(Ok(frame)) => {
+                            let Ok(bytes) = frame.into_data() else { continue };
+                            let room = max_error.saturating_sub(body.len());
+                            body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                            if body.len() >= max_error {
+                                break;
+                            }
+                        }
+                        // Read whole: the connection can take the next request.
+                        None => {
+                            lease.release(&mut response);
+                            break;
+                        }
+                        Some(Err(_)) => break,
                     }
                 }
                 let text = String::from_utf8_lossy(&body).to_string();
@@ -255,7 +278,7 @@ impl OpenAi {
             let mut events = Vec::new();
             let mut translator = Translator::default();
             loop {
-                match response.frame().await {
+                match lease.drive(response.frame()).await {
                     // Trailers carry nothing an event stream needs.
                     Some(Ok(frame)) => {
                         let Ok(bytes) = frame.into_data() else { continue };
@@ -275,7 +298,10 @@ impl OpenAi {
                             match step {
                                 Ok(Step::Chunk(chunk)) => yield Ok(chunk),
                                 Ok(Step::Nothing) => {}
-                                Ok(Step::Done) => return,
+                                Ok(Step::Done) => {
+                                    lease.release(&mut response);
+                                    return;
+                                }
                                 Err(e) => { yield Err(e); return; }
                             }
                         }
@@ -310,32 +336,26 @@ fn not_an_event_stream(headers: &HeaderMap) -> Option<String> {
 /// How long an idle upstream connection is kept for the next request.
 const IDLE_FOR: Duration = Duration::from_secs(30);
 
-/// The most idle connections kept per upstream host (hyper-util keeps any number): after a
-/// burst of streams, at most this many connections (about 28 KB each) wait for reuse.
+/// The most idle connections kept per upstream: after a burst of streams, at most this many
+/// connections (about 20 KB each) wait for reuse.
 const IDLE_MAX: usize = 1024;
 
-/// An upstream's HTTP client, with its own pool of connections (every upstream gets one with
-/// these settings).
-fn http_client() -> Result<HttpClient, OpenAiConfigError> {
+/// What opens an upstream's connections: TCP (no Nagle delay), and TLS over it for `https`.
+fn connector() -> Result<hyper_rustls::HttpsConnector<HttpConnector>, OpenAiConfigError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     // The TLS connector below takes `https` URLs; this one must let them through to it.
     http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
         .map_err(|e| OpenAiConfigError::Client(e.to_string()))?
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(IDLE_FOR)
-        .pool_max_idle_per_host(IDLE_MAX)
-        .pool_timer(TokioTimer::new())
-        .build(https))
+        .wrap_connector(http))
 }
 
-/// An error and its causes, as one line ("client error (Connect): tcp connect error: Connection
-/// refused (os error 111)"). hyper's errors carry no URL or header, so no key can be in it.
+/// An error and its causes, as one line ("tcp connect error: Connection refused (os error
+/// 111)"). hyper's errors carry no URL or header, so no key can be in it.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
@@ -356,47 +376,66 @@ fn error_stream(error: UpstreamError) -> ChunkStream {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests spawn and time out raw futures, as outside callers do"
+)]
 mod tests {
     use futures_util::StreamExt;
     use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{mpsc, Notify};
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::upstream::Chunk;
+
+    /// Reads one request from `socket` (bytes read past it stay in `seen` for the next): its
+    /// head, lowercased, and its body; `None` if the client closed the connection first.
+    async fn read_request(socket: &mut TcpStream, seen: &mut Vec<u8>) -> Option<(String, String)> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+                    .unwrap_or(0);
+                if seen.len() >= end + 4 + length {
+                    let body =
+                        String::from_utf8_lossy(&seen[end + 4..end + 4 + length]).into_owned();
+                    seen.drain(..end + 4 + length);
+                    return Some((head, body));
+                }
+            }
+            let n = socket.read(&mut buf).await.unwrap();
+            if n == 0 {
+                assert!(seen.is_empty(), "the request ended early");
+                return None;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// An upstream's answer: one chunk and `[DONE]`, in a body of known length.
+    fn answer() -> String {
+        let events = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
+            events.len()
+        )
+    }
 
     /// An upstream of one exchange on a real socket: returns what the request's head said
     /// (lowercased) and its body, answering with one chunk and `[DONE]`.
     async fn one_exchange(listener: TcpListener) -> (String, String) {
         let (mut socket, _) = listener.accept().await.unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        let (head, body) = loop {
-            let n = socket.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the request ended early");
-            seen.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&seen).into_owned();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(|v| v.trim().parse::<usize>().unwrap())
-                    })
-                    .unwrap_or(0);
-                if body.len() >= length {
-                    break (head.to_ascii_lowercase(), body.to_string());
-                }
-            }
-        };
-        let events = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{events}",
-            events.len()
-        );
-        socket.write_all(answer.as_bytes()).await.unwrap();
-        (head, body)
+        let request = read_request(&mut socket, &mut Vec::new()).await;
+        socket.write_all(answer().as_bytes()).await.unwrap();
+        request.expect("no request came")
     }
 
     /// What the upstream `make` builds sends, and what it makes of the answer.
@@ -527,6 +566,168 @@ mod tests {
             matches!(first, Some(Err(UpstreamError::Transport(_)))),
             "{first:?}"
         );
+    }
+
+    /// An upstream that answers every request on every connection it accepts (keep-alive: one
+    /// chunk and `[DONE]` each); given `hang_up`, it closes a connection after one answer once
+    /// that is notified. Returns how many connections it accepted, and a receiver told each time
+    /// a connection ends.
+    fn keep_alive_upstream(
+        listener: TcpListener,
+        hang_up: Option<Arc<Notify>>,
+    ) -> (Arc<AtomicUsize>, mpsc::UnboundedReceiver<()>) {
+        answering(listener, hang_up, |_| answer())
+    }
+
+    /// [`keep_alive_upstream`], answering the `n`th request of each connection (from 0) with
+    /// `answer(n)`.
+    fn answering(
+        listener: TcpListener,
+        hang_up: Option<Arc<Notify>>,
+        answer: fn(usize) -> String,
+    ) -> (Arc<AtomicUsize>, mpsc::UnboundedReceiver<()>) {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (ended, ends) = mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let (ended, hang_up) = (ended.clone(), hang_up.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut n = 0;
+                    while read_request(&mut socket, &mut seen).await.is_some() {
+                        socket.write_all(answer(n).as_bytes()).await.unwrap();
+                        n += 1;
+                        if let Some(hang_up) = &hang_up {
+                            hang_up.notified().await;
+                            break;
+                        }
+                    }
+                    drop(socket);
+                    let _ = ended.send(());
+                });
+            }
+        });
+        (accepted, ends)
+    }
+
+    fn request() -> UpstreamRequest {
+        let mut body = serde_json::Map::new();
+        body.insert("stream".into(), json!(true));
+        UpstreamRequest { body }
+    }
+
+    /// The text of each chunk of one stream from `upstream`, which must succeed.
+    async fn contents(upstream: &OpenAi) -> Vec<String> {
+        let chunks: Vec<_> = upstream.open(request()).collect().await;
+        chunks.into_iter().map(|c| c.unwrap().content).collect()
+    }
+
+    async fn listening() -> (TcpListener, OpenAi) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        let upstream = OpenAi::new(&base, None, &[], UpstreamLimits::default()).unwrap();
+        (listener, upstream)
+    }
+
+    #[tokio::test]
+    async fn streams_one_after_another_share_one_connection() {
+        let (listener, upstream) = listening().await;
+        let (accepted, _) = keep_alive_upstream(listener, None);
+        for _ in 0..3 {
+            assert_eq!(contents(&upstream).await, ["hi"]);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream.pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_read_whole_leaves_its_connection_for_the_next_stream() {
+        let (listener, upstream) = listening().await;
+        let (accepted, _) = answering(listener, None, |n| match n {
+            0 => {
+                let error = r#"{"error":{"message":"slow down"}}"#;
+                format!(
+                    "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{error}",
+                    error.len()
+                )
+            }
+            _ => answer(),
+        });
+        let first: Vec<_> = upstream.open(request()).collect().await;
+        assert!(
+            matches!(&first[..], [Err(UpstreamError::Status { status: 429, message, .. })] if message == "slow down"),
+            "{first:?}"
+        );
+        assert_eq!(upstream.pool.idle_count(), 1);
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used_again() {
+        let (listener, upstream) = listening().await;
+        let hang_up = Arc::new(Notify::new());
+        let (accepted, mut ends) = keep_alive_upstream(listener, Some(hang_up.clone()));
+        for _ in 0..3 {
+            assert_eq!(contents(&upstream).await, ["hi"]);
+            // Kept (the answer did not say it would close), then closed by the upstream.
+            assert_eq!(upstream.pool.idle_count(), 1);
+            hang_up.notify_one();
+            ends.recv().await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_midway_closes_its_connection() {
+        let (listener, upstream) = listening().await;
+        let upstream_side = async {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            read_request(&mut socket, &mut Vec::new()).await.unwrap();
+            let event = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            let chunk = format!("{head}{:x}\r\n{event}\r\n", event.len());
+            socket.write_all(chunk.as_bytes()).await.unwrap();
+            // The stream goes on as far as the upstream knows, until the gateway hangs up.
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut rest));
+            read.await.expect("the connection was left open").unwrap();
+            rest
+        };
+        let gateway_side = async {
+            let mut stream = upstream.open(request());
+            assert_eq!(stream.next().await.unwrap().unwrap().content, "hi");
+        };
+        let (rest, ()) = tokio::join!(upstream_side, gateway_side);
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(upstream.pool.idle_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_at_its_age_limit() {
+        let (listener, upstream) = listening().await;
+        let (_, mut ends) = keep_alive_upstream(listener, None);
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        assert_eq!(upstream.pool.idle_count(), 1);
+        tokio::time::sleep(IDLE_FOR - Duration::from_secs(1)).await;
+        assert_eq!(upstream.pool.idle_count(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(upstream.pool.idle_count(), 0);
+        ends.recv().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_most_idle_connections_are_kept() {
+        let (listener, mut upstream) = listening().await;
+        upstream.pool = Pool::new(connector().unwrap(), 1, IDLE_FOR);
+        let (accepted, _) = keep_alive_upstream(listener, None);
+        let (a, b) = tokio::join!(contents(&upstream), contents(&upstream));
+        assert_eq!((a, b), (vec!["hi".to_string()], vec!["hi".to_string()]));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(upstream.pool.idle_count(), 1);
     }
 
     #[test]
