@@ -200,7 +200,10 @@ impl Pool {
         idle.connections
             .retain(|w| now.saturating_duration_since(w.since) < self.idle_for);
         match idle.connections.first() {
-            Some(oldest) => Some(self.idle_for - now.saturating_duration_since(oldest.since)),
+            Some(oldest) => Some(
+                self.idle_for
+                    .saturating_sub(now.saturating_duration_since(oldest.since)),
+            ),
             None => {
                 idle.sweeping = false;
                 None
