@@ -128,7 +128,7 @@ impl OpenAi {
             HeaderValue::from_str(&host).map_err(|_| OpenAiConfigError::Url(base_url.into()))?;
         headers.insert(header::HOST, host);
         let mut upstream = Self {
-            pool: Pool::new(connector()?, IDLE_MAX, IDLE_FOR),
+            pool: Pool::new(connector()?, uri.clone(), IDLE_MAX, IDLE_FOR),
             uri,
             api_key: None,
             headers,
@@ -208,15 +208,9 @@ impl OpenAi {
         let mut post = Request::new(Full::new(Bytes::from(body)));
         *post.method_mut() = hyper::Method::POST;
         // In origin form (the path), as HTTP/1 sends it to a server that is not a proxy.
-        *post.uri_mut() = Uri::from(
-            self.uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        *post.uri_mut() = origin_form(&self.uri);
         *post.headers_mut() = self.headers.clone();
-        let (pool, address) = (self.pool.clone(), self.uri.clone());
-        let sent = Box::pin(async move { pool.send(&address, post).await });
+        let sent = Box::pin(self.pool.clone().send(post));
         let limits = self.limits;
         Box::pin(stream! {
             let (response, mut lease): (Response<Incoming>, _) = match sent.await {
@@ -339,6 +333,15 @@ const IDLE_FOR: Duration = Duration::from_secs(30);
 /// The most idle connections kept per upstream: after a burst of streams, at most this many
 /// connections (about 20 KB each) wait for reuse.
 const IDLE_MAX: usize = 1024;
+
+/// `uri`'s path and query alone: a request's target in origin form.
+fn origin_form(uri: &Uri) -> Uri {
+    Uri::from(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    )
+}
 
 /// What opens an upstream's connections: TCP (no Nagle delay), and TLS over it for `https`.
 fn connector() -> Result<hyper_rustls::HttpsConnector<HttpConnector>, OpenAiConfigError> {
@@ -722,7 +725,7 @@ mod tests {
     #[tokio::test]
     async fn no_more_than_the_most_idle_connections_are_kept() {
         let (listener, mut upstream) = listening().await;
-        upstream.pool = Pool::new(connector().unwrap(), 1, IDLE_FOR);
+        upstream.pool = Pool::new(connector().unwrap(), upstream.uri.clone(), 1, IDLE_FOR);
         let (accepted, _) = keep_alive_upstream(listener, None);
         let (a, b) = tokio::join!(contents(&upstream), contents(&upstream));
         assert_eq!((a, b), (vec!["hi".to_string()], vec!["hi".to_string()]));

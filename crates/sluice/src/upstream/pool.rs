@@ -45,6 +45,8 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// The connections to one upstream (one scheme, host and port).
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
+    /// Where connections go (its scheme, host and port; the path is the request's).
+    address: Uri,
     max_idle: usize,
     idle_for: Duration,
     idle: Mutex<Idle>,
@@ -84,15 +86,17 @@ pub struct Lease {
 }
 
 impl Pool {
-    /// A pool that opens connections with `connector` and keeps at most `max_idle` of them for
-    /// at most `idle_for` each.
+    /// A pool that opens connections to `address` with `connector` and keeps at most
+    /// `max_idle` of them for at most `idle_for` each.
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
+        address: Uri,
         max_idle: usize,
         idle_for: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             connector,
+            address,
             max_idle,
             idle_for,
             idle: Mutex::new(Idle::default()),
@@ -108,12 +112,11 @@ impl Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `request` (its URI in origin form, with a `Host` header) to the upstream at
-    /// `address` on an idle connection, or a new one; returns the response's head, and the
-    /// connection, which the caller drives while it reads the body ([`Lease::drive`]).
+    /// Sends `request` (its URI in origin form, with a `Host` header) on an idle connection,
+    /// or a new one; returns the response's head, and the connection, which the caller drives
+    /// while it reads the body ([`Lease::drive`]).
     pub async fn send(
-        self: &Arc<Self>,
-        address: &Uri,
+        self: Arc<Self>,
         mut request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, Lease), Error> {
         while let Some(mut lease) = self.take() {
@@ -127,7 +130,7 @@ impl Pool {
                 },
             }
         }
-        let mut lease = self.connect(address).await?;
+        let mut lease = self.connect().await?;
         let sent = lease.sender.send_request(request);
         let response = lease.drive(sent).await?;
         Ok((response, lease))
@@ -159,10 +162,10 @@ impl Pool {
         }
     }
 
-    async fn connect(self: &Arc<Self>, address: &Uri) -> Result<Lease, Error> {
+    async fn connect(self: &Arc<Self>) -> Result<Lease, Error> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(address.clone()).await?;
+        let io = connector.call(self.address.clone()).await?;
         let (sender, connection) = http1::handshake(io).await?;
         Ok(Lease {
             sender,
