@@ -51,9 +51,11 @@ pub fn config(data: &[u8]) {
     }
 }
 
-/// A stored chunk block: arbitrary bytes decode or fail cleanly, and what decodes re-encodes to
-/// the same chunks (not always the same bytes: a block is stored compressed when that makes it
-/// smaller, and LZ4 has many encodings of one input).
+/// A stored chunk block: arbitrary bytes decode or fail cleanly (never a panic, never more
+/// memory than the block's size and a fixed bound), and what decodes re-encodes to the same
+/// chunks (not always the same bytes: blocks of earlier formats are read too, a chunk can be
+/// written against the one before it in more than one way, and LZ4 has many encodings of one
+/// input).
 pub fn block(data: &[u8]) {
     if let Ok(chunks) = crate::store::decode_block(data) {
         let logged: Vec<crate::store::LoggedChunk> = chunks

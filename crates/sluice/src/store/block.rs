@@ -32,22 +32,38 @@ pub(crate) const LOG_CHECK_EVERY: i64 = 4096;
 /// block, so one quiet stream cannot keep the journal from being trimmed.
 pub(crate) const LOG_SPAN: i64 = 16 * 1024 * 1024;
 
-/// A block's first byte: its chunks as they are (what blocks were before compression, and
-/// what a block is when compressing would not make it smaller).
+/// A block's first byte: its chunks as they are (how blocks were first written; still read).
 const PLAIN: u8 = 1;
 /// A block's first byte: its chunks LZ4-compressed (a u32 with their plain size, then an LZ4
-/// block). Chunks of one stream repeat themselves (id, model, field names), so a block shrinks
-/// four- to eightfold, and every byte not written is a byte SQLite does not write to its WAL,
-/// checksum, copy into the database and sync (most of the store's CPU on long streams: see
-/// `docs/benchmarks/README.md`).
+/// block). How full blocks were written before [`DELTA`]; still read.
 const LZ4: u8 = 2;
+/// A block's first byte: each chunk written against the one before it (see [`encode`]).
+///
+/// Chunks of one stream repeat themselves: the id, the model, the field names, all but a token
+/// or two, in the same place. Written as what it shares with the chunk before it (the bytes in
+/// common at its start and at its end) and the few bytes in between, a block of typical chunks
+/// shrinks about tenfold, more than LZ4 took it; and that costs a comparison of each chunk with
+/// the one before it (eight bytes at a time), where LZ4 cost about five instructions a byte and
+/// cleared a 16 KB table per block: the largest single item of what a transcript cost per chunk
+/// (`bash bench/callgrind 20 60 200`, with and without `record_chunks`). Every byte not written
+/// is one SQLite does not write to its WAL, checksum and copy into the database.
+const DELTA: u8 = 3;
+/// A block's first byte: a [`DELTA`] body that is still large (chunks that do not repeat each
+/// other), LZ4-compressed as [`LZ4`] is: its size as a u32, then an LZ4 block.
+const LZ4_DELTA: u8 = 4;
 /// LZ4 cannot expand data more than about 255-fold: a plain size claimed beyond that is damage.
 const LZ4_MAX_RATIO: usize = 255;
-/// Smaller blocks are stored plain. Compressing costs about five instructions a byte (and starts
-/// by clearing a table): for a long stream's full blocks that is paid back in pages SQLite does
-/// not write, check and copy, but a short stream's only block cost more to compress than it saved
-/// (`sluice-bench --only-short`, docs/benchmarks/README.md).
+/// A [`DELTA`] body this large is LZ4-compressed as well ([`LZ4_DELTA`]) if that makes it
+/// smaller: its chunks did not repeat each other much, and what repeats within them LZ4 finds.
+/// Smaller ones are not worth LZ4's cost (about five instructions a byte, starting by clearing
+/// a table).
 const COMPRESS_FROM: usize = 8 * 1024;
+/// The most bytes a [`DELTA`] block's chunks may take from the chunks before them, in all. A
+/// block the writer makes takes less than `2 * BLOCK_BYTES` (a run is written once it reaches
+/// `BLOCK_BYTES`, and a chunk takes at most the size of the one before it); beyond this bound a
+/// block is damaged, and decoding it stops before it makes its reader hold more than its own
+/// size and this.
+const MAX_SHARED: usize = 64 * BLOCK_BYTES;
 
 /// One chunk as the store keeps it.
 #[derive(Debug, Clone)]
@@ -123,70 +139,184 @@ pub(crate) type ByStream<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 #[error("a stored chunk block is damaged ({0})")]
 pub(crate) struct BlockError(&'static str);
 
-/// Encodes chunks as a block body: a format byte, then per chunk its seq and offset (u64 and
-/// i64, little-endian), then its JSON and its text, each as a u32 length and the bytes;
-/// compressed (see [`LZ4`]) if it is large enough to be worth it and that makes it smaller.
+/// Encodes consecutive chunks of one stream as a block body: the format byte [`DELTA`], then per
+/// chunk, against the chunk before it (the first against an empty one), each number an unsigned
+/// LEB128 varint:
+///
+/// - its seq less the one before (wrapping), and its offset less the one before (zigzag);
+/// - its JSON: how many bytes it shares with the JSON before at its start and at its end, then
+///   the length of the bytes in between and those bytes;
+/// - its text: its length and its bytes.
+///
+/// A body of [`COMPRESS_FROM`] bytes or more is LZ4-compressed as well if that makes it smaller
+/// ([`LZ4_DELTA`]).
 pub(crate) fn encode<'a, I>(chunks: I) -> Vec<u8>
 where
     I: IntoIterator<Item = &'a LoggedChunk>,
-    I::IntoIter: Clone,
 {
-    let chunks = chunks.into_iter();
-    // Sized once: grown a chunk at a time, a full block's buffer was reallocated six times.
-    let size = chunks
-        .clone()
-        .map(|c| CHUNK_HEAD + c.data.len() + c.content.len())
-        .sum::<usize>();
-    let mut plain = Vec::with_capacity(1 + size);
-    plain.push(PLAIN);
-    for c in chunks {
-        encode_chunk(&mut plain, c);
-    }
-    let Ok(size) = u32::try_from(plain.len() - 1) else {
-        return plain;
-    };
-    if plain.len() < COMPRESS_FROM {
-        return plain;
-    }
-    lz4_block(&plain[1..], size).unwrap_or(plain)
+    SCRATCH.with_borrow_mut(|scratch| {
+        let body = &mut scratch.body;
+        body.clear();
+        body.push(DELTA);
+        let mut before: Option<&LoggedChunk> = None;
+        for c in chunks {
+            encode_against(body, before, c);
+            before = Some(c);
+        }
+        let out = if body.len() < COMPRESS_FROM {
+            None
+        } else {
+            u32::try_from(body.len() - 1)
+                .ok()
+                .and_then(|size| lz4_block(&body[1..], size, &mut scratch.lz4))
+        };
+        let out = out.unwrap_or_else(|| body.clone());
+        scratch.shrink();
+        out
+    })
 }
 
-/// The bytes [`encode_chunk`] writes besides a chunk's JSON and text.
-const CHUNK_HEAD: usize = 8 + 8 + 4 + 4;
+/// Appends `c` as a [`DELTA`] block holds it, written against `before` (see [`encode`]).
+fn encode_against(out: &mut Vec<u8>, before: Option<&LoggedChunk>, c: &LoggedChunk) {
+    let (seq, offset, data) = before.map_or((0, 0, &b""[..]), |b| {
+        (b.seq, b.offset_us, b.data.as_bytes())
+    });
+    put_varint(out, c.seq.wrapping_sub(seq));
+    put_varint(out, zigzag(c.offset_us.wrapping_sub(offset)));
+    let new = c.data.as_bytes();
+    let start = common_start(data, new);
+    let end = common_end(&data[start..], &new[start..]);
+    let between = &new[start..new.len() - end];
+    put_varint(out, start as u64);
+    put_varint(out, end as u64);
+    put_varint(out, between.len() as u64);
+    out.extend_from_slice(between);
+    put_varint(out, c.content.len() as u64);
+    out.extend_from_slice(c.content.as_bytes());
+}
 
-/// The largest block compressed in the writer's reused buffer; a larger one (a block holding
-/// a chunk near the event cap) gets a buffer of its own, so that the thread does not keep
-/// that much for good.
+/// How many bytes `a` and `b` share at their start: compared eight at a time (one load and one
+/// comparison each), then one by one.
+fn common_start(a: &[u8], b: &[u8]) -> usize {
+    let mut n = 0;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+            break;
+        };
+        let differ = u64::from_le_bytes(x) ^ u64::from_le_bytes(y);
+        if differ != 0 {
+            return n + (differ.trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    n + a[n..]
+        .iter()
+        .zip(&b[n..])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// How many bytes `a` and `b` share at their end: compared eight at a time, then one by one.
+fn common_end(a: &[u8], b: &[u8]) -> usize {
+    let mut n = 0;
+    for (x, y) in a.rchunks_exact(8).zip(b.rchunks_exact(8)) {
+        let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+            break;
+        };
+        let differ = u64::from_be_bytes(x) ^ u64::from_be_bytes(y);
+        if differ != 0 {
+            return n + (differ.trailing_zeros() / 8) as usize;
+        }
+        n += 8;
+    }
+    n + a[..a.len() - n]
+        .iter()
+        .rev()
+        .zip(b[..b.len() - n].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn take_varint(rest: &mut &[u8]) -> Result<u64, BlockError> {
+    let mut n = 0u64;
+    for shift in (0..64).step_by(7) {
+        let [byte] = take_array(rest)?;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err(BlockError("varint too large"));
+        }
+        n |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Ok(n);
+        }
+    }
+    Err(BlockError("varint too long"))
+}
+
+fn take_len(rest: &mut &[u8]) -> Result<usize, BlockError> {
+    usize::try_from(take_varint(rest)?).map_err(|_| BlockError("length too large"))
+}
+
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    ((n >> 1) as i64) ^ -((n & 1) as i64)
+}
+
+/// The most a thread keeps of its encoding buffers between blocks; a larger block (one holding
+/// a chunk near the event cap) gets its buffers back to the allocator, so that the thread does
+/// not keep that much for good.
 const SCRATCH_MAX: usize = 4 * BLOCK_BYTES;
 
-thread_local! {
-    /// Where blocks are compressed. lz4_flex's safe encoder clears a fresh buffer of the
-    /// largest possible output for every block it compresses; this one is cleared once.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Where a thread encodes blocks: reused, so a block costs one allocation (its body, of its
+/// size), not a buffer grown as it is written; and lz4_flex's safe encoder clears a fresh
+/// buffer of the largest possible output for every block it compresses, this one once.
+#[derive(Default)]
+struct Scratch {
+    body: Vec<u8>,
+    lz4: Vec<u8>,
 }
 
-/// A block body of `input` LZ4-compressed (its format byte, `size` and the LZ4 block), or
-/// `None` if that would be no smaller than the plain body.
-fn lz4_block(input: &[u8], size: u32) -> Option<Vec<u8>> {
-    let need = lz4_flex::block::get_maximum_output_size(input.len());
-    let pack = |buf: &mut Vec<u8>| {
-        if buf.len() < need {
-            buf.resize(need, 0);
+impl Scratch {
+    fn shrink(&mut self) {
+        for buf in [&mut self.body, &mut self.lz4] {
+            if buf.capacity() > SCRATCH_MAX {
+                *buf = Vec::new();
+            }
         }
-        let n = lz4_flex::block::compress_into(input, buf).ok()?;
-        if n + 5 > input.len() {
-            return None;
-        }
-        let mut out = Vec::with_capacity(n + 5);
-        out.push(LZ4);
-        out.extend_from_slice(&size.to_le_bytes());
-        out.extend_from_slice(buf.get(..n)?);
-        Some(out)
-    };
-    if need > SCRATCH_MAX {
-        return pack(&mut Vec::new());
     }
-    SCRATCH.with_borrow_mut(pack)
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// A block body of `input` LZ4-compressed (the [`LZ4_DELTA`] byte, `size` and the LZ4 block),
+/// compressed in `buf`, or `None` if that would be no smaller than `input`.
+fn lz4_block(input: &[u8], size: u32, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let need = lz4_flex::block::get_maximum_output_size(input.len());
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    let n = lz4_flex::block::compress_into(input, buf).ok()?;
+    if n + 5 > input.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n + 5);
+    out.push(LZ4_DELTA);
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(buf.get(..n)?);
+    Some(out)
 }
 
 /// Appends one chunk as blocks hold it (and the journal's records, after their stream id): seq
@@ -212,30 +342,70 @@ pub(crate) fn decode_chunk(rest: &mut &[u8]) -> Result<Decoded, BlockError> {
 /// A decoded chunk: (seq, offset µs, JSON, text).
 pub(crate) type Decoded = (u64, i64, String, String);
 
-/// Decodes a block body written by [`encode`].
+/// Decodes a block body written by [`encode`] (or by an earlier version: [`PLAIN`], [`LZ4`]).
 pub(crate) fn decode(body: &[u8]) -> Result<Vec<Decoded>, BlockError> {
     let (&format, mut rest) = body.split_first().ok_or(BlockError("empty"))?;
     let plain;
+    if matches!(format, LZ4 | LZ4_DELTA) {
+        let size = u32::from_le_bytes(take_array(&mut rest)?) as usize;
+        if size > rest.len().saturating_mul(LZ4_MAX_RATIO) {
+            return Err(BlockError("implausible size"));
+        }
+        plain = lz4_flex::block::decompress(rest, size).map_err(|_| BlockError("not LZ4"))?;
+        if plain.len() != size {
+            return Err(BlockError("wrong size"));
+        }
+        rest = &plain;
+    }
+    let mut out = Vec::new();
     match format {
-        PLAIN => {}
-        LZ4 => {
-            let size = u32::from_le_bytes(take_array(&mut rest)?) as usize;
-            if size > rest.len().saturating_mul(LZ4_MAX_RATIO) {
-                return Err(BlockError("implausible size"));
+        PLAIN | LZ4 => {
+            while !rest.is_empty() {
+                out.push(decode_chunk(&mut rest)?);
             }
-            plain = lz4_flex::block::decompress(rest, size).map_err(|_| BlockError("not LZ4"))?;
-            if plain.len() != size {
-                return Err(BlockError("wrong size"));
+        }
+        DELTA | LZ4_DELTA => {
+            let mut shared = 0usize;
+            while !rest.is_empty() {
+                let chunk = decode_against(&mut rest, out.last(), &mut shared)?;
+                out.push(chunk);
             }
-            rest = &plain;
         }
         _ => return Err(BlockError("unknown format")),
     }
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        out.push(decode_chunk(&mut rest)?);
-    }
     Ok(out)
+}
+
+/// Reads one chunk written by [`encode_against`] from the front of `rest`, `before` being the
+/// chunk decoded before it; `shared` counts the bytes taken from earlier chunks (see
+/// [`MAX_SHARED`]).
+fn decode_against(
+    rest: &mut &[u8],
+    before: Option<&Decoded>,
+    shared: &mut usize,
+) -> Result<Decoded, BlockError> {
+    let (seq, offset, data) = before.map_or((0, 0, ""), |(s, o, d, _)| (*s, *o, d.as_str()));
+    let seq = seq.wrapping_add(take_varint(rest)?);
+    let offset = offset.wrapping_add(unzigzag(take_varint(rest)?));
+    let (start, end) = (take_len(rest)?, take_len(rest)?);
+    let kept = start
+        .checked_add(end)
+        .filter(|&kept| kept <= data.len())
+        .ok_or(BlockError("shares more than the chunk before has"))?;
+    *shared = shared.saturating_add(kept);
+    if *shared > MAX_SHARED {
+        return Err(BlockError("shares implausibly much"));
+    }
+    let between = take_len(rest).and_then(|n| take(rest, n))?;
+    let old = data.as_bytes();
+    let mut new = Vec::with_capacity(kept + between.len());
+    new.extend_from_slice(&old[..start]);
+    new.extend_from_slice(between);
+    new.extend_from_slice(&old[old.len() - end..]);
+    let data = String::from_utf8(new).map_err(|_| BlockError("not UTF-8"))?;
+    let content = take_len(rest).and_then(|n| take(rest, n))?;
+    let content = String::from_utf8(content.to_vec()).map_err(|_| BlockError("not UTF-8"))?;
+    Ok((seq, offset, data, content))
 }
 
 /// The first `n` bytes of `rest`, taken off it.
@@ -273,38 +443,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn blocks_round_trip() {
-        let chunks = [
-            chunk(1, r#"{"a":"é"}"#, "é"),
-            chunk(2, "", ""),
-            chunk(9, "{}", "日本"),
-        ];
-        let body = encode(&chunks);
-        assert_eq!(body[0], PLAIN, "too small to be worth compressing");
-        let decoded = decode(&body).expect("decodes");
-        let expected: Vec<Decoded> = chunks
+    fn decoded(chunks: &[LoggedChunk]) -> Vec<Decoded> {
+        chunks
             .iter()
             .map(|c| (c.seq, c.offset_us, c.data.to_string(), c.content.clone()))
-            .collect();
-        assert_eq!(decoded, expected);
+            .collect()
     }
 
-    #[test]
-    fn damaged_blocks_are_errors_not_panics() {
-        let body = encode(&[chunk(1, "{\"x\":1}", "x")]);
-        // (One byte is a valid, empty block.)
-        for cut in (0..body.len()).filter(|&cut| cut != 1) {
-            assert!(decode(&body[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut wrong = body.clone();
-        wrong[0] = 99;
-        assert!(decode(&wrong).is_err());
-    }
-
-    #[test]
-    fn blocks_that_repeat_themselves_are_stored_compressed_and_read_back_whole() {
-        let chunks: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
+    /// A stream's chunks as an OpenAI-shaped upstream sends them.
+    fn typical(n: u64) -> Vec<LoggedChunk> {
+        (1..=n)
             .map(|seq| {
                 let word = format!("word{seq} ");
                 let data = format!(
@@ -312,54 +460,207 @@ mod tests {
                 );
                 chunk(seq, &data, &word)
             })
+            .collect()
+    }
+
+    /// Every cut of `body` is an error or a block of the first chunks (a cut between two
+    /// chunks is a shorter block), never a panic and never anything else.
+    fn cuts_are_errors_or_prefixes(body: &[u8], chunks: &[Decoded]) {
+        for cut in 0..body.len() {
+            match decode(&body[..cut]) {
+                Err(_) => {}
+                Ok(got) => assert!(
+                    got.len() < chunks.len() && got[..] == chunks[..got.len()],
+                    "cut at {cut} decodes to something else"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_round_trip() {
+        let chunks = [
+            chunk(1, r#"{"a":"é"}"#, "é"),
+            chunk(2, "", ""),
+            chunk(9, "{}", "日本"),
+            // Shares "{\"a\":\"" and the first byte of "é" with the one before.
+            chunk(3, r#"{"a":"è"}"#, "è"),
+            chunk(4, r#"{"a":"è"}"#, ""),
+            chunk(u64::MAX, "x", "y"),
+            chunk(0, r#"{"a":"è","b":1}"#, "z"),
+        ];
+        let mut chunks = chunks.to_vec();
+        chunks[3].offset_us = i64::MIN;
+        chunks[4].offset_us = i64::MAX;
+        let body = encode(&chunks);
+        assert_eq!(body[0], DELTA);
+        assert_eq!(decode(&body).expect("decodes"), decoded(&chunks));
+        cuts_are_errors_or_prefixes(&body, &decoded(&chunks));
+        assert_eq!(decode(&encode(&[])).expect("decodes"), vec![]);
+    }
+
+    #[test]
+    fn shared_starts_and_ends_are_counted_exactly() {
+        let text = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        for len in 0..text.len() {
+            for at in 0..len {
+                let a = &text[..len];
+                let mut b = a.to_vec();
+                b[at] = b'#';
+                assert_eq!(common_start(a, &b), at, "{len} {at}");
+                assert_eq!(common_end(a, &b), len - at - 1, "{len} {at}");
+            }
+            assert_eq!(common_start(&text[..len], text), len);
+            assert_eq!(common_end(&text[text.len() - len..], text), len);
+            assert_eq!(common_end(&text[..len], &text[1..=len]), 0);
+        }
+    }
+
+    #[test]
+    fn chunks_that_repeat_each_other_are_stored_as_what_changes() {
+        let chunks = typical(BLOCK_CHUNKS as u64);
+        let plain: usize = chunks.iter().map(|c| 24 + c.bytes()).sum();
+        let body = encode(&chunks);
+        assert_eq!(body[0], DELTA);
+        // What changes is the word (twice: in the JSON and as the text) and the numbers.
+        assert!(body.len() * 8 < plain, "{} of {plain} bytes", body.len());
+        assert_eq!(decode(&body).expect("decodes"), decoded(&chunks));
+        cuts_are_errors_or_prefixes(&body, &decoded(&chunks));
+    }
+
+    #[test]
+    fn chunks_that_do_not_repeat_each_other_are_compressed_if_that_helps() {
+        // Each chunk unlike the one before, but each repetitive within.
+        let chunks: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
+            .map(|seq| {
+                let letter = char::from(b'a' + (seq % 26) as u8);
+                let text = letter.to_string().repeat(250);
+                chunk(seq, &format!("{{\"{letter}\":\"{text}\"}}"), &text)
+            })
             .collect();
         let plain: usize = chunks.iter().map(|c| 24 + c.bytes()).sum();
         let body = encode(&chunks);
-        assert_eq!(body[0], LZ4);
+        assert_eq!(body[0], LZ4_DELTA);
         assert!(body.len() * 4 < plain, "{} of {plain} bytes", body.len());
-        let expected: Vec<Decoded> = chunks
-            .iter()
-            .map(|c| (c.seq, c.offset_us, c.data.to_string(), c.content.clone()))
-            .collect();
-        assert_eq!(decode(&body).expect("decodes"), expected);
-        // Damage is an error, never a panic or a huge allocation.
+        assert_eq!(decode(&body).expect("decodes"), decoded(&chunks));
         for cut in 0..body.len() {
             assert!(decode(&body[..cut]).is_err(), "cut at {cut}");
         }
+        // A claimed size beyond what LZ4 can expand to, or short of it, is an error.
         let mut huge = body.clone();
         huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge).is_err());
         let mut short = body.clone();
         short[1..5].copy_from_slice(&((plain as u32) / 2).to_le_bytes());
         assert!(decode(&short).is_err());
+        // Chunks with next to nothing to compress.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut noise = || {
+            // xorshift64: characters (two bytes each) with no pattern for LZ4 to find.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from_u32(0x100 + (state % 0x400) as u32).unwrap_or('?')
+        };
+        let noise: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
+            .map(|seq| chunk(seq, &(0..200).map(|_| noise()).collect::<String>(), ""))
+            .collect();
+        let body = encode(&noise);
+        let raw: String = noise.iter().map(|c| &*c.data).collect();
+        // A few bytes per chunk besides its text, compressed or not.
+        assert!(
+            body.len() <= raw.len() + 8 * noise.len(),
+            "{} bytes",
+            body.len()
+        );
+        assert_eq!(decode(&body).expect("decodes"), decoded(&noise));
+        // What LZ4 cannot make smaller is not compressed.
+        assert!(lz4_block(raw.as_bytes(), raw.len() as u32, &mut Vec::new()).is_none());
     }
 
     #[test]
-    fn a_block_too_large_for_the_reused_buffer_is_compressed_all_the_same() {
+    fn a_block_too_large_for_the_reused_buffers_is_encoded_all_the_same() {
         let text = "the same words again and again ".repeat(SCRATCH_MAX / 16);
         let chunks = [
             chunk(1, &format!("{{\"t\":\"{text}\"}}"), &text),
             chunk(2, "{}", ""),
         ];
         let body = encode(&chunks);
-        assert_eq!(body[0], LZ4);
+        assert_eq!(body[0], LZ4_DELTA);
         assert!(body.len() * 4 < 2 * text.len(), "{} bytes", body.len());
-        let decoded = decode(&body).expect("decodes");
-        assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded[0].3, text);
-        // And the next, small one still uses the reused buffer, whole.
-        let small: Vec<LoggedChunk> = (1..=BLOCK_CHUNKS as u64)
-            .map(|seq| {
-                chunk(
-                    seq,
-                    &format!("{{\"n\":{seq},\"pad\":\"{}\"}}", "p".repeat(200)),
-                    "p",
-                )
-            })
-            .collect();
-        let body = encode(&small);
-        assert_eq!(body[0], LZ4);
-        assert_eq!(decode(&body).expect("decodes").len(), BLOCK_CHUNKS);
+        assert_eq!(decode(&body).expect("decodes"), decoded(&chunks));
+        // The buffers were given back; the next block is encoded whole.
+        SCRATCH.with_borrow(|s| assert!(s.body.capacity() <= SCRATCH_MAX));
+        let chunks = typical(3);
+        assert_eq!(decode(&encode(&chunks)).expect("decodes"), decoded(&chunks));
+    }
+
+    #[test]
+    fn blocks_written_by_earlier_versions_are_still_read() {
+        let chunks = typical(BLOCK_CHUNKS as u64);
+        let mut plain = vec![PLAIN];
+        for c in &chunks {
+            encode_chunk(&mut plain, c);
+        }
+        assert_eq!(decode(&plain).expect("decodes"), decoded(&chunks));
+        let mut lz4 = vec![LZ4];
+        lz4.extend_from_slice(&(plain.len() as u32 - 1).to_le_bytes());
+        lz4.extend_from_slice(&lz4_flex::block::compress(&plain[1..]));
+        assert_eq!(decode(&lz4).expect("decodes"), decoded(&chunks));
+    }
+
+    #[test]
+    fn damaged_blocks_are_errors_not_panics_or_huge_allocations() {
+        let mut wrong = encode(&typical(2));
+        wrong[0] = 99;
+        assert!(decode(&wrong).is_err());
+        assert!(decode(&[]).is_err());
+        // Sharing more than the chunk before has.
+        let mut body = vec![DELTA];
+        for n in [1, 0, 0, 0, 2] {
+            put_varint(&mut body, n);
+        }
+        body.extend_from_slice(b"{}");
+        put_varint(&mut body, 0);
+        let good = body.clone();
+        assert_eq!(decode(&good).expect("decodes")[0].2, "{}");
+        for (start, end) in [(3, 0), (0, 3), (2, 1), (u64::MAX, 1)] {
+            let mut bad = good.clone();
+            for n in [1, 0, start, end, 0, 0] {
+                put_varint(&mut bad, n);
+            }
+            assert!(decode(&bad).is_err(), "shares {start} + {end}");
+        }
+        // A varint of more than 64 bits.
+        let mut bad = good.clone();
+        bad.extend_from_slice(&[0xff; 10]);
+        bad.push(0x01);
+        assert!(decode(&bad).is_err());
+        let mut bad = good.clone();
+        bad.extend_from_slice(&[0xff; 9]);
+        bad.push(0x02);
+        assert!(decode(&bad).is_err());
+        // Many chunks each taking a large chunk before them whole: the block is damaged past
+        // MAX_SHARED, before it makes its reader hold more than that.
+        let big = "x".repeat(BLOCK_BYTES);
+        let mut body = vec![DELTA];
+        for n in [1, 0, 0, 0, big.len() as u64] {
+            put_varint(&mut body, n);
+        }
+        body.extend_from_slice(big.as_bytes());
+        put_varint(&mut body, 0);
+        let mut copies = body.clone();
+        let fit = MAX_SHARED / big.len();
+        for _ in 0..fit {
+            for n in [1, 0, big.len() as u64, 0, 0, 0] {
+                put_varint(&mut copies, n);
+            }
+        }
+        assert_eq!(decode(&copies).expect("at the bound").len(), fit + 1);
+        for n in [1, 0, big.len() as u64, 0, 0, 0] {
+            put_varint(&mut copies, n);
+        }
+        assert!(decode(&copies).is_err(), "past the bound");
     }
 
     #[test]
