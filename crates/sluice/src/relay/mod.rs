@@ -426,6 +426,9 @@ fn relay<'a>(
         let mut unpublished: Unpublished = VecDeque::new();
         let mut followed = false;
         let watermark = Watermark::new();
+        // Chunks appended since the relay last had the store commit what it left waiting: it
+        // does before it waits for anything (see `Store::append`).
+        let mut waiting = 0usize;
         // Made once: a wait made at every turn of the loop would join and leave the token's
         // waiter list for every chunk.
         let mut cancel_wait = std::pin::pin!(cancel.cancelled_owned());
@@ -465,7 +468,7 @@ fn relay<'a>(
                             None => continue,
                         }
                     }
-                    next = limited.next() => next,
+                    next = next_or_commit(&mut limited, &ctx.store, &mut waiting) => next,
                 };
                 let chunk = match next {
                     None => break Ending::Completed,
@@ -526,6 +529,8 @@ fn relay<'a>(
                     Arrival {
                         offset,
                         after_pause,
+                        // Committed with the rest of its burst when the relay is about to wait.
+                        caller_commits: true,
                     },
                 )
             };
@@ -538,7 +543,15 @@ fn relay<'a>(
                     .append(&req.id, seq, arrival, data.clone(), content, &watermark)
                     .await
                 {
-                    Ok(()) => Some(watermark.clone()),
+                    Ok(()) => {
+                        if !arrival.after_pause {
+                            waiting += 1;
+                        }
+                        if waiting >= MAX_WAITING {
+                            ctx.store.commit_waiting(std::mem::take(&mut waiting));
+                        }
+                        Some(watermark.clone())
+                    }
                     Err(e) => {
                         tracing::error!(stream = %req.id, error = %e.report(), "chunk not recorded");
                         None
@@ -579,9 +592,12 @@ fn relay<'a>(
             let sent = match send_now(tx, chunk) {
                 Ok(sent) => Timed::Completed(sent),
                 Err(chunk) => {
-                    // A slow client. The wait (and its timer) is boxed: it is the rare case, and
-                    // inline it would make every relay's task larger for its whole life. Only a
-                    // wait is timed: a chunk queued at once costs the client no time.
+                    // A slow client (or one whose queue holds chunks still waiting for their
+                    // commit: made now, before the relay waits). The wait (and its timer) is
+                    // boxed: it is the rare case, and inline it would make every relay's task
+                    // larger for its whole life. Only a wait is timed: a chunk queued at once
+                    // costs the client no time.
+                    ctx.store.commit_waiting(std::mem::take(&mut waiting));
                     let sending = Instant::now();
                     let send = Box::pin(sluice_flow::timeout(
                         ctx.slow_client_timeout,
@@ -620,6 +636,7 @@ fn relay<'a>(
         let upstream_wait = limited.waited();
         // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
         drop(limited);
+        ctx.store.commit_waiting(waiting);
         // Chunks still waiting for their commit reach the hub before the stream's end does.
         if let Some((last, _)) = unpublished.back() {
             watermark.reached(*last).await;
@@ -634,6 +651,30 @@ fn relay<'a>(
         );
         (ending, client)
     }
+}
+
+/// The most chunks a relay appends before it has them committed even though the upstream has
+/// more at once: a client sees nothing of a burst until it is committed.
+const MAX_WAITING: usize = 32;
+
+/// The upstream's next event; if it has none yet, the chunks the relay appended since its last
+/// commit (`waiting`) are committed first, since the relay is about to wait and an idle writer
+/// does not commit them by itself (see `Store::append`).
+fn next_or_commit<'a, S>(
+    limited: &'a mut S,
+    store: &'a Store,
+    waiting: &'a mut usize,
+) -> impl std::future::Future<Output = Option<S::Item>> + 'a
+where
+    S: futures_util::Stream + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        let next = limited.poll_next_unpin(cx);
+        if next.is_pending() {
+            store.commit_waiting(std::mem::take(waiting));
+        }
+        next
+    })
 }
 
 /// Queues `chunk` for the client if the queue has room for it now: whether the client is

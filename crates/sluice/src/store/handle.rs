@@ -161,9 +161,12 @@ impl Store {
     ///
     /// A chunk that came after a pause (`arrival`; a bare offset is not) is committed before
     /// this returns if the SQLite writer is idle, on the caller's thread: no thread hand-off
-    /// between the chunk and its client. So is any chunk if the writer has been quiet for a
-    /// while (no commit in the last 500 µs). Other chunks are left to the writer's job, to be
-    /// committed with whatever else is waiting.
+    /// between the chunk and its client. A chunk whose caller commits it
+    /// ([`Arrival::caller_commits`], what the relay does) waits to be committed with the rest
+    /// of its burst: by a commit that is running, or when the caller calls
+    /// [`commit_waiting`](Self::commit_waiting), which it must before it waits for anything.
+    /// Any other chunk is committed here if the writer has been quiet for a while (no commit in
+    /// the last 500 µs), else left to the writer's job with whatever else is waiting.
     pub async fn append(
         &self,
         id: &Arc<str>,
@@ -182,6 +185,7 @@ impl Store {
             content,
             watermark: watermark.clone(),
             promptly: arrival.after_pause,
+            caller_commits: arrival.caller_commits,
         };
         // Almost always there is room: queue it without a wait. Only a full queue waits, and
         // that wait is boxed, so a relay's task does not carry room for it while the stream
@@ -192,6 +196,18 @@ impl Store {
             Err(TrySendError::Full(op)) => op,
         };
         Box::pin(async move { on_backend!(self, b => b.send(op).await) }).await
+    }
+
+    /// Commits the chunks a relay appended since it last called this (`appended` of them, none
+    /// after a pause), now that it is about to wait for the upstream or for room toward its
+    /// client (see [`append`](Self::append)). On SQLite, with the writer idle, a burst (two
+    /// chunks or more) is committed on the caller's thread and a lone chunk there only if the
+    /// writer has been quiet for a while (no commit in the last 500 µs), else by the writer's
+    /// blocking job. Never waits. (PostgreSQL's writer takes every write as it comes.)
+    pub fn commit_waiting(&self, appended: usize) {
+        if let Backend::Sqlite(s) = &self.0 {
+            s.commit_waiting(appended);
+        }
     }
 
     /// Writes a stream's final status; returns once it is committed (with every chunk before

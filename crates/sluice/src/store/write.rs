@@ -36,11 +36,13 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
 impl Op {
     /// Whether a writer that is idle commits this write on the caller's thread whatever its
     /// recent load: a stream's record, its final status, and a chunk that came after a pause
-    /// (the relay says so of a stream's first: what a first token waits for). Other chunks are
-    /// committed there only if the writer has also been quiet for a while (the SQLite writer's
-    /// `QUIET`); otherwise the blocking job commits them with whatever else is waiting:
-    /// committed one by one, a fast stream's chunks would each wake its client side and take a
-    /// write of their own (one stream's throughput halved, `sluice-bench --only-throughput 1`).
+    /// (the relay says so of a stream's first: what a first token waits for). A relay's later
+    /// chunks wait for it to commit them with the rest of their burst (the SQLite writer's
+    /// `Here::Later`); other chunks are committed there only if the writer has also been quiet
+    /// for a while (the SQLite writer's `QUIET`), else by the blocking job with whatever else is
+    /// waiting. Committed one by one, a fast stream's chunks would each wake its client side
+    /// and take a write of their own (one stream's throughput halved, `sluice-bench
+    /// --only-throughput 1`).
     pub(super) fn commits_here(&self) -> bool {
         match self {
             Op::Append { promptly, .. } => *promptly,
@@ -60,7 +62,8 @@ impl Op {
 }
 
 /// When a chunk arrived in its stream, for the store: its offset from the stream's start (kept
-/// in the transcript) and whether it came after a pause (see [`Store::append`]).
+/// in the transcript), whether it came after a pause, and who has it committed if it did not
+/// (see [`Store::append`]).
 ///
 /// [`Store::append`]: super::Store::append
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,14 +73,21 @@ pub struct Arrival {
     /// The stream had been quiet before it: no other chunk of it is about to be batched with
     /// it, so it is worth committing at once.
     pub after_pause: bool,
+    /// The caller (a stream's relay) has the chunk committed with the rest of its burst: it
+    /// calls [`Store::commit_waiting`] before it waits for anything. Otherwise the store sees
+    /// to it by itself.
+    ///
+    /// [`Store::commit_waiting`]: super::Store::commit_waiting
+    pub caller_commits: bool,
 }
 
-/// A chunk that came in a burst (no pause before it).
+/// A chunk that came in a burst (no pause before it), committed without the caller's help.
 impl From<Duration> for Arrival {
     fn from(offset: Duration) -> Self {
         Self {
             offset,
             after_pause: false,
+            caller_commits: false,
         }
     }
 }
@@ -100,6 +110,8 @@ pub(super) enum Op {
         watermark: Watermark,
         /// Commit it on the caller's thread if the writer is idle (see [`Arrival`]).
         promptly: bool,
+        /// Its caller has it committed (see [`Arrival::caller_commits`]).
+        caller_commits: bool,
     },
     Finish(Finish, oneshot::Sender<Result<(), StoreError>>),
     Flush(oneshot::Sender<Result<(), StoreError>>),

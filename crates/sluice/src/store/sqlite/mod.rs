@@ -170,6 +170,11 @@ impl SqliteStore {
         self.writer.send(op).await
     }
 
+    /// Commits the chunks a relay left waiting (see `Writer::commit_waiting`).
+    pub(crate) fn commit_waiting(&self, appended: usize) {
+        self.writer.commit_waiting(appended);
+    }
+
     /// Queues a write for the writer if there is room now; never waits.
     #[allow(
         clippy::result_large_err,

@@ -578,10 +578,12 @@ async fn a_deleted_newest_streams_place_is_taken_again_without_harm() {
 }
 
 /// A chunk that came after a pause, queued while the writer is idle, is committed by the
-/// caller before `append` returns: no thread is woken for it. A chunk of a burst is left to the
-/// writer's job, which commits it all the same.
+/// caller before `append` returns: no thread is woken for it. A chunk of a burst waits for its
+/// relay to commit it with the rest of the burst (`commit_waiting`): a burst of two or more at
+/// once, on the caller's thread; a lone chunk, right after a commit, by the writer's job.
 #[tokio::test]
-async fn a_chunk_after_a_pause_is_committed_where_it_is_appended() {
+async fn a_chunk_after_a_pause_is_committed_where_it_is_appended_and_a_burst_when_its_relay_waits()
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
     let store = crate::store::Store::from_sqlite(sqlite);
@@ -592,6 +594,7 @@ async fn a_chunk_after_a_pause_is_committed_where_it_is_appended() {
         let arrival = crate::store::Arrival {
             offset: Duration::from_millis(seq),
             after_pause: true,
+            caller_commits: true,
         };
         store
             .append(&id, seq, arrival, chunk_json(seq), String::new(), &mark)
@@ -602,28 +605,62 @@ async fn a_chunk_after_a_pause_is_committed_where_it_is_appended() {
             "chunk {seq} was not committed when append returned"
         );
     }
+    append_relayed(&store, &id, &mark, 4).await;
+    append_relayed(&store, &id, &mark, 5).await;
+    assert_eq!(mark.get(), 3, "a burst's chunks wait for their relay");
+    store.commit_waiting(2);
+    assert!(
+        mark.is_stored(5),
+        "a burst was not committed when its relay was about to wait"
+    );
+    // Right after that commit the writer is not quiet: a lone chunk goes to its job.
+    append_relayed(&store, &id, &mark, 6).await;
+    store.commit_waiting(1);
+    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(6)).await;
+    assert!(reached.is_ok(), "a lone chunk was never committed");
+    // Nothing waiting, nothing to do.
+    store.commit_waiting(0);
+    // A chunk whose caller does not commit it is committed without its help.
     store
         .append(
             &id,
-            4,
-            Duration::from_millis(4),
-            chunk_json(4),
+            7,
+            Duration::from_millis(7),
+            chunk_json(7),
             String::new(),
             &mark,
         )
         .await
         .expect("append");
-    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(4)).await;
+    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(7)).await;
     assert!(reached.is_ok(), "a chunk of a burst was never committed");
     let t = transcript(&store, "p1").await;
-    assert_eq!(t.chunks.len(), 4);
+    assert_eq!(t.chunks.len(), 7);
 }
 
-/// A stream's later chunk (not after a pause) is committed where it is appended if the writer
-/// has been quiet for `QUIET`: a lone slow stream's chunks wake no thread. Right after a commit
-/// the writer is busy, and such a chunk goes to the blocking job.
+/// Appends chunk `seq` of `id` as a relay appends a later chunk (see [`relayed`]).
+async fn append_relayed(store: &crate::store::Store, id: &Arc<str>, mark: &Watermark, seq: u64) {
+    store
+        .append(id, seq, relayed(seq), chunk_json(seq), String::new(), mark)
+        .await
+        .expect("append");
+}
+
+/// How a relay appends a later chunk: it commits it with the rest of its burst.
+fn relayed(seq: u64) -> crate::store::Arrival {
+    crate::store::Arrival {
+        offset: Duration::from_millis(seq),
+        after_pause: false,
+        caller_commits: true,
+    }
+}
+
+/// A stream's lone later chunk (not after a pause, not in a burst) is committed where its relay
+/// commits what it left waiting if the writer has been quiet for `QUIET`: a lone slow stream's
+/// chunks wake no thread. Right after a commit the writer is busy, and such a chunk goes to the
+/// blocking job.
 #[tokio::test]
-async fn a_later_chunk_is_committed_where_it_is_appended_when_the_writer_is_quiet() {
+async fn a_lone_later_chunk_is_committed_by_its_relay_when_the_writer_is_quiet() {
     use super::writer::{is_quiet, QUIET};
     let dir = tempfile::tempdir().expect("tempdir");
     let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
@@ -635,14 +672,15 @@ async fn a_later_chunk_is_committed_where_it_is_appended_when_the_writer_is_quie
         // Real time, not the test clock: the writer times itself with `Instant`. Sleeping at
         // least `QUIET` makes it quiet whatever the machine's speed.
         std::thread::sleep(QUIET);
-        let offset = Duration::from_millis(seq);
-        store
-            .append(&id, seq, offset, chunk_json(seq), String::new(), &mark)
-            .await
-            .expect("append");
+        append_relayed(&store, &id, &mark, seq).await;
+        assert!(
+            !mark.is_stored(seq),
+            "chunk {seq} did not wait for its relay"
+        );
+        store.commit_waiting(1);
         assert!(
             mark.is_stored(seq),
-            "chunk {seq} was not committed when append returned"
+            "chunk {seq} was not committed when its relay was about to wait"
         );
     }
     let quiet = u64::try_from(QUIET.as_nanos()).expect("QUIET fits");
@@ -650,6 +688,33 @@ async fn a_later_chunk_is_committed_where_it_is_appended_when_the_writer_is_quie
     assert!(!is_quiet(1_000, 1_000 + quiet - 1));
     assert!(is_quiet(1_000, 1_000 + quiet));
     assert!(!is_quiet(u64::MAX, 0), "a commit after now is not quiet");
+}
+
+/// Chunks left waiting for their relays never hold the queue up: a relay whose append finds the
+/// queue full starts the writer's job before it waits for room, even if every write in it is
+/// a chunk whose relay has not yet had it committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_full_of_waiting_chunks_is_emptied_for_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
+    let store = crate::store::Store::from_sqlite(sqlite);
+    store.begin(new_stream("f1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("f1");
+    let mark = Watermark::new();
+    let last = crate::store::write::WRITE_QUEUE as u64 + 10;
+    let appended = tokio::time::timeout(Duration::from_secs(30), async {
+        for seq in 1..=last {
+            append_relayed(&store, &id, &mark, seq).await;
+        }
+    })
+    .await;
+    assert!(appended.is_ok(), "an append waited for room forever");
+    let full = crate::store::write::WRITE_QUEUE as u64;
+    let emptied = tokio::time::timeout(Duration::from_secs(30), mark.reached(full)).await;
+    assert!(emptied.is_ok(), "the full queue was not emptied");
+    store.commit_waiting(10);
+    mark.reached(last).await;
+    assert_eq!(transcript(&store, "f1").await.chunks.len(), last as usize);
 }
 
 /// The checkpoint thread restarts the WAL itself once every frame is copied, so the writer's
@@ -722,6 +787,7 @@ async fn a_write_is_not_committed_on_the_runtime_behind_a_checkpoint() {
     let arrival = crate::store::Arrival {
         offset: Duration::ZERO,
         after_pause: true,
+        caller_commits: false,
     };
     // In a task of its own: an append that waited for the gate would hold up a runtime thread,
     // not this test.
@@ -769,6 +835,7 @@ fn only_a_streams_own_writes_are_committed_on_the_callers_thread() {
         content: String::new(),
         watermark: Watermark::new(),
         promptly,
+        caller_commits: false,
     };
     assert!(append(true).commits_here());
     assert!(!append(false).commits_here());

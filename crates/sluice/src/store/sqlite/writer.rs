@@ -29,12 +29,17 @@ use super::schema::insert_block;
 /// Here the committer itself takes the writes and acks them, and who commits depends on load:
 ///
 /// - A write that finds the writer idle and is one a stream waits on (`Op::commits_here`: its
-///   record, its final status, a chunk after a pause, which the relay says of a first chunk),
-///   or a stream's later chunk when the writer has been [`QUIET`], is committed at once by the
-///   task that queued it, if the batch it finds is a light one (a journal `write` and a few
-///   rows, tens of microseconds) and the checkpoint thread does not hold the gate: no thread is
-///   woken and none has to wake the stream's client side from outside the runtime, which is
-///   what such a commit cost most of on two busy cores (see `docs/durability.md`).
+///   record, its final status, a chunk after a pause, which the relay says of a first chunk)
+///   is committed at once by the task that queued it, if the batch it finds is a light one (a
+///   journal `write` and a few rows, tens of microseconds) and the checkpoint thread does not
+///   hold the gate: no thread is woken and none has to wake the stream's client side from
+///   outside the runtime, which is what such a commit cost most of on two busy cores (see
+///   `docs/durability.md`).
+/// - A relay's later chunks wait in the queue ([`Here::Later`]) until a running committer
+///   takes them or their relay, about to wait (for the upstream or for room toward its
+///   client), commits them ([`Writer::commit_waiting`]): a burst at once where it was read, a
+///   lone chunk there if the writer has been [`QUIET`]. (Another caller's later chunk is
+///   committed where it is appended if the writer has been quiet.)
 /// - Anything else (a busy writer's chunks among it, to be batched), and whatever arrives while
 ///   a batch is being written, goes to one blocking job
 ///   under `spawn_blocking` that commits batches until the queue is empty; while writes keep
@@ -62,13 +67,13 @@ pub(super) struct Writer {
     pub(super) epoch: Instant,
 }
 
-/// How long the writer must have been idle for a stream's later chunk to be committed by the
-/// task that appended it, rather than handed to the blocking job.
+/// How long the writer must have been idle for a stream's lone later chunk (one that is not
+/// part of a burst) to be committed by its relay, rather than handed to the blocking job.
 ///
 /// A lone slow stream (a model's tokens come tens of milliseconds apart) then pays no thread
-/// hand-off per chunk, while a busy writer, whose commits follow each other closely, keeps
-/// batching on the blocking thread. It also bounds what such commits take from the runtime: at
-/// most one per `QUIET`, a journal `write` and a few rows each.
+/// hand-off per chunk, while a busy writer, whose commits follow each other closely (many slow
+/// streams), keeps batching them on the blocking thread. It also bounds what such commits take
+/// from the runtime: at most one per `QUIET`, a journal `write` and a few rows each.
 pub(super) const QUIET: Duration = Duration::from_micros(500);
 
 pub(super) struct WriterState {
@@ -92,6 +97,11 @@ impl Writer {
     /// Queues a write (waiting for room) and makes sure a drain job will see it.
     pub(super) async fn send(self: &Arc<Self>, op: Op) -> Result<(), StoreError> {
         let here = Here::of(&op);
+        if self.tx.capacity() == 0 {
+            // A full queue may be full of chunks left for their relays ([`Here::Later`]), and
+            // those relays may be waiting here too: a blocking job empties it.
+            self.wake(Here::No);
+        }
         self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
         self.wake(here);
         Ok(())
@@ -109,13 +119,28 @@ impl Writer {
         Ok(())
     }
 
+    /// Commits what a stream's relay left waiting (its chunks since it last called this:
+    /// `appended` of them; see [`Here::Later`]), the relay being about to wait: a burst of two or
+    /// more on the caller's thread, a lone chunk there only if the writer has been [`QUIET`].
+    /// Nothing to do if a committer is running: it takes them.
+    pub(super) fn commit_waiting(self: &Arc<Self>, appended: usize) {
+        match appended {
+            0 => {}
+            1 => self.wake(Here::IfQuiet),
+            _ => self.wake(Here::Yes),
+        }
+    }
+
     /// Starts committing unless a committer is running: here, or in a blocking job.
     fn wake(self: &Arc<Self>, here: Here) {
+        if matches!(here, Here::Later) {
+            return;
+        }
         if !self.running.swap(true, Ordering::SeqCst) {
             let here = match here {
                 Here::Yes => true,
                 Here::IfQuiet => self.quiet(),
-                Here::No => false,
+                Here::No | Here::Later => false,
             };
             if here {
                 self.commit_here();
@@ -270,16 +295,30 @@ impl Writer {
 enum Here {
     /// On the caller's thread: a write a stream waits on (`Op::commits_here`).
     Yes,
-    /// On the caller's thread if the writer has been quiet (a stream's later chunk).
+    /// On the caller's thread if the writer has been quiet.
     IfQuiet,
     /// By the blocking job (deletion, expiry).
     No,
+    /// Not yet: a stream's later chunk, left in the queue for a committer that is running to
+    /// take, or for its relay to commit with the rest of its burst when it is about to wait
+    /// ([`Writer::commit_waiting`]). A fast stream's chunks then share one commit made where
+    /// they were read, which wakes its client side once and from the same runtime, instead of
+    /// a thread woken for the first of them and the client side woken from there.
+    Later,
 }
 
 impl Here {
     fn of(op: &Op) -> Self {
         if op.commits_here() {
             Here::Yes
+        } else if matches!(
+            op,
+            Op::Append {
+                caller_commits: true,
+                ..
+            }
+        ) {
+            Here::Later
         } else if op.is_light() {
             Here::IfQuiet
         } else {
