@@ -636,11 +636,14 @@ fn relay<'a>(
         let upstream_wait = limited.waited();
         // Dropping the upstream stream closes its connection now, before anything else: invariant 5.
         drop(limited);
-        ctx.store.commit_waiting(waiting);
         // Chunks still waiting for their commit reach the hub before the stream's end does.
         if let Some((last, _)) = unpublished.back() {
+            ctx.store.commit_waiting(waiting);
             watermark.reached(*last).await;
         }
+        // Otherwise what is left waiting is committed with the final status, in one batch (the
+        // final status's write takes whatever is queued before it): a fast stream's last burst
+        // costs no commit of its own.
         publish_committed(&mut unpublished, &watermark, publisher);
 
         let total = req.started.elapsed();

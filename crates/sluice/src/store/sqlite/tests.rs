@@ -638,6 +638,31 @@ async fn a_chunk_after_a_pause_is_committed_where_it_is_appended_and_a_burst_whe
     assert_eq!(t.chunks.len(), 7);
 }
 
+/// A relay's last burst is committed with its stream's final status: the status's write takes
+/// the chunks left waiting before it, and they are stored once it returns.
+#[tokio::test]
+async fn a_final_status_takes_the_chunks_left_waiting_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
+    let store = crate::store::Store::from_sqlite(sqlite);
+    store.begin(new_stream("e1")).await.expect("begin");
+    let id: Arc<str> = Arc::from("e1");
+    let mark = Watermark::new();
+    for seq in 1..=3 {
+        append_relayed(&store, &id, &mark, seq).await;
+    }
+    assert_eq!(mark.get(), 0, "the burst waits for its relay");
+    let mut finish = bare_finish("e1", Ending::Completed);
+    finish.chunks = 3;
+    store.finish(finish).await.expect("finish");
+    assert!(
+        mark.is_stored(3),
+        "the final status was written before the chunks"
+    );
+    let t = transcript(&store, "e1").await;
+    assert_eq!((t.chunks.len(), t.status), (3, Status::Completed));
+}
+
 /// Appends chunk `seq` of `id` as a relay appends a later chunk (see [`relayed`]).
 async fn append_relayed(store: &crate::store::Store, id: &Arc<str>, mark: &Watermark, seq: u64) {
     store
