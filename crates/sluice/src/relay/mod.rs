@@ -673,7 +673,7 @@ where
 {
     std::future::poll_fn(move |cx| {
         let next = limited.poll_next_unpin(cx);
-        if next.is_pending() {
+        if next.is_pending() && *waiting > 0 {
             store.commit_waiting(std::mem::take(waiting));
         }
         next

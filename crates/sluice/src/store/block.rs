@@ -396,15 +396,14 @@ fn decode_against(
     if *shared > MAX_SHARED {
         return Err(BlockError("shares implausibly much"));
     }
-    let between = take_len(rest).and_then(|n| take(rest, n))?;
+    let between = take_counted(rest)?;
     let old = data.as_bytes();
     let mut new = Vec::with_capacity(kept + between.len());
     new.extend_from_slice(&old[..start]);
     new.extend_from_slice(between);
     new.extend_from_slice(&old[old.len() - end..]);
-    let data = String::from_utf8(new).map_err(|_| BlockError("not UTF-8"))?;
-    let content = take_len(rest).and_then(|n| take(rest, n))?;
-    let content = String::from_utf8(content.to_vec()).map_err(|_| BlockError("not UTF-8"))?;
+    let data = String::from_utf8(new).map_err(|_| NOT_UTF8)?;
+    let content = utf8(take_counted(rest)?)?;
     Ok((seq, offset, data, content))
 }
 
@@ -427,7 +426,19 @@ pub(crate) fn take_array<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], Bl
 
 fn take_text(rest: &mut &[u8]) -> Result<String, BlockError> {
     let len = u32::from_le_bytes(take_array(rest)?) as usize;
-    String::from_utf8(take(rest, len)?.to_vec()).map_err(|_| BlockError("not UTF-8"))
+    utf8(take(rest, len)?)
+}
+
+/// Bytes preceded by their count as a varint (a [`DELTA`] block's), taken off `rest`.
+fn take_counted<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], BlockError> {
+    let len = take_len(rest)?;
+    take(rest, len)
+}
+
+const NOT_UTF8: BlockError = BlockError("not UTF-8");
+
+fn utf8(bytes: &[u8]) -> Result<String, BlockError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| NOT_UTF8)
 }
 
 #[cfg(test)]
