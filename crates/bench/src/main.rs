@@ -125,7 +125,14 @@ struct Args {
     /// The command line to print in the report.
     #[arg(long, default_value = "bash bench/run")]
     command: String,
+    /// The HTTP version sluice speaks to the benchmark's upstream (its model's `http_version`:
+    /// `auto`, which is HTTP/1.1 over plain TCP, `1.1`, or `2`, h2c).
+    #[arg(long, default_value = "auto")]
+    upstream_http: String,
 }
+
+/// The `http_version` of every sluice's model `up` ([`Args::upstream_http`]), set once at start.
+static UPSTREAM_HTTP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// How much of each workload to run.
 #[derive(Debug, Clone, Serialize)]
@@ -248,10 +255,15 @@ async fn start_node(
     store_url: Option<&str>,
 ) -> anyhow::Result<Sluice> {
     let store = store_url.map_or(String::new(), |url| format!("[store]\nurl = \"{url}\"\n"));
+    // Said only when not the default, so that builds before `http_version` can be measured.
+    let http = match UPSTREAM_HTTP.get().map(String::as_str) {
+        None | Some("auto") => String::new(),
+        Some(version) => format!("http_version = \"{version}\"\n"),
+    };
     start_with(
         bin,
         tag,
-        &format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n{store}[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n"),
+        &format!("record_chunks = {record_chunks}\nkeep_alive_ms = 600000\n{store}[[models]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{upstream}\"\n{http}"),
     )
     .await
 }
@@ -302,6 +314,7 @@ pub(crate) async fn start_with(bin: &Path, tag: &str, config_text: &str) -> anyh
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = UPSTREAM_HTTP.set(args.upstream_http.clone());
     let plan = Plan::new(args.full);
     let sluice_bin = match &args.sluice_bin {
         Some(p) => p.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use sluice::mock_upstream::MockOptions;
+use sluice::mock_upstream::{MockOptions, MockUpstream};
 use sluice::upstream::sim::{self, SimDefaults};
 
 #[tokio::test(start_paused = true)]
@@ -149,6 +149,36 @@ async fn an_unreachable_upstream_is_a_502() {
 async fn a_client_that_leaves_closes_the_upstream_connection_at_once() {
     let m = mock(MockOptions::default()).await;
     let g = gateway(&openai_model(&m, "")).await;
+    leave_mid_stream(&m, &g).await;
+    assert_eq!(m.stats().completed(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_h2c_upstream_relays_and_a_client_that_leaves_resets_its_stream_at_once() {
+    // `sluice mock-upstream` speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+    let m = mock(MockOptions::default()).await;
+    let g = gateway(&openai_model(&m, "http_version = \"2\"")).await;
+    let (r, t) = run_stream(
+        &g.url,
+        &chat_body("up", true, json!({"tokens": 4}), json!(null)),
+    )
+    .await;
+    assert_eq!(r.content(), "Hello from sluice's");
+    assert_eq!(ending(&t), ("completed".into(), None));
+    leave_mid_stream(&m, &g).await;
+    assert_eq!((m.stats().started(), m.stats().completed()), (2, 1));
+    // The next stream goes through as before.
+    let (r, _) = run_stream(
+        &g.url,
+        &chat_body("up", true, json!({"tokens": 2}), json!(null)),
+    )
+    .await;
+    assert_eq!(r.content(), "Hello from");
+}
+
+/// A client that leaves after two chunks of a slow stream: the upstream sees its request go (its
+/// connection closed, or its HTTP/2 stream reset) at once, and the transcript says why.
+async fn leave_mid_stream(m: &MockUpstream, g: &Gateway) {
     // Tokens a whole second apart: if closing the upstream waited for anything timed (the next
     // token, a poll interval), the paused clock would show it.
     let body = chat_body(
@@ -157,20 +187,21 @@ async fn a_client_that_leaves_closes_the_upstream_connection_at_once() {
         json!({"tokens": 100, "first_token_ms": 10, "token_interval_ms": 1000}),
         json!(null),
     );
+    let gone_before = m.stats().disconnected();
     let mut r = Reader::open(&g.url, &body).await;
     r.next().await.expect("a chunk");
     r.next().await.expect("a chunk");
     let closed = tokio::time::Instant::now();
     r.disconnect();
     within(
-        "the upstream connection closing",
-        m.stats().wait_disconnected(1),
+        "the upstream request going",
+        m.stats().wait_disconnected(gone_before + 1),
     )
     .await;
     let delay = closed.elapsed();
     assert!(
         delay < Duration::from_millis(50),
-        "upstream closed {delay:?} after the client"
+        "the upstream saw its request go {delay:?} after the client"
     );
     let t = final_transcript(&g.url, r.stream_id.as_deref().unwrap()).await;
     assert_eq!(
@@ -178,7 +209,6 @@ async fn a_client_that_leaves_closes_the_upstream_connection_at_once() {
         ("cancelled".into(), Some("client_disconnected".into()))
     );
     assert_invariants(&r.events, &t);
-    assert_eq!(m.stats().completed(), 0);
 }
 
 #[tokio::test(start_paused = true)]

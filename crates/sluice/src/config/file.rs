@@ -80,6 +80,7 @@ pub(super) struct FileModel {
     #[serde(default)]
     pub(super) headers: BTreeMap<String, String>,
     pub(super) upstream_model: Option<String>,
+    pub(super) http_version: Option<crate::upstream::pool::HttpVersion>,
     pub(super) first_token_timeout_ms: Option<Millis>,
     pub(super) idle_timeout_ms: Option<Millis>,
     pub(super) total_timeout_ms: Option<Millis>,

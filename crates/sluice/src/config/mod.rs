@@ -254,6 +254,7 @@ impl Config {
                         ("base_url", m.base_url.is_some()),
                         ("api_key_env", m.api_key_env.is_some()),
                         ("headers", !m.headers.is_empty()),
+                        ("http_version", m.http_version.is_some()),
                         ("continue_partial", m.continue_partial.is_some()),
                     ] {
                         if set {
@@ -301,6 +302,7 @@ impl Config {
                     };
                     let headers: Vec<(String, String)> = m.headers.into_iter().collect();
                     let client = OpenAi::new(&base_url, api_key, &headers, upstream_limits)
+                        .and_then(|c| c.http_version(m.http_version.unwrap_or_default()))
                         .map_err(|e| {
                             let field = match e {
                                 crate::upstream::openai::OpenAiConfigError::Url(_) => "base_url",

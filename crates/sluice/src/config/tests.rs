@@ -109,6 +109,14 @@ fn errors_name_the_file_the_key_and_the_reason() {
             "slow_client_timeout_ms = 0",
             &["slow_client_timeout_ms`: must be greater than 0"],
         ),
+        (
+            "[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\nhttp_version = \"3\"\n",
+            &["models[0].http_version", "`auto`, `1.1`, `2`"],
+        ),
+        (
+            "[[models]]\nname = \"a\"\nkind = \"sim\"\nhttp_version = \"2\"\n",
+            &["models[0].http_version", "only applies to kind = \"openai\""],
+        ),
     ];
     for (text, expected) in cases {
         let e = parse(text).expect_err(text).to_string();
@@ -118,6 +126,26 @@ fn errors_name_the_file_the_key_and_the_reason() {
     }
     let e = parse("lisen = \"x\"").expect_err("unknown key").to_string();
     assert!(e.starts_with("config file sluice.toml: key `lisen`"), "{e}");
+}
+
+#[test]
+fn an_upstream_speaks_the_http_version_it_is_given() {
+    use crate::upstream::pool::HttpVersion;
+    for (line, version) in [
+        ("", HttpVersion::Auto),
+        ("http_version = \"auto\"", HttpVersion::Auto),
+        ("http_version = \"1.1\"", HttpVersion::Http1),
+        ("http_version = \"2\"", HttpVersion::Http2),
+    ] {
+        let c = parse(&format!(
+            "[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x/v1\"\n{line}\n"
+        ))
+        .expect(line);
+        match &c.model("a").expect("a").upstream {
+            Upstream::OpenAi(upstream) => assert_eq!(upstream.version(), version, "{line}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]

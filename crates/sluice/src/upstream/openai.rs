@@ -26,15 +26,15 @@ use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::anthropic::{self, Step, Translator};
-use super::pool::Pool;
+use super::pool::{self, HttpVersion, Pool};
 use super::sse::SseParser;
 use super::{error_message, ChunkStream, Payload, UpstreamError, UpstreamLimits, UpstreamRequest};
 use crate::redact::truncate;
 
 /// A configured OpenAI-compatible upstream.
 ///
-/// Its requests go over HTTP/1 connections of its own [`Pool`] (kept alive and reused), each
-/// driven by the stream that uses it. Not reqwest: its layers (redirects, retries, its own URL
+/// Its requests go over connections of its own [`Pool`]: HTTP/1 ones kept alive and reused, each
+/// driven by the stream that uses it, or shared HTTP/2 ones where the upstream speaks it. Not reqwest: its layers (redirects, retries, its own URL
 /// type) cost every request two parses of its URL and a redirect policy's pass even with both
 /// turned off (about 20,000 instructions of a one-chunk stream's 310,000, `bash
 /// bench/callgrind 100 300 1`), and sluice follows no redirect and retries nothing here (routes
@@ -128,7 +128,13 @@ impl OpenAi {
             HeaderValue::from_str(&host).map_err(|_| OpenAiConfigError::Url(base_url.into()))?;
         headers.insert(header::HOST, host);
         let mut upstream = Self {
-            pool: Pool::new(connector()?, uri.clone(), IDLE_MAX, IDLE_FOR),
+            pool: Pool::new(
+                connector(HttpVersion::Auto)?,
+                uri.clone(),
+                HttpVersion::Auto,
+                IDLE_MAX,
+                IDLE_FOR,
+            ),
             uri,
             api_key: None,
             headers,
@@ -155,6 +161,23 @@ impl OpenAi {
         }
         self.api_key = key;
         Ok(())
+    }
+
+    /// The same upstream, its connections speaking `version` (see [`HttpVersion`]).
+    pub fn http_version(mut self, version: HttpVersion) -> Result<Self, OpenAiConfigError> {
+        self.pool = Pool::new(
+            connector(version)?,
+            self.uri.clone(),
+            version,
+            IDLE_MAX,
+            IDLE_FOR,
+        );
+        Ok(self)
+    }
+
+    /// The HTTP versions its connections speak.
+    pub fn version(&self) -> HttpVersion {
+        self.pool.version()
     }
 
     /// The same upstream speaking Anthropic's Messages API at `{base_url}/messages`.
@@ -343,18 +366,11 @@ fn origin_form(uri: &Uri) -> Uri {
     )
 }
 
-/// What opens an upstream's connections: TCP (no Nagle delay), and TLS over it for `https`.
-fn connector() -> Result<hyper_rustls::HttpsConnector<HttpConnector>, OpenAiConfigError> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    // The TLS connector below takes `https` URLs; this one must let them through to it.
-    http.enforce_http(false);
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| OpenAiConfigError::Client(e.to_string()))?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+/// What opens the connections of an upstream that speaks `version`.
+fn connector(
+    version: HttpVersion,
+) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, OpenAiConfigError> {
+    pool::connector(version).map_err(|e| OpenAiConfigError::Client(e.to_string()))
 }
 
 /// An error and its causes, as one line ("tcp connect error: Connection refused (os error
@@ -725,12 +741,439 @@ mod tests {
     #[tokio::test]
     async fn no_more_than_the_most_idle_connections_are_kept() {
         let (listener, mut upstream) = listening().await;
-        upstream.pool = Pool::new(connector().unwrap(), upstream.uri.clone(), 1, IDLE_FOR);
+        upstream.pool = Pool::new(
+            connector(HttpVersion::Auto).unwrap(),
+            upstream.uri.clone(),
+            HttpVersion::Auto,
+            1,
+            IDLE_FOR,
+        );
         let (accepted, _) = keep_alive_upstream(listener, None);
         let (a, b) = tokio::join!(contents(&upstream), contents(&upstream));
         assert_eq!((a, b), (vec!["hi".to_string()], vec!["hi".to_string()]));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(upstream.pool.idle_count(), 1);
+    }
+
+    /// What the HTTP/2 (or TLS) upstream of these tests saw.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// A request: its HTTP version, method, URI, and `authorization` header.
+        Request(hyper::Version, String, String, Option<String>),
+        /// A stream's answer was dropped before its end (the stream was reset, or its
+        /// connection closed).
+        Dropped,
+        /// A connection ended.
+        Closed,
+    }
+
+    /// Sends `Seen::Dropped` when dropped.
+    struct OnDrop(mpsc::UnboundedSender<Seen>);
+
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(Seen::Dropped);
+        }
+    }
+
+    type AnswerBody = http_body_util::StreamBody<
+        std::pin::Pin<
+            Box<
+                dyn futures_util::Stream<
+                        Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+                    > + Send,
+            >,
+        >,
+    >;
+
+    /// How many 1 KiB events the upstream of these tests has yielded to its HTTP/2 stack for
+    /// answers that ask `"flood": true` (all tests' upstreams together: one test floods).
+    static FLOODED: AtomicUsize = AtomicUsize::new(0);
+
+    /// An answer: one chunk and `[DONE]`; if the request's body asks `"hang": true`, one chunk
+    /// and then nothing (until the stream is dropped, which `seen` is told); if it asks
+    /// `"flood": true`, 1 KiB events for as long as its HTTP/2 stream takes them, counted in
+    /// [`FLOODED`].
+    async fn answer_h(
+        request: hyper::Request<Incoming>,
+        seen: mpsc::UnboundedSender<Seen>,
+    ) -> Result<hyper::Response<AnswerBody>, std::convert::Infallible> {
+        let key = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap().to_string());
+        let _ = seen.send(Seen::Request(
+            request.version(),
+            request.method().to_string(),
+            request.uri().to_string(),
+            key,
+        ));
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let asked = serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+        let (hang, flood) = (asked["hang"] == true, asked["flood"] == true);
+        let frames: std::pin::Pin<Box<dyn futures_util::Stream<Item = _> + Send>> = Box::pin(
+            async_stream::stream! {
+                let _guard = OnDrop(seen);
+                let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+                yield Ok(hyper::body::Frame::data(Bytes::from(chunk)));
+                if flood {
+                    let text = "x".repeat(1024 - chunk.len());
+                    let event = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
+                    loop {
+                        FLOODED.fetch_add(1, Ordering::SeqCst);
+                        yield Ok(hyper::body::Frame::data(Bytes::from(event.clone())));
+                    }
+                }
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                yield Ok(hyper::body::Frame::data(Bytes::from("data: [DONE]\n\n")));
+            },
+        );
+        let mut response = hyper::Response::new(http_body_util::StreamBody::new(frames));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        Ok(response)
+    }
+
+    /// Serves `io` as HTTP/2 (or HTTP/1.1 if `http1`) with [`answer_h`] until it ends.
+    async fn serve_h<I>(io: I, http1: bool, seen: mpsc::UnboundedSender<Seen>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = hyper_util::rt::TokioIo::new(io);
+        let on_request = seen.clone();
+        let service =
+            hyper::service::service_fn(move |request| answer_h(request, on_request.clone()));
+        if http1 {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        } else {
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_streams(1000)
+                .serve_connection(io, service)
+                .await;
+        }
+        let _ = seen.send(Seen::Closed);
+    }
+
+    /// An h2c upstream (HTTP/2 over TCP with prior knowledge) on `listener`: how many
+    /// connections it accepted, and what it saw.
+    fn h2c_upstream(listener: TcpListener) -> (Arc<AtomicUsize>, mpsc::UnboundedReceiver<Seen>) {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (seen, events) = mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_h(socket, false, seen.clone()));
+            }
+        });
+        (accepted, events)
+    }
+
+    async fn h2c_listening() -> (TcpListener, OpenAi) {
+        let (listener, upstream) = listening().await;
+        let upstream = upstream.http_version(HttpVersion::Http2).unwrap();
+        (listener, upstream)
+    }
+
+    fn hanging() -> UpstreamRequest {
+        let mut request = request();
+        request.body.insert("hang".into(), json!(true));
+        request
+    }
+
+    #[tokio::test]
+    async fn h2c_streams_share_one_connection_and_carry_their_request() {
+        let (listener, upstream) = h2c_listening().await;
+        let (accepted, mut seen) = h2c_upstream(listener);
+        let upstream = upstream;
+        let key_upstream = OpenAi::new(
+            &format!("http://{}/v1", upstream.uri.authority().unwrap()),
+            Some("sk-h2".into()),
+            &[],
+            UpstreamLimits::default(),
+        )
+        .unwrap()
+        .http_version(HttpVersion::Http2)
+        .unwrap();
+        // One with a key, to see what it sends, then five at once and three one after another.
+        assert_eq!(contents(&key_upstream).await, ["hi"]);
+        let Some(Seen::Request(version, method, uri, key)) = seen.recv().await else {
+            panic!("no request");
+        };
+        assert_eq!(version, hyper::Version::HTTP_2);
+        assert_eq!(method, "POST");
+        assert_eq!(
+            uri,
+            format!(
+                "http://{}/v1/chat/completions",
+                upstream.uri.authority().unwrap()
+            )
+        );
+        assert_eq!(key.as_deref(), Some("Bearer sk-h2"));
+        let five = futures_util::future::join_all((0..5).map(|_| contents(&upstream))).await;
+        assert!(five.iter().all(|c| c == &["hi"]), "{five:?}");
+        for _ in 0..3 {
+            assert_eq!(contents(&upstream).await, ["hi"]);
+        }
+        // The keyed upstream is another pool: its own connection, the rest one.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(upstream.pool.http2_count(), 1);
+        assert_eq!(upstream.pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_h2c_stream_dropped_midway_resets_only_itself() {
+        let (listener, upstream) = h2c_listening().await;
+        let (accepted, mut seen) = h2c_upstream(listener);
+        let mut left = upstream.open(hanging());
+        let mut stays = upstream.open(hanging());
+        assert_eq!(left.next().await.unwrap().unwrap().content, "hi");
+        assert_eq!(stays.next().await.unwrap().unwrap().content, "hi");
+        drop(left);
+        // The upstream sees that one answer go, and its connection stay.
+        let mut events = Vec::new();
+        while events
+            .iter()
+            .filter(|e| matches!(e, Seen::Request(..)))
+            .count()
+            < 2
+            || !events.contains(&Seen::Dropped)
+        {
+            events.push(seen.recv().await.unwrap());
+        }
+        assert!(!events.contains(&Seen::Closed), "{events:?}");
+        assert_eq!(
+            events.iter().filter(|e| **e == Seen::Dropped).count(),
+            1,
+            "{events:?}"
+        );
+        // The other stream and a new one still have the connection.
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        drop(stays);
+        assert_eq!(
+            seen.recv().await.unwrap(),
+            Seen::Request(
+                hyper::Version::HTTP_2,
+                "POST".into(),
+                format!(
+                    "http://{}/v1/chat/completions",
+                    upstream.uri.authority().unwrap()
+                ),
+                None,
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn more_h2c_streams_than_one_connection_carries_open_another() {
+        let (listener, upstream) = h2c_listening().await;
+        let (accepted, _seen) = h2c_upstream(listener);
+        let mut streams = Vec::new();
+        for _ in 0..=pool::H2_STREAMS {
+            let mut stream = upstream.open(hanging());
+            assert_eq!(stream.next().await.unwrap().unwrap().content, "hi");
+            streams.push(stream);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(upstream.pool.http2_count(), 2);
+        // A place given back is taken again before a third connection is opened.
+        streams.truncate(pool::H2_STREAMS - 1);
+        for _ in 0..2 {
+            let mut stream = upstream.open(hanging());
+            assert_eq!(stream.next().await.unwrap().unwrap().content, "hi");
+            streams.push(stream);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_stream_read_slowly_holds_at_most_its_window() {
+        let (listener, upstream) = h2c_listening().await;
+        let (_, _seen) = h2c_upstream(listener);
+        let mut request = request();
+        request.body.insert("flood".into(), json!(true));
+        let mut stream = upstream.open(request);
+        assert_eq!(stream.next().await.unwrap().unwrap().content, "hi");
+        // Nobody reads for a while: the upstream may send what the window lets it, no more.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let window = pool::H2_STREAM_WINDOW as usize / 1024;
+        let sent = FLOODED.load(Ordering::SeqCst);
+        assert!(
+            (window / 2..=window + 2).contains(&sent),
+            "{sent} KiB sent to a stream nobody read (window {window} KiB)"
+        );
+        // Reading on lets it send on.
+        for _ in 0..2 * window {
+            let text = stream.next().await.unwrap().unwrap().content;
+            assert!(
+                !text.is_empty() && text.bytes().all(|b| b == b'x'),
+                "{text}"
+            );
+        }
+        assert!(FLOODED.load(Ordering::SeqCst) > window + 2);
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_h2c_streams_opens_one_connection() {
+        let (listener, upstream) = h2c_listening().await;
+        let (accepted, _seen) = h2c_upstream(listener);
+        let all = futures_util::future::join_all((0..20).map(|_| contents(&upstream))).await;
+        assert!(all.iter().all(|c| c == &["hi"]), "{all:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_connection_without_streams_is_closed_at_its_age_limit() {
+        let (listener, upstream) = h2c_listening().await;
+        let (_, mut seen) = h2c_upstream(listener);
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        tokio::time::sleep(IDLE_FOR - Duration::from_secs(1)).await;
+        assert_eq!(upstream.pool.http2_count(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(upstream.pool.http2_count(), 0);
+        loop {
+            if seen.recv().await.unwrap() == Seen::Closed {
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn http2_asked_of_an_http1_upstream_fails_as_a_transport_error() {
+        let (listener, upstream) = h2c_listening().await;
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (seen, _events) = mpsc::unbounded_channel();
+            serve_h(socket, true, seen).await;
+        });
+        let first: Vec<_> = upstream.open(request()).collect().await;
+        assert!(
+            matches!(&first[..], [Err(UpstreamError::Transport(_))]),
+            "{first:?}"
+        );
+    }
+
+    /// An `https` upstream on `listener` for `localhost`, offering `alpn` (e.g. `["h2",
+    /// "http/1.1"]`): what it saw; and a connector that trusts its certificate.
+    fn tls_upstream(
+        listener: TcpListener,
+        alpn: &[&str],
+        version: HttpVersion,
+    ) -> (
+        mpsc::UnboundedReceiver<Seen>,
+        hyper_rustls::HttpsConnector<HttpConnector>,
+    ) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (seen, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(socket).await else {
+                    let _ = seen.send(Seen::Closed);
+                    continue;
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                tokio::spawn(serve_h(tls, !h2, seen.clone()));
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        (events, pool::connector_trusting(roots, version))
+    }
+
+    /// An upstream at `https://localhost:{port}/v1` speaking `version`, over `connector`.
+    fn over_tls(
+        port: u16,
+        version: HttpVersion,
+        connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    ) -> OpenAi {
+        let mut upstream = OpenAi::new(
+            &format!("https://localhost:{port}/v1"),
+            None,
+            &[],
+            UpstreamLimits::default(),
+        )
+        .unwrap();
+        upstream.pool = Pool::new(connector, upstream.uri.clone(), version, IDLE_MAX, IDLE_FOR);
+        upstream
+    }
+
+    /// The HTTP version of the first request an upstream saw.
+    async fn version_seen(seen: &mut mpsc::UnboundedReceiver<Seen>) -> hyper::Version {
+        match seen.recv().await {
+            Some(Seen::Request(version, ..)) => version,
+            other => panic!("no request: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn auto_over_tls_speaks_http2_where_offered_and_http1_where_not() {
+        for (alpn, spoken) in [
+            (&["h2", "http/1.1"][..], hyper::Version::HTTP_2),
+            (&["http/1.1"][..], hyper::Version::HTTP_11),
+            // A server that takes no ALPN at all: HTTP/1.1.
+            (&[][..], hyper::Version::HTTP_11),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (mut seen, connector) = tls_upstream(listener, alpn, HttpVersion::Auto);
+            let upstream = over_tls(port, HttpVersion::Auto, connector);
+            assert_eq!(contents(&upstream).await, ["hi"], "{alpn:?}");
+            assert_eq!(version_seen(&mut seen).await, spoken, "{alpn:?}");
+            let http2 = spoken == hyper::Version::HTTP_2;
+            assert_eq!(upstream.pool.http2_count(), usize::from(http2), "{alpn:?}");
+            // A burst after an HTTP/1.1 answer does not wait for one connection at a time.
+            assert_eq!(upstream.pool.may_share_for_tests(), http2, "{alpn:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http2_over_tls_requires_the_upstream_to_offer_it() {
+        for (alpn, why) in [
+            // The server refuses a client that offers none of its protocols (TLS's alert).
+            (&["http/1.1"][..], "NoApplicationProtocol"),
+            // A server that takes no ALPN at all: sluice says why it will not go on.
+            (&[][..], "did not offer HTTP/2"),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (_seen, connector) = tls_upstream(listener, alpn, HttpVersion::Http2);
+            let upstream = over_tls(port, HttpVersion::Http2, connector);
+            let first: Vec<_> = upstream.open(request()).collect().await;
+            match &first[..] {
+                [Err(UpstreamError::Transport(message))] => {
+                    assert!(message.contains(why), "{message}")
+                }
+                other => panic!("{alpn:?}: {other:?}"),
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (mut seen, connector) = tls_upstream(listener, &["h2"], HttpVersion::Http2);
+        let upstream = over_tls(port, HttpVersion::Http2, connector);
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        assert_eq!(version_seen(&mut seen).await, hyper::Version::HTTP_2);
     }
 
     #[test]
