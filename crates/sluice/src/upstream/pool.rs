@@ -564,6 +564,8 @@ async fn send_shared(
     parts.path_and_query = request.uri().path_and_query().cloned();
     drop(pool);
     *request.uri_mut() = Uri::from_parts(parts)?;
+    // HTTP/2 says it in `:authority`. (hyper leaves out the connection-specific headers
+    // HTTP/2 forbids, which an upstream's extra headers might name.)
     request.headers_mut().remove(header::HOST);
     match sender.try_send_request(request).await {
         Ok(response) => Ok(Ok((
