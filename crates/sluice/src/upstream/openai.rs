@@ -1025,6 +1025,49 @@ mod tests {
         assert!(FLOODED.load(Ordering::SeqCst) > window + 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_upstream_that_stops_answering_fails_its_stream_after_the_ping_timeout() {
+        // The upstream behind a relay that, once told, forwards nothing more either way and
+        // holds both sockets open: a peer gone silent, with no reset or close to notice.
+        let (front, upstream) = h2c_listening().await;
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_at = backend.local_addr().unwrap();
+        let (_, _seen) = h2c_upstream(backend);
+        let (freeze, frozen) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let (mut client, _) = front.accept().await.unwrap();
+            let mut server = TcpStream::connect(backend_at).await.unwrap();
+            let mut frozen = frozen;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = frozen.wait_for(|f| *f) => {}
+            }
+            std::future::pending::<()>().await;
+            drop((client, server));
+        });
+        let mut stream = upstream.open(hanging());
+        assert_eq!(stream.next().await.unwrap().unwrap().content, "hi");
+        freeze.send(true).unwrap();
+        let silent = tokio::time::Instant::now();
+        let next = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("a silent upstream was waited for without end");
+        let waited = silent.elapsed();
+        assert!(
+            matches!(next, Some(Err(UpstreamError::Transport(_)))),
+            "{next:?}"
+        );
+        // A ping at most an interval after the silence began, then its timeout.
+        assert!(
+            waited >= pool::H2_PING_TIMEOUT
+                && waited
+                    <= pool::H2_PING_INTERVAL + pool::H2_PING_TIMEOUT + Duration::from_secs(1),
+            "failed after {waited:?}"
+        );
+        // The dead connection is not offered to the next stream.
+        assert_eq!(upstream.pool.http2_count(), 0);
+    }
+
     #[tokio::test]
     async fn a_burst_of_first_h2c_streams_opens_one_connection() {
         let (listener, upstream) = h2c_listening().await;

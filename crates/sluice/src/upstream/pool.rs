@@ -216,9 +216,14 @@ impl Pool {
         self.lock().connections.len()
     }
 
-    /// How many HTTP/2 connections are open (with streams or not).
+    /// How many HTTP/2 connections are open (with streams or not), not counting one that has
+    /// ended and is not yet dropped.
     pub fn http2_count(&self) -> usize {
-        self.lock().shared.len()
+        self.lock()
+            .shared
+            .iter()
+            .filter(|s| !s.sender.is_closed())
+            .count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
