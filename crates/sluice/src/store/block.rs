@@ -195,19 +195,19 @@ fn encode_against(out: &mut Vec<u8>, before: Option<&LoggedChunk>, c: &LoggedChu
     out.extend_from_slice(c.content.as_bytes());
 }
 
-/// How many bytes `a` and `b` share at their start: compared eight at a time (one load and one
-/// comparison each), then one by one.
+/// How many bytes `a` and `b` share at their start: compared sixteen at a time (one load and
+/// one comparison each), then one by one.
 fn common_start(a: &[u8], b: &[u8]) -> usize {
     let mut n = 0;
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        let (Ok(x), Ok(y)) = (<[u8; 16]>::try_from(x), <[u8; 16]>::try_from(y)) else {
             break;
         };
-        let differ = u64::from_le_bytes(x) ^ u64::from_le_bytes(y);
+        let differ = u128::from_le_bytes(x) ^ u128::from_le_bytes(y);
         if differ != 0 {
             return n + (differ.trailing_zeros() / 8) as usize;
         }
-        n += 8;
+        n += 16;
     }
     n + a[n..]
         .iter()
@@ -216,18 +216,18 @@ fn common_start(a: &[u8], b: &[u8]) -> usize {
         .count()
 }
 
-/// How many bytes `a` and `b` share at their end: compared eight at a time, then one by one.
+/// How many bytes `a` and `b` share at their end: compared sixteen at a time, then one by one.
 fn common_end(a: &[u8], b: &[u8]) -> usize {
     let mut n = 0;
-    for (x, y) in a.rchunks_exact(8).zip(b.rchunks_exact(8)) {
-        let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+    for (x, y) in a.rchunks_exact(16).zip(b.rchunks_exact(16)) {
+        let (Ok(x), Ok(y)) = (<[u8; 16]>::try_from(x), <[u8; 16]>::try_from(y)) else {
             break;
         };
-        let differ = u64::from_be_bytes(x) ^ u64::from_be_bytes(y);
+        let differ = u128::from_be_bytes(x) ^ u128::from_be_bytes(y);
         if differ != 0 {
             return n + (differ.trailing_zeros() / 8) as usize;
         }
-        n += 8;
+        n += 16;
     }
     n + a[..a.len() - n]
         .iter()
@@ -512,7 +512,7 @@ mod tests {
 
     #[test]
     fn shared_starts_and_ends_are_counted_exactly() {
-        let text = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let text = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
         for len in 0..text.len() {
             for at in 0..len {
                 let a = &text[..len];
