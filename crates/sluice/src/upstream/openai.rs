@@ -1025,6 +1025,62 @@ mod tests {
         assert!(FLOODED.load(Ordering::SeqCst) > window + 2);
     }
 
+    #[tokio::test]
+    async fn an_h2c_upstream_that_says_goaway_gets_the_next_stream_on_a_new_connection() {
+        // An upstream that, on each connection, answers one request and says GOAWAY at once
+        // (a server going down gracefully, or rotating its connections).
+        let (listener, upstream) = h2c_listening().await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (ended, mut ends) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
+                tokio::spawn(async move {
+                    let asked = Arc::new(Notify::new());
+                    let (seen, _events) = mpsc::unbounded_channel();
+                    let on_request = asked.clone();
+                    let service = hyper::service::service_fn(move |request| {
+                        on_request.notify_one();
+                        answer_h(request, seen.clone())
+                    });
+                    let connection = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
+                    let mut connection = std::pin::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = asked.notified() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                    let _ = ended.send(());
+                });
+            }
+        });
+        // One after another: a stream sent while the GOAWAY is on its way is either taken by
+        // the old connection (HTTP/2's graceful shutdown lets the streams it has not yet
+        // refused in) or sent on a new one; none fails.
+        for _ in 0..5 {
+            assert_eq!(contents(&upstream).await, ["hi"]);
+        }
+        assert!(accepted.load(Ordering::SeqCst) >= 2);
+        // Once every connection has been closed by the upstream, the next stream opens a new
+        // one.
+        let mut closed = 0;
+        while closed < accepted.load(Ordering::SeqCst) {
+            ends.recv().await.unwrap();
+            closed += 1;
+        }
+        let before = accepted.load(Ordering::SeqCst);
+        assert_eq!(contents(&upstream).await, ["hi"]);
+        assert_eq!(accepted.load(Ordering::SeqCst), before + 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_h2c_upstream_that_stops_answering_fails_its_stream_after_the_ping_timeout() {
         // The upstream behind a relay that, once told, forwards nothing more either way and
