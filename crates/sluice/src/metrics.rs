@@ -9,6 +9,7 @@
 //! | `sluice_timeouts_total` | counter | `kind` (first_token, idle, total) |
 //! | `sluice_cancellations_total` | counter | `cause` |
 //! | `sluice_upstream_errors_total` | counter | `reason` |
+//! | `sluice_upstream_connections_opened_total` | counter | `version` (`1.1`, `2`: connections to upstreams opened; an HTTP/2 one carries up to 100 streams) |
 //! | `sluice_resume_refills_total` | counter | (a resumer fell behind the live feed and refilled from the store) |
 //! | `sluice_stream_buffer_depth` | histogram | (chunks queued for the client, sampled per chunk) |
 //! | `sluice_time_to_first_token_seconds` | histogram | |

@@ -28,6 +28,11 @@ async fn a_stream_relays_through_an_openai_upstream() {
     // The upstream was asked for its own model name.
     assert_eq!(chunk_events(&r.events)[0].1["model"], "the-real-name");
     assert_eq!((m.stats().started(), m.stats().completed()), (1, 1));
+    let metrics = get_text(&format!("{}/metrics", g.url)).await;
+    assert!(
+        metrics.contains("sluice_upstream_connections_opened_total{version=\"1.1\"} "),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -167,13 +172,19 @@ async fn an_h2c_upstream_relays_and_a_client_that_leaves_resets_its_stream_at_on
     assert_eq!(ending(&t), ("completed".into(), None));
     leave_mid_stream(&m, &g).await;
     assert_eq!((m.stats().started(), m.stats().completed()), (2, 1));
-    // The next stream goes through as before.
+    // The next stream goes through as before, on the same connection: one HTTP/2 connection
+    // for the three (the only test here that speaks HTTP/2).
     let (r, _) = run_stream(
         &g.url,
         &chat_body("up", true, json!({"tokens": 2}), json!(null)),
     )
     .await;
     assert_eq!(r.content(), "Hello from");
+    let metrics = get_text(&format!("{}/metrics", g.url)).await;
+    assert!(
+        metrics.contains("sluice_upstream_connections_opened_total{version=\"2\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 /// A client that leaves after two chunks of a slow stream: the upstream sees its request go (its

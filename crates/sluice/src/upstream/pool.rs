@@ -408,6 +408,11 @@ impl Pool {
             };
             (io, h2)
         };
+        metrics::counter!(
+            "sluice_upstream_connections_opened_total",
+            "version" => if h2 { "2" } else { "1.1" }
+        )
+        .increment(1);
         if !h2 {
             if self.version == HttpVersion::Auto {
                 self.spoke_http1.store(true, Ordering::Relaxed);
