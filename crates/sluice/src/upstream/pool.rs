@@ -585,7 +585,14 @@ async fn send_shared(
             },
         ))),
         Err(mut e) => match e.take_message() {
-            Some(unsent) => Ok(Err(unsent)),
+            Some(unsent) => {
+                // That connection takes no more streams: it is not offered again, even if it
+                // has not yet told its handle that it has ended.
+                if let Some(pool) = place.pool.upgrade() {
+                    pool.lock().shared.retain(|s| s.id != place.id);
+                }
+                Ok(Err(unsent))
+            }
             None => Err(e.into_error().into()),
         },
     }
