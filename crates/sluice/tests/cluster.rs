@@ -117,25 +117,7 @@ async fn nginx(dir: &Path, ports: [u16; 2]) -> (Child, u16) {
         .replace("127.0.0.1:8751", &format!("127.0.0.1:{}", ports[0]))
         .replace("127.0.0.1:8752", &format!("127.0.0.1:{}", ports[1]))
         .replace("listen 8750;", &format!("listen 127.0.0.1:{listen};"));
-    let d = dir.display();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n{site}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/nginx")
-        .arg("-c")
-        .arg(&conf)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("nginx (scripts/ensure-nginx installs it)");
+    let child = spawn_nginx(dir, &site);
     assert!(
         answers(&format!("http://127.0.0.1:{listen}/healthz")).await,
         "nginx did not answer: {}",

@@ -475,3 +475,28 @@ pub fn logs() {
             .try_init();
     }
 }
+
+/// nginx (Debian's, `scripts/ensure-nginx` installs it) in the foreground with `servers` (one or
+/// more `server`/`upstream` blocks) in its `http` block and its files in `dir`. Killed when
+/// dropped.
+pub fn spawn_nginx(dir: &Path, servers: &str) -> tokio::process::Child {
+    let d = dir.display();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\naccess_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n{servers}\n}}\n"
+        ),
+    )
+    .unwrap();
+    tokio::process::Command::new("/usr/sbin/nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx (scripts/ensure-nginx installs it)")
+}
