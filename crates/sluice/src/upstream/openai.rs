@@ -1174,6 +1174,20 @@ mod tests {
         mpsc::UnboundedReceiver<Seen>,
         hyper_rustls::HttpsConnector<HttpConnector>,
     ) {
+        tls_upstream_holding(listener, alpn, version, 0)
+    }
+
+    /// [`tls_upstream`], which does not finish the TLS handshake of any connection but the
+    /// first until it has accepted `hold_until` connections (0: none held).
+    fn tls_upstream_holding(
+        listener: TcpListener,
+        alpn: &[&str],
+        version: HttpVersion,
+        hold_until: usize,
+    ) -> (
+        mpsc::UnboundedReceiver<Seen>,
+        hyper_rustls::HttpsConnector<HttpConnector>,
+    ) {
         let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let cert = certified.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
@@ -1189,15 +1203,25 @@ mod tests {
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let (seen, events) = mpsc::unbounded_channel();
+        let (count, counted) = tokio::sync::watch::channel(0usize);
         tokio::spawn(async move {
             loop {
                 let (socket, _) = listener.accept().await.unwrap();
-                let Ok(tls) = acceptor.accept(socket).await else {
-                    let _ = seen.send(Seen::Closed);
-                    continue;
-                };
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                tokio::spawn(serve_h(tls, !h2, seen.clone()));
+                count.send_modify(|n| *n += 1);
+                let first = *count.borrow() == 1;
+                let (acceptor, seen, mut counted) =
+                    (acceptor.clone(), seen.clone(), counted.clone());
+                tokio::spawn(async move {
+                    if !first {
+                        let _ = counted.wait_for(|n| *n >= hold_until).await;
+                    }
+                    let Ok(tls) = acceptor.accept(socket).await else {
+                        let _ = seen.send(Seen::Closed);
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_h(tls, !h2, seen).await;
+                });
             }
         });
         let mut roots = rustls::RootCertStore::empty();
@@ -1249,6 +1273,24 @@ mod tests {
             // A burst after an HTTP/1.1 answer does not wait for one connection at a time.
             assert_eq!(upstream.pool.may_share_for_tests(), http2, "{alpn:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_tls_upstream_that_answers_http1_does_not_connect_one_at_a_time() {
+        // An upstream that finishes the TLS handshake of any connection after its first only
+        // once it has three: if the burst's streams still waited for each other's connection
+        // after the first had shown HTTP/1.1, the second would wait for a third that never
+        // comes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_seen, connector) =
+            tls_upstream_holding(listener, &["http/1.1"], HttpVersion::Auto, 3);
+        let upstream = over_tls(port, HttpVersion::Auto, connector);
+        let burst = futures_util::future::join_all((0..3).map(|_| contents(&upstream)));
+        let all = tokio::time::timeout(Duration::from_secs(20), burst)
+            .await
+            .expect("the burst's connections were opened one at a time");
+        assert!(all.iter().all(|c| c == &["hi"]), "{all:?}");
     }
 
     #[tokio::test]

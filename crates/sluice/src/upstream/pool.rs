@@ -286,7 +286,9 @@ impl Pool {
                 if self.has_room() {
                     continue;
                 }
-                Some(gate)
+                // The connection opened meanwhile may have been HTTP/1.1 (`auto` over TLS):
+                // then nothing will be shared, and no one need wait for this one.
+                self.may_share().then_some(gate)
             } else {
                 None
             };
