@@ -367,9 +367,23 @@ pub(super) struct RunChange {
     written: bool,
     /// Chunks this batch logged (after that block, if any).
     staged: Run,
+    /// The shared run's chunks and bytes when the batch first touched it (only this writer
+    /// changes the runs, and only after a batch): what [`Self::is_full`] counts, so that a
+    /// batch's chunks do not each lock and look up the shared runs.
+    base: (usize, usize),
 }
 
 impl RunChange {
+    /// A change to the stream `id`'s run as `runs` holds it now.
+    fn based_on(runs: &Runs, id: &str) -> Self {
+        Self {
+            base: runs
+                .get(id)
+                .map_or((0, 0), |run| (run.chunks.len(), run.bytes)),
+            ..Self::default()
+        }
+    }
+
     /// The run's chunks as they now stand: what is left of the shared run, then the staged ones.
     fn chunks<'a>(&'a self, runs: &'a Runs, id: &str) -> impl Iterator<Item = &'a LoggedChunk> {
         let base = if self.written { None } else { runs.get(id) };
@@ -378,9 +392,8 @@ impl RunChange {
             .chain(self.staged.chunks.iter())
     }
 
-    fn is_full(&self, runs: &Runs, id: &str) -> bool {
-        let base = if self.written { None } else { runs.get(id) };
-        let (n, bytes) = base.map_or((0, 0), |run| (run.chunks.len(), run.bytes));
+    fn is_full(&self) -> bool {
+        let (n, bytes) = if self.written { (0, 0) } else { self.base };
         n + self.staged.chunks.len() >= block::BLOCK_CHUNKS
             || bytes + self.staged.bytes >= block::BLOCK_BYTES
     }
@@ -440,9 +453,11 @@ pub(super) fn apply(
                 };
                 let position = log.journal.stage(id, &chunk);
                 log.appended += 1;
-                let change = changes.entry(id.clone()).or_default();
+                let change = changes
+                    .entry(id.clone())
+                    .or_insert_with(|| RunChange::based_on(&lock(runs), id));
                 change.staged.push(position, chunk);
-                if change.is_full(&lock(runs), id) {
+                if change.is_full() {
                     change.write(&tx, runs, id)?;
                 }
             }
