@@ -165,6 +165,9 @@ impl OpenAi {
 
     /// The same upstream, its connections speaking `version` (see [`HttpVersion`]).
     pub fn http_version(mut self, version: HttpVersion) -> Result<Self, OpenAiConfigError> {
+        if version == self.pool.version() {
+            return Ok(self);
+        }
         self.pool = Pool::new(
             connector(version)?,
             self.uri.clone(),
@@ -1271,7 +1274,7 @@ mod tests {
             let http2 = spoken == hyper::Version::HTTP_2;
             assert_eq!(upstream.pool.http2_count(), usize::from(http2), "{alpn:?}");
             // A burst after an HTTP/1.1 answer does not wait for one connection at a time.
-            assert_eq!(upstream.pool.may_share_for_tests(), http2, "{alpn:?}");
+            assert_eq!(upstream.pool.may_share(), http2, "{alpn:?}");
         }
     }
 

@@ -230,16 +230,20 @@ impl Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether a new connection to this upstream may turn out to be HTTP/2.
-    fn may_share(&self) -> bool {
+    /// Whether this upstream can have HTTP/2 connections at all (plain `http` only if
+    /// configured for it).
+    fn can_share(&self) -> bool {
         match self.version {
             HttpVersion::Http1 => false,
             HttpVersion::Http2 => true,
-            HttpVersion::Auto => {
-                self.address.scheme() == Some(&Scheme::HTTPS)
-                    && !self.spoke_http1.load(Ordering::Relaxed)
-            }
+            HttpVersion::Auto => self.address.scheme() == Some(&Scheme::HTTPS),
         }
+    }
+
+    /// Whether a new connection to this upstream may turn out to be HTTP/2: it can have them,
+    /// and has not answered HTTP/1.1 to `auto` (only `auto` learns that).
+    pub(crate) fn may_share(&self) -> bool {
+        self.can_share() && !self.spoke_http1.load(Ordering::Relaxed)
     }
 
     /// Sends `request` (its URI in origin form, with a `Host` header) on an HTTP/2 connection
@@ -249,17 +253,12 @@ impl Pool {
         self: Arc<Self>,
         mut request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, Lease), Error> {
-        // Whether this upstream can have HTTP/2 connections at all (not over plain `http`
-        // unless configured for it): if not, no lock is taken to look for one.
-        let can_share = match self.version {
-            HttpVersion::Http1 => false,
-            HttpVersion::Http2 => true,
-            HttpVersion::Auto => self.address.scheme() == Some(&Scheme::HTTPS),
-        };
+        // If it cannot have HTTP/2 connections, no lock is taken to look for one.
+        let can_share = self.can_share();
         loop {
             if let Some((sender, place)) = can_share.then(|| self.take_shared()).flatten() {
                 // Boxed, as below: an HTTP/1 stream's future keeps no room for HTTP/2's states.
-                match Box::pin(send_shared(sender, place, request)).await? {
+                match Box::pin(self.send_shared(sender, place, request)).await? {
                     Ok(sent) => return Ok(sent),
                     // Not sent: that connection has ended (it is no longer offered).
                     Err(unsent) => {
@@ -298,17 +297,47 @@ impl Pool {
             let sent = match opened {
                 Opened::Http1(lease) => Box::pin(send_http1(lease, request)).await?,
                 Opened::Http2(sender, place) => {
-                    Box::pin(send_shared(sender, place, request)).await?
+                    Box::pin(self.send_shared(sender, place, request)).await?
                 }
             };
             return sent.map_err(|_| "the upstream closed a new connection at once".into());
         }
     }
 
-    /// [`Self::may_share`], for tests.
-    #[cfg(test)]
-    pub(crate) fn may_share_for_tests(&self) -> bool {
-        self.may_share()
+    /// Sends `request` on an HTTP/2 connection: the response's head and the lease, or, if the
+    /// connection had ended before the request was sent, the request back (`Ok(Err(request))`).
+    async fn send_shared(
+        &self,
+        mut sender: Sender2,
+        place: Place,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Result<(Response<Incoming>, Lease), Request<Full<Bytes>>>, Error> {
+        // HTTP/2 names the upstream in the request's `:authority`, from an absolute URI.
+        let mut parts = Parts::default();
+        parts.scheme = self.address.scheme().cloned();
+        parts.authority = self.address.authority().cloned();
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        *request.uri_mut() = Uri::from_parts(parts)?;
+        // HTTP/2 says it in `:authority`. (hyper leaves out the connection-specific headers
+        // HTTP/2 forbids, which an upstream's extra headers might name.)
+        request.headers_mut().remove(header::HOST);
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(Ok((
+                response,
+                Lease {
+                    kind: LeaseKind::Http2 { _place: place },
+                },
+            ))),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => {
+                    // That connection takes no more streams: it is not offered again, even if it
+                    // has not yet told its handle that it has ended.
+                    self.lock().shared.retain(|s| s.id != place.id);
+                    Ok(Err(unsent))
+                }
+                None => Err(e.into_error().into()),
+            },
+        }
     }
 
     /// Whether an HTTP/2 connection that is open has room for another stream.
@@ -554,47 +583,6 @@ async fn send_http1(
         Ok(response) => Ok(Ok((response, lease))),
         Err(mut e) => match e.take_message() {
             Some(unsent) => Ok(Err(unsent)),
-            None => Err(e.into_error().into()),
-        },
-    }
-}
-
-/// Sends `request` on an HTTP/2 connection: the response's head and the lease, or, if the
-/// connection had ended before the request was sent, the request back (`Ok(Err(request))`).
-async fn send_shared(
-    mut sender: Sender2,
-    place: Place,
-    mut request: Request<Full<Bytes>>,
-) -> Result<Result<(Response<Incoming>, Lease), Request<Full<Bytes>>>, Error> {
-    // HTTP/2 names the upstream in the request's `:authority`, from an absolute URI.
-    let Some(pool) = place.pool.upgrade() else {
-        return Err("the upstream's connections were closed".into());
-    };
-    let mut parts = Parts::default();
-    parts.scheme = pool.address.scheme().cloned();
-    parts.authority = pool.address.authority().cloned();
-    parts.path_and_query = request.uri().path_and_query().cloned();
-    drop(pool);
-    *request.uri_mut() = Uri::from_parts(parts)?;
-    // HTTP/2 says it in `:authority`. (hyper leaves out the connection-specific headers
-    // HTTP/2 forbids, which an upstream's extra headers might name.)
-    request.headers_mut().remove(header::HOST);
-    match sender.try_send_request(request).await {
-        Ok(response) => Ok(Ok((
-            response,
-            Lease {
-                kind: LeaseKind::Http2 { _place: place },
-            },
-        ))),
-        Err(mut e) => match e.take_message() {
-            Some(unsent) => {
-                // That connection takes no more streams: it is not offered again, even if it
-                // has not yet told its handle that it has ended.
-                if let Some(pool) = place.pool.upgrade() {
-                    pool.lock().shared.retain(|s| s.id != place.id);
-                }
-                Ok(Err(unsent))
-            }
             None => Err(e.into_error().into()),
         },
     }
