@@ -83,8 +83,8 @@ pub fn block(data: &[u8]) {
 pub fn journal(data: &[u8]) {
     let (records, whole) = crate::store::decode_journal(data);
     let mut again = Vec::new();
-    for (id, chunk) in &records {
-        crate::store::encode_journal(&mut again, id, chunk);
+    for record in &records {
+        crate::store::encode_journal(&mut again, record);
     }
     assert!(
         data.starts_with(&again),

@@ -520,8 +520,12 @@ async fn with_record_chunks_off_only_the_request_and_ending_are_kept() {
     assert_eq!(t["request"]["model"], "sim");
 }
 
+/// A store that cannot record a stream (its journal is on a full disk: a stream's record is
+/// made durable there) refuses it before it starts, with a clear error, and counts the failed
+/// write. (A chunk the store cannot keep midway is the relay's test
+/// `a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_stored`.)
 #[tokio::test(start_paused = true)]
-async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_sent() {
+async fn a_stream_the_store_cannot_record_is_refused_before_it_starts() {
     // A disk that is full for the journal: its first segment is /dev/full, where every write
     // fails with ENOSPC (the journal opens that segment in place at start).
     let dir = tempfile::tempdir().expect("tempdir");
@@ -530,29 +534,16 @@ async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_sent(
     std::os::unix::fs::symlink("/dev/full", journal.join(format!("{:020}.journal", 0))).unwrap();
     let (server, url) = restart_on(dir.path().join("data")).await;
     let g = Gateway { server, url, dir };
-    let mut r = Reader::open(
-        &g.url,
-        &chat_body("sim", true, json!({"tokens": 3}), json!(null)),
-    )
-    .await;
-    let id = r.stream_id.clone().expect("stream id");
-    if r.status == 200 {
-        within("the stream's end", r.finish()).await;
-        // Not one chunk that is not in the transcript, and no [DONE]: an error event instead.
-        assert_eq!(r.content(), "");
-        assert_eq!(
-            error_event(&r.events).expect("an error event")["code"],
-            "store_error"
-        );
-        assert!(r.events.iter().all(|e| e.data != "[DONE]"));
-    } else {
-        // It failed before its first chunk could go out: an HTTP error says so.
-        assert_eq!(r.status, 503);
-    }
-    // The stream's own record lands (streams is intact), ending as it did; the failed writes
-    // are counted, not silent.
-    let t = final_transcript(&g.url, &id).await;
-    assert_eq!(ending(&t), ("failed".into(), Some("store_error".into())));
+    let r = client()
+        .post(format!("{}/v1/chat/completions", g.url))
+        .json(&chat_body("sim", true, json!({"tokens": 3}), json!(null)))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("an error body");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
     let metrics = get_text(&format!("{}/metrics", g.url)).await;
     let failed: f64 = metrics
         .lines()
@@ -560,4 +551,14 @@ async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_sent(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0);
     assert!(failed >= 1.0, "no failed write counted:\n{metrics}");
+    // Nothing half-recorded: the store lists no stream.
+    let list: Value = client()
+        .get(format!("{}/v1/streams", g.url))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("a list");
+    assert_eq!(list["data"], json!([]), "{list}");
 }

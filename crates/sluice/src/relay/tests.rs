@@ -10,26 +10,31 @@ use crate::stream::Status;
 use crate::stream::{StreamId, Tenant};
 use crate::upstream::sim::SimDefaults;
 
-#[tokio::test(start_paused = true)]
-async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = Store::open(dir.path()).expect("store");
-    let ctx = Arc::new(RelayContext {
+/// A relay's context on `store`, with room for `buffer_chunks` chunks toward each client.
+fn context(store: &Store, buffer_chunks: usize) -> Arc<RelayContext> {
+    Arc::new(RelayContext {
         store: store.clone(),
         tasks: Tasks::new(),
         shutdown: CancelToken::new(),
         hub: Arc::new(Hub::default()),
-        buffer_chunks: 4,
+        buffer_chunks,
         buffer_bytes: 1 << 20,
         redactor: Arc::default(),
         slow_client_timeout: Duration::from_secs(30),
         keep_alive: Duration::from_secs(15),
         record_chunks: true,
-    });
+    })
+}
+
+/// A request for stream `id` of the built-in model, with its `"sim"` field if given.
+fn sim_request(id: &str, sim: Option<Value>) -> StreamRequest {
     let mut body = serde_json::Map::new();
     body.insert("model".into(), "sim".into());
-    let req = StreamRequest {
-        id: Arc::from("s1"),
+    if let Some(sim) = sim {
+        body.insert("sim".into(), sim);
+    }
+    StreamRequest {
+        id: Arc::from(id),
         tenant: "local".into(),
         model: "sim".into(),
         client_request: Value::Object(body.clone()).to_string(),
@@ -39,7 +44,15 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
         started: Instant::now(),
         on_disconnect: OnDisconnect::Cancel,
         key: None,
-    };
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("store");
+    let ctx = context(&store, 4);
+    let req = sim_request("s1", None);
     // Poll `start` once (the record is on its way to the writer) and drop it.
     let dropped = tokio::time::timeout(Duration::ZERO, start(&ctx, req)).await;
     assert!(
@@ -59,6 +72,44 @@ async fn a_caller_dropped_while_the_stream_is_recorded_still_gets_a_final_status
         (t.status, t.reason),
         (Status::Cancelled, Some(Reason::ClientDisconnected))
     );
+}
+
+/// A chunk the store cannot keep (its journal write fails, as on a full disk) ends the stream
+/// `failed(store_error)`, and neither it nor any chunk after it is ever marked stored (the client
+/// side sends a chunk only once it is).
+#[tokio::test(start_paused = true)]
+async fn a_chunk_the_store_cannot_keep_ends_the_stream_failed_and_is_never_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = Store::open(dir.path()).expect("store");
+    let ctx = context(&store, 64);
+    let req = sim_request(
+        "s1",
+        Some(serde_json::json!({"tokens": 5, "first_token_ms": 10, "token_interval_ms": 50})),
+    );
+    let mut frames = start(&ctx, req).await.expect("recorded");
+    let Some(Ok(Frame::Chunk(first))) = frames.recv().await else {
+        panic!("no first chunk");
+    };
+    let mark = first.committed.clone().expect("recorded chunks");
+    mark.reached(first.seq).await;
+    assert!(mark.is_stored(first.seq));
+    store.fail_journal_writes();
+    let mut later = Vec::new();
+    let terminal = loop {
+        match frames.recv().await {
+            Some(Ok(Frame::Chunk(c))) => later.push(c.seq),
+            Some(Ok(Frame::KeepAlive)) => {}
+            Some(Err(sluice_flow::QueueError::Failed(t))) => break t,
+            other => panic!("the stream ended without its ending: {other:?}"),
+        }
+    };
+    assert_eq!(terminal.ending.reason(), Some(Reason::StoreError));
+    assert_eq!(terminal.ending.status(), Status::Failed);
+    assert!(
+        later.iter().all(|&seq| !mark.is_stored(seq)),
+        "a chunk after the failure counts as stored: {later:?}"
+    );
+    assert!(mark.lost().is_some());
 }
 
 #[test]

@@ -66,7 +66,7 @@ const COMPRESS_FROM: usize = 8 * 1024;
 const MAX_SHARED: usize = 64 * BLOCK_BYTES;
 
 /// One chunk as the store keeps it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct LoggedChunk {
     /// Its event id.
     pub seq: u64,
@@ -137,7 +137,7 @@ pub(crate) type ByStream<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 /// A block that cannot be read back.
 #[derive(Debug, thiserror::Error)]
 #[error("a stored chunk block is damaged ({0})")]
-pub(crate) struct BlockError(&'static str);
+pub(crate) struct BlockError(pub(crate) &'static str);
 
 /// Encodes consecutive chunks of one stream as a block body: the format byte [`DELTA`], then per
 /// chunk, against the chunk before it (the first against an empty one), each number an unsigned
@@ -424,7 +424,8 @@ pub(crate) fn take_array<const N: usize>(rest: &mut &[u8]) -> Result<[u8; N], Bl
         .map_err(|_| BlockError("truncated"))
 }
 
-fn take_text(rest: &mut &[u8]) -> Result<String, BlockError> {
+/// Text preceded by its length (u32), taken off `rest`.
+pub(crate) fn take_text(rest: &mut &[u8]) -> Result<String, BlockError> {
     let len = u32::from_le_bytes(take_array(rest)?) as usize;
     utf8(take(rest, len)?)
 }

@@ -67,6 +67,15 @@ impl Store {
         Store(Backend::Sqlite(store))
     }
 
+    /// From now on every journal write of a SQLite store fails as on a full disk (tests of what
+    /// that does).
+    #[cfg(test)]
+    pub(crate) fn fail_journal_writes(&self) {
+        if let Backend::Sqlite(s) = &self.0 {
+            s.fail_journal_writes();
+        }
+    }
+
     /// The SQLite database file (`None` on PostgreSQL).
     pub fn path(&self) -> Option<&Path> {
         match &self.0 {

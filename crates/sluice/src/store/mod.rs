@@ -11,11 +11,12 @@
 //! `append` returns once queued, and the stream's [`Watermark`] reaches the chunk when it is
 //! committed (so a relay never waits for one chunk's commit before reading the next).
 //!
-//! On SQLite, chunks are made durable by appending them to a checksummed journal file (one
-//! `write` per batch) and reach the database in per-stream blocks (see `store/block.rs` and
-//! `store/sqlite/journal.rs` for why); streams and statuses are SQLite rows. With WAL and
-//! `synchronous = NORMAL` a committed write survives a crash of the process (not necessarily a
-//! power cut: the WAL and the journal are synced at checkpoints, which run on their own thread).
+//! On SQLite, chunks, streams' records and final statuses are made durable by appending them to
+//! a checksummed journal file (one `write` per batch); chunks reach the database in per-stream
+//! blocks, records and statuses as rows written many streams at a time (see `store/block.rs`,
+//! `store/sqlite/journal.rs` and `store/sqlite/rows.rs` for why). Like SQLite's WAL with
+//! `synchronous = NORMAL`, a committed write survives a crash of the process (not necessarily a
+//! power cut: the journal and the WAL are synced at checkpoints, which run on their own thread).
 //! `docs/durability.md` says what survives what, per backend.
 //!
 //! | module | owns |
@@ -54,7 +55,7 @@ pub use records::{
     ChunkRecord, Finish, NewStream, StoredChunk, StreamKey, StreamState, StreamSummary, Timings,
     Transcript, TranscriptHead,
 };
-pub(crate) use sqlite::journal::{decode_all as decode_journal, encode as encode_journal};
+pub(crate) use sqlite::journal::{decode_all as decode_journal, encode_recorded as encode_journal};
 pub use watermark::Watermark;
 pub use write::Arrival;
 

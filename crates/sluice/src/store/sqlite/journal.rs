@@ -1,6 +1,7 @@
-//! The chunk journal: where a chunk becomes durable before anyone sees it.
+//! The journal: where a chunk, a stream's record and its final status become durable before
+//! anyone is told.
 //!
-//! Each batch's chunks are appended to a file in the data directory (`journal/`) with one
+//! Each batch's chunks (and records, see [`rows`](super::rows)) are appended to a file in the data directory (`journal/`) with one
 //! `write`, each as a checksummed record; SQLite then only receives chunks in blocks (see
 //! [`block`](crate::store::block)). Why not a row per chunk in SQLite, as before? A row costs a
 //! B-tree insert, and each commit rewrites whole 4 KiB pages into the WAL and, at the next
@@ -20,9 +21,11 @@
 //! a record's place in the whole series. Once no run needs a segment's chunks (they are all in
 //! committed blocks), the segment is deleted.
 //!
-//! A record: payload length (u32), CRC-32 of the payload (u32), then the payload: the stream id
-//! (u16 length and bytes), seq (u64), offset in µs (i64), the chunk JSON and its text (each a u32
-//! length and bytes), all little-endian.
+//! A record: payload length (u32), CRC-32 of the payload (u32), then the payload, all
+//! little-endian. A chunk's: the stream id (u16 length and bytes), seq (u64), offset in µs
+//! (i64), the chunk JSON and its text (each a u32 length and bytes). A row's (a stream's record
+//! or final status): `0xFFFF` where a chunk's id length is (no id is that long), then the row
+//! ([`Row::encode`]).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -33,6 +36,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::store::block::{decode_chunk, encode_chunk, take, take_array, LoggedChunk};
 use crate::store::StoreError;
 
+use super::rows::Row;
+
 /// A segment is closed and a new one begun past this many bytes.
 pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// The largest record replay accepts (a chunk is bounded far below this by the upstream's
@@ -40,8 +45,17 @@ pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_RECORD: u32 = 64 * 1024 * 1024;
 const HEADER: usize = 8;
 
-/// A chunk read back from the journal, with its stream's id.
-pub(crate) type Recorded = (String, LoggedChunk);
+/// What a record holds, read back.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Recorded {
+    /// A chunk of the stream with this id.
+    Chunk(String, LoggedChunk),
+    /// A stream's record or final status.
+    Row(Row),
+}
+
+/// Where a row's record has a chunk's id length.
+const ROW_MARK: u16 = u16::MAX;
 
 /// The segments written to since they were last synced to disk (the current one last), for the
 /// thread that syncs them; see [`Journal::unsynced`].
@@ -182,6 +196,13 @@ impl Journal {
         position
     }
 
+    /// Stages `row` for the next [`write`](Self::write); returns its position.
+    pub(crate) fn stage_row(&mut self, row: &Row) -> i64 {
+        let position = self.position();
+        encode_row(&mut self.buf, row);
+        position
+    }
+
     /// The position the next staged record gets.
     pub(crate) fn position(&self) -> i64 {
         (self.start + self.len + self.buf.len() as u64) as i64
@@ -214,6 +235,19 @@ impl Journal {
             self.rotate(self.start + self.len)?;
         }
         Ok(())
+    }
+
+    /// From now on every write fails as on a full disk (tests of what a failed write does).
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&mut self) {
+        if let Ok(full) = OpenOptions::new().write(true).open("/dev/full") {
+            self.file = full;
+        }
+    }
+
+    /// Drops the records staged since the last [`write`](Self::write) (their batch failed).
+    pub(crate) fn discard(&mut self) {
+        self.buf.clear();
     }
 
     /// Closes the current segment and begins the next at position `next`.
@@ -252,11 +286,33 @@ impl Journal {
 pub(crate) fn encode(buf: &mut Vec<u8>, id: &str, chunk: &LoggedChunk) {
     let at = buf.len();
     buf.extend_from_slice(&[0; HEADER]);
-    // A stream id is ours (a UUID-like string), far below u16::MAX bytes.
-    let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
+    // A stream id is ours (a UUID-like string), far below ROW_MARK bytes.
+    let id = &id.as_bytes()[..id.len().min(usize::from(ROW_MARK - 1))];
     buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
     buf.extend_from_slice(id);
     encode_chunk(buf, chunk);
+    seal(buf, at);
+}
+
+/// Appends one record: `row`.
+pub(crate) fn encode_row(buf: &mut Vec<u8>, row: &Row) {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; HEADER]);
+    buf.extend_from_slice(&ROW_MARK.to_le_bytes());
+    row.encode(buf);
+    seal(buf, at);
+}
+
+/// Appends one record: what `recorded` holds.
+pub(crate) fn encode_recorded(buf: &mut Vec<u8>, recorded: &Recorded) {
+    match recorded {
+        Recorded::Chunk(id, chunk) => encode(buf, id, chunk),
+        Recorded::Row(row) => encode_row(buf, row),
+    }
+}
+
+/// Fills in the header of the record that starts at `at` and runs to the end of `buf`.
+fn seal(buf: &mut [u8], at: usize) {
     let payload = &buf[at + HEADER..];
     let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
     buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
@@ -295,10 +351,13 @@ fn decode_one(bytes: &mut &[u8]) -> Option<Recorded> {
         return None;
     }
     let id_len = u16::from_le_bytes(take_array(&mut payload).ok()?);
+    if id_len == ROW_MARK {
+        return Row::decode(payload).ok().map(Recorded::Row);
+    }
     let id = std::str::from_utf8(take(&mut payload, usize::from(id_len)).ok()?).ok()?;
     let (seq, offset_us, data, content) = decode_chunk(&mut payload).ok()?;
     payload.is_empty().then(|| {
-        (
+        Recorded::Chunk(
             id.to_string(),
             LoggedChunk {
                 seq,
@@ -323,8 +382,22 @@ mod tests {
         }
     }
 
+    /// The chunks among `recorded`, with their streams' ids.
+    fn chunks(recorded: &[Recorded]) -> Vec<(String, LoggedChunk)> {
+        recorded
+            .iter()
+            .filter_map(|r| match r {
+                Recorded::Chunk(id, c) => Some((id.clone(), c.clone())),
+                Recorded::Row(_) => None,
+            })
+            .collect()
+    }
+
     fn seqs(recorded: &[Recorded]) -> Vec<(String, u64)> {
-        recorded.iter().map(|(id, c)| (id.clone(), c.seq)).collect()
+        chunks(recorded)
+            .into_iter()
+            .map(|(id, c)| (id, c.seq))
+            .collect()
     }
 
     #[test]
@@ -343,9 +416,10 @@ mod tests {
             seqs(&back),
             [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]
         );
-        assert_eq!(back[0].1.data.as_ref(), "{\"x\":\"é\"}");
-        assert_eq!(back[0].1.content, "1 ");
-        assert_eq!(back[0].1.offset_us, 10);
+        let first = &chunks(&back)[0].1;
+        assert_eq!(first.data.as_ref(), "{\"x\":\"é\"}");
+        assert_eq!(first.content, "1 ");
+        assert_eq!(first.offset_us, 10);
 
         // A torn last record, and a flipped byte: replay keeps what comes before either.
         let path = segment_path(dir.path(), 0);
@@ -371,6 +445,71 @@ mod tests {
         // Starting anew forgets it all.
         drop(Journal::start(dir.path()).expect("start"));
         assert!(Journal::recover(dir.path()).expect("recover").is_empty());
+    }
+
+    /// Streams' records and final statuses come back as written, in order among the chunks,
+    /// and one torn or damaged is dropped with what follows it, as a chunk's would be.
+    #[test]
+    fn rows_come_back_among_the_chunks() {
+        use crate::store::sqlite::rows::{BeginRow, FinishRow};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let begin = Row::Begin(BeginRow {
+            id: "a".into(),
+            tenant: "t".into(),
+            model: "m".into(),
+            request: "{\"messages\":[\"é\"]}".into(),
+            created: 1_700_000_000,
+        });
+        let finish = Row::Finish(FinishRow {
+            id: "a".into(),
+            status: "timed_out".into(),
+            reason: Some("idle".into()),
+            detail: None,
+            first_token_us: Some(12),
+            total_us: 345,
+            usage: Some("{\"total_tokens\":3}".into()),
+            chunks: 1,
+            attempts: None,
+        });
+        let bare = Row::Finish(FinishRow {
+            id: "b".into(),
+            status: "completed".into(),
+            reason: None,
+            detail: Some("x".repeat(70_000)),
+            first_token_us: None,
+            total_us: 0,
+            usage: None,
+            chunks: 0,
+            attempts: Some("[]".into()),
+        });
+        let mut j = Journal::start(dir.path()).expect("start");
+        assert_eq!(j.stage_row(&begin), 0);
+        j.stage("a", &chunk(1, "{}"));
+        let third = j.stage_row(&finish);
+        j.stage_row(&bare);
+        j.write().expect("write");
+        drop(j);
+        let back = Journal::recover(dir.path()).expect("recover");
+        assert_eq!(
+            back,
+            [
+                Recorded::Row(begin.clone()),
+                Recorded::Chunk("a".into(), chunk(1, "{}")),
+                Recorded::Row(finish),
+                Recorded::Row(bare),
+            ]
+        );
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[third as usize + HEADER + 5] ^= 1;
+        std::fs::write(&path, &bytes).expect("flip");
+        assert_eq!(
+            Journal::recover(dir.path()).expect("recover"),
+            [
+                Recorded::Row(begin),
+                Recorded::Chunk("a".into(), chunk(1, "{}"))
+            ]
+        );
     }
 
     #[test]
@@ -400,7 +539,7 @@ mod tests {
         assert!(j.bytes_on_disk() < before);
         let back = Journal::recover(dir.path()).expect("recover");
         assert_eq!(
-            back.iter().map(|(_, c)| c.seq).collect::<Vec<_>>(),
+            chunks(&back).iter().map(|(_, c)| c.seq).collect::<Vec<_>>(),
             (5..=9).collect::<Vec<_>>()
         );
     }

@@ -4,13 +4,14 @@
 //! | module | owns |
 //! |---|---|
 //! | `schema` | the tables, and folding what a crash left in the journal (or an earlier layout) into blocks |
-//! | `journal` | the chunk journal: checksummed records appended to segment files, read back at open |
+//! | `journal` | the journal: checksummed records (chunks, streams' records and final statuses) appended to segment files, read back at open |
+//! | `rows` | a stream's record and final status as journal records and `streams` rows, and those waiting to be written there |
 //! | `writer` | the group-commit writer: the one write connection, batches, the journal and its runs |
 //! | `read` | reads on their own connection: lists, states, chunk pages, transcripts |
 //! | `checkpoint` | the thread that copies the WAL into the database, keeps it bounded, restarts it so that no commit syncs, and syncs the journal |
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,12 +26,14 @@ use crate::store::StoreError;
 use crate::store::write::{Op, WRITE_QUEUE};
 use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
 use journal::Journal;
+use rows::Pending;
 use schema::{add_columns, fold_log, SCHEMA};
 use writer::{LogState, Writer, WriterState};
 
 mod checkpoint;
 pub(super) mod journal;
 mod read;
+mod rows;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -133,12 +136,14 @@ impl SqliteStore {
                 log: LogState {
                     journal,
                     appended: 0,
+                    pending: Pending::default(),
                 },
             }),
             runs: runs.clone(),
             gate: writer_gate,
             runtime,
             write_seconds: metrics::histogram!("sluice_store_write_seconds"),
+            pending_rows: AtomicUsize::new(0),
             last_commit: AtomicU64::new(0),
             epoch: Instant::now(),
         });
@@ -173,6 +178,29 @@ impl SqliteStore {
     /// Commits the chunks a relay left waiting (see `Writer::commit_waiting`).
     pub(crate) fn commit_waiting(&self, appended: usize) {
         self.writer.commit_waiting(appended);
+    }
+
+    /// Has the rows that wait to be written into `streams` written (see `rows`), so that a read
+    /// that follows sees every stream whose record or final status was acked.
+    pub(crate) async fn write_pending(&self) -> Result<(), StoreError> {
+        if self.writer.pending_rows.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.send(Op::Flush(ack)).await?;
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// From now on every journal write fails as on a full disk (tests of what that does).
+    #[cfg(test)]
+    pub(crate) fn fail_journal_writes(&self) {
+        self.writer
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .log
+            .journal
+            .fail_writes();
     }
 
     /// Queues a write for the writer if there is room now; never waits.

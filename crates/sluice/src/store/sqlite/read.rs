@@ -12,6 +12,18 @@ use crate::stream::{Reason, Status, StreamId, Tenant};
 use super::{lock, SqliteStore};
 
 impl SqliteStore {
+    /// Reads streams' rows: those waiting to be written into `streams` are written first (see
+    /// `rows`).
+    async fn read_rows<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.write_pending().await?;
+        self.read(f).await
+    }
+
+    /// Reads what needs no waiting rows written: chunks, from blocks and then the stream's run
+    /// (a follower's pages would otherwise have the rows written at every page).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -34,7 +46,7 @@ impl SqliteStore {
         after: Option<String>,
     ) -> Result<(Vec<StreamSummary>, bool), StoreError> {
         let tenant = tenant.0.to_string();
-        self.read(move |c| {
+        self.read_rows(move |c| {
             let cursor: i64 = match after {
                 Some(id) => c
                     .query_row(
@@ -82,7 +94,7 @@ impl SqliteStore {
     ) -> Result<Option<StreamState>, StoreError> {
         let (tenant, id) = (tenant.0.to_string(), id.0.to_string());
         let runs = self.runs.clone();
-        self.read(move |c| {
+        self.read_rows(move |c| {
             // The run first, then the blocks: a run written as a block in between is then
             // seen in the block (the other order could miss it in both).
             let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
@@ -148,7 +160,7 @@ impl SqliteStore {
     ) -> Result<Option<TranscriptHead>, StoreError> {
         let (tenant, id) = (tenant.0.to_string(), id.0.to_string());
         let runs = self.runs.clone();
-        self.read(move |c| {
+        self.read_rows(move |c| {
             // The run first, then the blocks (see `state`).
             let in_run = lock(&runs).get(id.as_str()).map_or(0, Run::last_seq);
             let row = c

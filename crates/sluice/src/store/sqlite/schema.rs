@@ -1,5 +1,6 @@
-//! The tables, and what opening the database does to what an earlier process left: chunks in
-//! the journal (or in the chunk tables of earlier versions) are folded into blocks.
+//! The tables, and what opening the database does to what an earlier process left: streams'
+//! records, chunks and final statuses in the journal (or chunks in the tables of earlier
+//! versions) are folded into the database.
 
 use std::sync::Arc;
 
@@ -7,6 +8,9 @@ use rusqlite::{params, Connection};
 
 use crate::store::block::{self, LoggedChunk, Run};
 use crate::store::StoreError;
+
+use super::journal::Recorded;
+use super::rows::Row;
 
 pub(super) const SCHEMA: &str = "
 -- `seq` orders a tenant's list. Not AUTOINCREMENT: that writes `sqlite_sequence`, one more
@@ -58,13 +62,11 @@ pub(super) fn add_columns(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Folds what the journal holds beyond the blocks (the runs of a process that ended) into
-/// blocks. Also moves chunks from the tables of earlier versions (`chunks`: one row per chunk;
+/// Folds what the journal holds beyond the database (what a process that ended had not written
+/// there yet) into it: streams' records, then their chunks as blocks, then their final
+/// statuses. Also moves chunks from the tables of earlier versions (`chunks`: one row per chunk;
 /// `chunk_log`: the log the journal replaced) and drops those tables.
-pub(super) fn fold_log(
-    conn: &mut Connection,
-    journal: Vec<(String, LoggedChunk)>,
-) -> Result<(), StoreError> {
+pub(super) fn fold_log(conn: &mut Connection, journal: Vec<Recorded>) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     for (table, order) in [("chunks", "stream_id, seq"), ("chunk_log", "stream_id, id")] {
         let exists: bool = tx.query_row(
@@ -94,10 +96,21 @@ pub(super) fn fold_log(
             tx.execute_batch(&format!("DROP TABLE {table}"))?;
         }
     }
-    let mut journal = journal;
+    let mut chunks = Vec::new();
+    let mut finishes = Vec::new();
+    for recorded in journal {
+        match recorded {
+            Recorded::Chunk(id, chunk) => chunks.push((id, chunk)),
+            Recorded::Row(row @ Row::Begin(_)) => row.write(&tx)?,
+            Recorded::Row(row @ Row::Finish(_)) => finishes.push(row),
+        }
+    }
     // Grouped by stream, each stream's chunks in the order they were written.
-    journal.sort_by(|a, b| a.0.cmp(&b.0));
-    fold(&tx, journal)?;
+    chunks.sort_by(|a, b| a.0.cmp(&b.0));
+    fold(&tx, chunks)?;
+    for row in finishes {
+        row.write(&tx)?;
+    }
     tx.commit()?;
     Ok(())
 }

@@ -203,7 +203,14 @@ async fn interleaved_streams_read_back_whole_at_every_point() {
 
 /// The chunks in the journal, read back as opening would.
 fn journaled(dir: &std::path::Path) -> Vec<(String, block::LoggedChunk)> {
-    journal::Journal::recover(&dir.join("journal")).expect("recover")
+    journal::Journal::recover(&dir.join("journal"))
+        .expect("recover")
+        .into_iter()
+        .filter_map(|r| match r {
+            journal::Recorded::Chunk(id, chunk) => Some((id, chunk)),
+            journal::Recorded::Row(_) => None,
+        })
+        .collect()
 }
 
 /// A process that dies leaves chunks only in the journal; opening folds them into blocks.
@@ -477,6 +484,14 @@ async fn reopening_marks_open_streams_interrupted_by_a_crash() {
             .await
             .expect("finish");
     }
+    // The records and the final status were acked from the journal: the database has none
+    // of them yet, and opening folds them in.
+    let db = Connection::open(dir.path().join("sluice.db")).expect("open db");
+    let rows: i64 = db
+        .query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 0);
+    drop(db);
     let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
     assert_eq!(recovered, 1);
     let t = transcript(&store, "open").await;
@@ -486,6 +501,98 @@ async fn reopening_marks_open_streams_interrupted_by_a_crash() {
     );
     let t = transcript(&store, "done").await;
     assert_eq!(t.status, Status::Completed);
+}
+
+/// A stream's record and final status wait in the journal to be written into the database with
+/// other streams'; a read has them written first, so no reader misses one, and so does a
+/// deletion.
+#[tokio::test]
+async fn records_and_final_statuses_reach_the_database_before_any_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
+    let in_db = |id: &str| {
+        count(
+            &store,
+            &format!("SELECT COUNT(*) FROM streams WHERE id = '{id}'"),
+        )
+    };
+    store.begin(new_stream("a")).await.expect("begin");
+    let id: Arc<str> = Arc::from("a");
+    let mark = Watermark::new();
+    append_chunk(&store, &id, 1, &mark).await;
+    mark.reached(1).await;
+    assert_eq!(in_db("a"), 0, "a lone record is written with others");
+    let state = store
+        .state(Tenant("local"), StreamId("a"))
+        .await
+        .expect("state")
+        .expect("a stream that was begun");
+    assert_eq!(state.status, Status::Streaming);
+    assert_eq!(in_db("a"), 1);
+    store
+        .finish(bare_finish("a", Ending::Completed))
+        .await
+        .expect("finish");
+    let status = || {
+        Connection::open(store.path().expect("sqlite"))
+            .expect("open db")
+            .query_row("SELECT status FROM streams WHERE id = 'a'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .expect("status")
+    };
+    assert_eq!(
+        status(),
+        "streaming",
+        "a lone final status is written with others"
+    );
+    let t = transcript(&store, "a").await;
+    assert_eq!(
+        (t.status, t.content),
+        (Status::Completed, expected_text("a", 1))
+    );
+    assert_eq!(status(), "completed");
+    // Deleting a stream whose record and status wait: written first, then deleted.
+    store.begin(new_stream("b")).await.expect("begin");
+    store
+        .finish(bare_finish("b", Ending::Completed))
+        .await
+        .expect("finish");
+    assert_eq!(in_db("b"), 0);
+    store
+        .delete(Tenant("local"), StreamId("b"))
+        .await
+        .expect("delete");
+    assert!(store
+        .get(Tenant("local"), StreamId("b"))
+        .await
+        .expect("get")
+        .is_none());
+}
+
+/// Without any read, the rows are written once enough of them wait: many streams' in one
+/// transaction.
+#[tokio::test]
+async fn rows_are_written_many_streams_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
+    let streams = rows::INGEST_ROWS / 2;
+    for i in 0..streams {
+        let id = format!("s{i}");
+        store.begin(new_stream(&id)).await.expect("begin");
+        store
+            .finish(bare_finish(&id, Ending::Completed))
+            .await
+            .expect("finish");
+    }
+    // The last final status made them due (or the first had waited long enough before).
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM streams WHERE status = 'completed'"
+        ),
+        streams as i64
+    );
 }
 
 #[tokio::test]
@@ -766,10 +873,13 @@ async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
         u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
     };
     store.begin(new_stream("r1")).await.expect("begin");
+    // A record reaches the database (and the WAL) with the rows written at a flush.
+    store.flush().await.expect("flush");
     let before = restarts();
     assert!(pass.run(&gate).expect("pass").is_some());
     assert_eq!(restarts(), before + 1, "the pass did not restart the WAL");
     store.begin(new_stream("r2")).await.expect("begin");
+    store.flush().await.expect("flush");
     assert_eq!(
         restarts(),
         before + 1,

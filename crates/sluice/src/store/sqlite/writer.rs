@@ -3,22 +3,21 @@
 //! job while writes keep coming); chunks go to the journal and are written to the database in
 //! per-stream blocks as their runs fill.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::store::block::{self, ByStream, LoggedChunk, Run, Runs};
-use crate::store::records::now_unix;
 use crate::store::write::{settle, Op, MAX_BATCH};
 use crate::store::StoreError;
 
 use super::journal::Journal;
 use super::lock;
+use super::rows::{BeginRow, FinishRow, Pending, Row};
 use super::schema::insert_block;
 
 /// The writer: a queue of writes and, while it holds any, one committer that takes them.
@@ -61,6 +60,9 @@ pub(super) struct Writer {
     /// `sluice_store_write_seconds`, looked up once rather than per batch (a lookup hashes the
     /// metric's name in the registry).
     pub(super) write_seconds: metrics::Histogram,
+    /// How many rows wait to be written into `streams` (see [`Pending`]); readers have them
+    /// written first.
+    pub(super) pending_rows: AtomicUsize,
     /// When the last commit ended, in nanoseconds since `epoch` (see [`QUIET`]).
     pub(super) last_commit: AtomicU64,
     /// What `last_commit` counts from.
@@ -274,6 +276,10 @@ impl Writer {
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 apply(conn, batch, &self.runs, log)
             }));
+            // Before anyone is acked: a reader that learnt of a stream from its ack finds its
+            // row pending (and has it written) or written.
+            self.pending_rows
+                .store(log.pending.len(), Ordering::Release);
             let ended = Instant::now();
             self.write_seconds
                 .record(ended.saturating_duration_since(started).as_secs_f64());
@@ -354,10 +360,12 @@ fn take(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
 /// The journal, and what the writer remembers about it between batches.
 #[derive(Debug)]
 pub(super) struct LogState {
-    /// Where chunks become durable.
+    /// Where chunks, records and final statuses become durable.
     pub(super) journal: Journal,
     /// Chunks appended since the journal's head was last trimmed.
     pub(super) appended: i64,
+    /// Records and final statuses journaled and not yet written into `streams`.
+    pub(super) pending: Pending,
 }
 
 /// What a batch does to one stream's run; applied to the shared runs once committed.
@@ -419,9 +427,25 @@ impl RunChange {
     }
 }
 
-/// Applies `batch` in one transaction (taking the chunks' text out of it: only the acks are
-/// needed afterwards).
+/// Commits `batch`: its chunks, records and final statuses to the journal with one `write`,
+/// blocks that filled into SQLite, and the rows waiting to be written into `streams`
+/// ([`Pending`]) when they are due or the batch needs them there (a flush, a deletion, expiry).
+/// On an error nothing of the batch counts: its staged journal records are dropped and the
+/// transaction rolls back.
 pub(super) fn apply(
+    conn: &mut Connection,
+    batch: &mut [Op],
+    runs: &Mutex<Runs>,
+    log: &mut LogState,
+) -> Result<(), StoreError> {
+    let applied = apply_staged(conn, batch, runs, log);
+    if applied.is_err() {
+        log.journal.discard();
+    }
+    applied
+}
+
+fn apply_staged(
     conn: &mut Connection,
     batch: &mut [Op],
     runs: &Mutex<Runs>,
@@ -429,14 +453,12 @@ pub(super) fn apply(
 ) -> Result<(), StoreError> {
     let tx = Batch::begin(conn)?;
     let mut changes: ByStream<RunChange> = ByStream::default();
+    // This batch's rows with their journal positions; those before `rows.written` are written
+    // into `streams` in this transaction, as are the pending ones if `rows.pending_written`.
+    let mut rows = BatchRows::default();
     for op in batch {
         match op {
-            Op::Begin(s, _) => {
-                tx.prepare_cached(
-                    "INSERT INTO streams (id, tenant, model, request, status, created) VALUES (?1, ?2, ?3, ?4, 'streaming', ?5)",
-                )?
-                .execute(params![s.id, s.tenant, s.model, s.request, now_unix()])?;
-            }
+            Op::Begin(s, _) => rows.stage(log, Row::Begin(BeginRow::take(s))),
             Op::Append {
                 id,
                 seq,
@@ -461,31 +483,10 @@ pub(super) fn apply(
                     change.write(&tx, runs, id)?;
                 }
             }
-            Op::Finish(f, _) => {
-                let id: Arc<str> = Arc::from(f.id.as_str());
-                changes
-                    .entry(id.clone())
-                    .or_default()
-                    .write(&tx, runs, &id)?;
-                tx.prepare_cached(
-                    "UPDATE streams SET status = ?2, reason = ?3, detail = ?4, first_token_us = ?5, total_us = ?6,
-                         usage = ?7, chunk_count = ?8, attempts = ?9
-                     WHERE id = ?1 AND status = 'streaming'",
-                )?
-                .execute(params![
-                        f.id,
-                        f.ending.status().as_str(),
-                        f.ending.reason().map(|r| r.as_str()),
-                        f.ending.detail(),
-                        f.first_token.map(|d| d.as_micros() as i64),
-                        f.total.as_micros() as i64,
-                        f.usage.as_ref().map(Value::to_string),
-                        f.chunks as i64,
-                        f.attempts.as_ref().map(Value::to_string),
-                    ])?;
-            }
-            Op::Flush(_) => {}
+            Op::Finish(f, _) => rows.stage(log, Row::Finish(FinishRow::of(f))),
+            Op::Flush(_) => rows.write(&tx, runs, &mut changes, &log.pending)?,
             Op::Expire { before, .. } => {
+                rows.write(&tx, runs, &mut changes, &log.pending)?;
                 tx.execute(
                     "DELETE FROM chunk_blocks WHERE stream_id IN
                         (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
@@ -497,6 +498,7 @@ pub(super) fn apply(
                 )?;
             }
             Op::Delete { tenant, id, .. } => {
+                rows.write(&tx, runs, &mut changes, &log.pending)?;
                 let gone = tx.execute(
                     "DELETE FROM streams WHERE id = ?1 AND tenant = ?2 AND status != 'streaming'",
                     params![&*id, &*tenant],
@@ -510,23 +512,35 @@ pub(super) fn apply(
             }
         }
     }
+    if rows.due(&log.pending) {
+        rows.write(&tx, runs, &mut changes, &log.pending)?;
+    }
     let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
         log.appended = 0;
-        Some(trim_log(&tx, runs, &mut changes, log.journal.position())?)
+        let runs_from = trim_log(&tx, runs, &mut changes, log.journal.position())?;
+        // Rows not written into `streams` are kept in the journal too.
+        Some(
+            [Some(runs_from), rows.unwritten_from(&log.pending)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(runs_from),
+        )
     } else {
         None
     };
-    // The chunks are durable before the batch is acked; if they cannot be, the transaction
-    // rolls back and nothing of the batch counts.
+    // The batch is durable before it is acked; if it cannot be, the transaction rolls back and
+    // nothing of the batch counts.
     log.journal.write()?;
     tx.commit()?;
     if let Some(keep_from) = keep_from {
-        // Every chunk before `keep_from` is in a committed block now. (If the segments cannot
-        // be deleted, the next look tries again; replay would skip their chunks.)
+        // Every chunk and row before `keep_from` is in the database now. (If the segments
+        // cannot be deleted, the next look tries again; replay would skip what they hold.)
         if let Err(e) = log.journal.trim(keep_from) {
             tracing::warn!(error = %e.report(), "journal segments not deleted");
         }
     }
+    rows.settle(&mut log.pending);
     let mut runs = lock(runs);
     for (id, change) in changes {
         if change.written {
@@ -537,6 +551,97 @@ pub(super) fn apply(
         }
     }
     Ok(())
+}
+
+/// A batch's rows (streams' records and final statuses), and which of them, with the pending
+/// ones, it writes into `streams`.
+#[derive(Default)]
+struct BatchRows {
+    /// Each with its journal position.
+    rows: Vec<(i64, Row)>,
+    /// How many of `rows` are written in this transaction.
+    written: usize,
+    /// Whether the pending rows are.
+    pending_written: bool,
+}
+
+impl BatchRows {
+    /// Journals `row`.
+    fn stage(&mut self, log: &mut LogState, row: Row) {
+        let at = log.journal.stage_row(&row);
+        self.rows.push((at, row));
+    }
+
+    /// Whether the rows should be written into `streams` now: those waiting are due (see
+    /// [`Pending::due`]), or the pending ones are being written already.
+    fn due(&self, pending: &Pending) -> bool {
+        let unwritten = &self.rows[self.written..];
+        if unwritten.is_empty() && (self.pending_written || pending.len() == 0) {
+            return false;
+        }
+        self.pending_written
+            || pending.due(
+                unwritten.len(),
+                unwritten.iter().map(|(_, r)| r.bytes()).sum(),
+                Instant::now(),
+            )
+    }
+
+    /// Writes the pending rows (unless written already) and this batch's so far into
+    /// `streams`, each final status after its stream's last chunks.
+    fn write(
+        &mut self,
+        tx: &Connection,
+        runs: &Mutex<Runs>,
+        changes: &mut ByStream<RunChange>,
+        pending: &Pending,
+    ) -> Result<(), StoreError> {
+        let earlier = if self.pending_written {
+            &[][..]
+        } else {
+            pending.rows()
+        };
+        for row in earlier
+            .iter()
+            .chain(self.rows[self.written..].iter().map(|(_, r)| r))
+        {
+            if let Row::Finish(f) = row {
+                let id: Arc<str> = Arc::from(f.id.as_str());
+                changes
+                    .entry(id.clone())
+                    .or_default()
+                    .write(tx, runs, &id)?;
+            }
+            row.write(tx)?;
+        }
+        self.pending_written = true;
+        self.written = self.rows.len();
+        Ok(())
+    }
+
+    /// The first journal position of the rows that stay unwritten.
+    fn unwritten_from(&self, pending: &Pending) -> Option<i64> {
+        let pending = (!self.pending_written)
+            .then(|| pending.first_log())
+            .flatten();
+        pending.or_else(|| self.rows.get(self.written).map(|(at, _)| *at))
+    }
+
+    /// After the commit: what was written is no longer pending, what was not now is.
+    fn settle(mut self, pending: &mut Pending) {
+        if self.pending_written {
+            pending.clear();
+        }
+        let rest = self.rows.split_off(self.written);
+        if let Some((first, _)) = rest.first() {
+            let first = *first;
+            pending.extend(
+                first,
+                rest.into_iter().map(|(_, r)| r).collect(),
+                Instant::now(),
+            );
+        }
+    }
 }
 
 /// A batch's transaction, begun and committed with cached statements: rusqlite's `Transaction`
