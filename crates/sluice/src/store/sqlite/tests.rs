@@ -595,6 +595,40 @@ async fn rows_are_written_many_streams_at_a_time() {
     );
 }
 
+/// Streams with no chunks (transcripts off) put only their records and final statuses in the
+/// journal; once those are in the database, the journal is trimmed all the same.
+#[tokio::test]
+async fn a_journal_of_rows_alone_stays_short() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, _) = crate::store::Store::open(dir.path()).expect("open");
+    let request = "x".repeat(8 * 1024);
+    let streams = block::LOG_CHECK_EVERY as usize / 2 + 100;
+    for i in 0..streams {
+        let id = format!("s{i}");
+        let mut stream = new_stream(&id);
+        stream.request.clone_from(&request);
+        store.begin(stream).await.expect("begin");
+        store
+            .finish(bare_finish(&id, Ending::Completed))
+            .await
+            .expect("finish");
+    }
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("journal"))
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("size").len())
+        .sum();
+    let written = (streams * request.len()) as u64;
+    assert!(
+        on_disk <= 2 * journal::SEGMENT_BYTES && on_disk < written / 2,
+        "{on_disk} journal bytes on disk after {written} written"
+    );
+    store.flush().await.expect("flush");
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM streams"),
+        streams as i64
+    );
+}
+
 #[tokio::test]
 async fn a_final_status_is_written_once() {
     let dir = tempfile::tempdir().expect("tempdir");

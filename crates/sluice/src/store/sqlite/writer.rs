@@ -362,7 +362,7 @@ fn take(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
 pub(super) struct LogState {
     /// Where chunks, records and final statuses become durable.
     pub(super) journal: Journal,
-    /// Chunks appended since the journal's head was last trimmed.
+    /// Records (chunks and rows) appended since the journal's head was last trimmed.
     pub(super) appended: i64,
     /// Records and final statuses journaled and not yet written into `streams`.
     pub(super) pending: Pending,
@@ -569,6 +569,9 @@ impl BatchRows {
     /// Journals `row`.
     fn stage(&mut self, log: &mut LogState, row: Row) {
         let at = log.journal.stage_row(&row);
+        // Rows count toward the journal's next trim as chunks do: with transcripts off they
+        // are all it holds.
+        log.appended += 1;
         self.rows.push((at, row));
     }
 
