@@ -571,7 +571,7 @@ async fn records_and_final_statuses_reach_the_database_before_any_read() {
 }
 
 /// Without any read, the rows are written once enough of them wait: many streams' in one
-/// transaction.
+/// transaction, by a blocking job rather than by the stream whose write made them due.
 #[tokio::test]
 async fn rows_are_written_many_streams_at_a_time() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -585,14 +585,22 @@ async fn rows_are_written_many_streams_at_a_time() {
             .await
             .expect("finish");
     }
-    // The last final status made them due (or the first had waited long enough before).
-    assert_eq!(
+    // The last final status made them due (or the first had waited long enough before): the
+    // commit that acked it, on this task, handed them to a blocking job, which writes them
+    // without any read asking.
+    let written = || {
         count(
             &store,
-            "SELECT COUNT(*) FROM streams WHERE status = 'completed'"
-        ),
-        streams as i64
-    );
+            "SELECT COUNT(*) FROM streams WHERE status = 'completed'",
+        )
+    };
+    for _ in 0..10_000 {
+        if written() == streams as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(written(), streams as i64);
 }
 
 /// Streams with no chunks (transcripts off) put only their records and final statuses in the
@@ -1013,4 +1021,33 @@ fn only_a_streams_own_writes_are_committed_on_the_callers_thread() {
 /// A chunk's JSON.
 fn chunk_json(seq: u64) -> Arc<str> {
     Arc::from(serde_json::json!({"choices": [{"delta": {"content": seq.to_string()}}]}).to_string())
+}
+
+/// A batch committed on a stream's own thread (its record, before its first token) leaves
+/// rows that are due to a drain job's batch: no stream waits for other streams' rows.
+#[test]
+fn a_commit_on_a_streams_thread_leaves_due_rows_to_a_drain_job() {
+    use super::rows::{Pending, INGEST_ROWS};
+    use super::writer::{apply, Rows};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut conn = Connection::open(dir.path().join("sluice.db")).expect("open db");
+    conn.execute_batch(SCHEMA).expect("schema");
+    let runs = Mutex::new(block::Runs::default());
+    let mut log = LogState {
+        journal: Journal::start(&dir.path().join("journal")).expect("journal"),
+        appended: 0,
+        pending: Pending::default(),
+    };
+    let streams = |conn: &Connection| -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
+            .expect("count")
+    };
+    for i in 0..INGEST_ROWS {
+        let (ack, _answer) = tokio::sync::oneshot::channel();
+        let mut batch = [Op::Begin(new_stream(&format!("s{i}")), ack)];
+        apply(&mut conn, &mut batch, &runs, &mut log, Rows::Leave).expect("apply");
+    }
+    assert_eq!((log.pending.len(), streams(&conn)), (INGEST_ROWS, 0));
+    apply(&mut conn, &mut [], &runs, &mut log, Rows::WhenDue).expect("apply");
+    assert_eq!((log.pending.len(), streams(&conn)), (0, INGEST_ROWS as i64));
 }

@@ -202,11 +202,12 @@ impl Writer {
                 return self.hand_off(batch);
             }
         };
-        self.commit_gated(conn, log, &mut batch);
+        self.commit_gated(conn, log, &mut batch, Rows::Leave);
         drop(gate);
-        // What came meanwhile is a busy writer's: a blocking job takes it.
+        // What came meanwhile is a busy writer's: a blocking job takes it, and so does writing
+        // the rows that wait (many streams' at once: no stream's first token waits for it).
         take(rx, &mut batch);
-        if !batch.is_empty() {
+        if !batch.is_empty() || log.pending.due(0, 0, Instant::now()) {
             drop(state);
             return self.hand_off(batch);
         }
@@ -247,6 +248,10 @@ impl Writer {
         let _running = Running(&self.running);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let WriterState { rx, conn, log } = &mut *state;
+        if log.pending.due(0, 0, Instant::now()) {
+            // Handed off by a commit on a stream's thread that left them.
+            self.commit(conn, log, &mut Vec::new());
+        }
         loop {
             take(rx, &mut batch);
             if batch.is_empty() {
@@ -263,18 +268,24 @@ impl Writer {
     fn commit(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
         // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
         let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
-        self.commit_gated(conn, log, batch);
+        self.commit_gated(conn, log, batch, Rows::WhenDue);
     }
 
     /// [`commit`](Self::commit), the gate being held by the caller.
-    fn commit_gated(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
+    fn commit_gated(
+        &self,
+        conn: &mut Connection,
+        log: &mut LogState,
+        batch: &mut Vec<Op>,
+        rows: Rows,
+    ) {
         let result = {
             let started = Instant::now();
             // A panic in a batch must not lose the batch: its acks and watermarks still have to
             // move, or streams would wait for them forever. (The open transaction rolls back,
             // and the runs are only changed after a commit.)
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                apply(conn, batch, &self.runs, log)
+                apply(conn, batch, &self.runs, log, rows)
             }));
             // Before anyone is acked: a reader that learnt of a stream from its ack finds its
             // row pending (and has it written) or written.
@@ -294,6 +305,17 @@ impl Writer {
         };
         settle(batch, &result);
     }
+}
+
+/// Whether a batch writes the rows that wait to be written into `streams` when they are due
+/// (see [`Pending`]). A flush, a deletion or expiry writes them whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rows {
+    /// Yes: a drain job's batch.
+    WhenDue,
+    /// No: a batch committed on a stream's own thread, which a stream waits for (a record
+    /// before its first token); the committer hands them to a drain job instead.
+    Leave,
 }
 
 /// Where a write may be committed if it finds the writer idle.
@@ -437,8 +459,9 @@ pub(super) fn apply(
     batch: &mut [Op],
     runs: &Mutex<Runs>,
     log: &mut LogState,
+    when: Rows,
 ) -> Result<(), StoreError> {
-    let applied = apply_staged(conn, batch, runs, log);
+    let applied = apply_staged(conn, batch, runs, log, when);
     if applied.is_err() {
         log.journal.discard();
     }
@@ -450,6 +473,7 @@ fn apply_staged(
     batch: &mut [Op],
     runs: &Mutex<Runs>,
     log: &mut LogState,
+    when: Rows,
 ) -> Result<(), StoreError> {
     let tx = Batch::begin(conn)?;
     let mut changes: ByStream<RunChange> = ByStream::default();
@@ -512,7 +536,7 @@ fn apply_staged(
             }
         }
     }
-    if rows.due(&log.pending) {
+    if when == Rows::WhenDue && rows.due(&log.pending) {
         rows.write(&tx, runs, &mut changes, &log.pending)?;
     }
     let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
