@@ -475,7 +475,7 @@ fn apply_staged(
     log: &mut LogState,
     when: Rows,
 ) -> Result<(), StoreError> {
-    let tx = Batch::begin(conn)?;
+    let mut tx = Batch::new(conn);
     let mut changes: ByStream<RunChange> = ByStream::default();
     // This batch's rows with their journal positions; those before `rows.written` are written
     // into `streams` in this transaction, as are the pending ones if `rows.pending_written`.
@@ -504,31 +504,31 @@ fn apply_staged(
                     .or_insert_with(|| RunChange::based_on(&lock(runs), id));
                 change.staged.push(position, chunk);
                 if change.is_full() {
-                    change.write(&tx, runs, id)?;
+                    change.write(tx.sql()?, runs, id)?;
                 }
             }
             Op::Finish(f, _) => rows.stage(log, Row::Finish(FinishRow::of(f))),
-            Op::Flush(_) => rows.write(&tx, runs, &mut changes, &log.pending)?,
+            Op::Flush(_) => rows.write(tx.sql()?, runs, &mut changes, &log.pending)?,
             Op::Expire { before, .. } => {
-                rows.write(&tx, runs, &mut changes, &log.pending)?;
-                tx.execute(
+                rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
+                tx.sql()?.execute(
                     "DELETE FROM chunk_blocks WHERE stream_id IN
                         (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
                     params![*before],
                 )?;
-                tx.execute(
+                tx.sql()?.execute(
                     "DELETE FROM streams WHERE created < ?1 AND status != 'streaming'",
                     params![*before],
                 )?;
             }
             Op::Delete { tenant, id, .. } => {
-                rows.write(&tx, runs, &mut changes, &log.pending)?;
-                let gone = tx.execute(
+                rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
+                let gone = tx.sql()?.execute(
                     "DELETE FROM streams WHERE id = ?1 AND tenant = ?2 AND status != 'streaming'",
                     params![&*id, &*tenant],
                 )?;
                 if gone > 0 {
-                    tx.execute(
+                    tx.sql()?.execute(
                         "DELETE FROM chunk_blocks WHERE stream_id = ?1",
                         params![&*id],
                     )?;
@@ -537,11 +537,11 @@ fn apply_staged(
         }
     }
     if when == Rows::WhenDue && rows.due(&log.pending) {
-        rows.write(&tx, runs, &mut changes, &log.pending)?;
+        rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
     }
     let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
         log.appended = 0;
-        let runs_from = trim_log(&tx, runs, &mut changes, log.journal.position())?;
+        let runs_from = trim_log(tx.sql()?, runs, &mut changes, log.journal.position())?;
         // Rows not written into `streams` are kept in the journal too.
         Some(
             [Some(runs_from), rows.unwritten_from(&log.pending)]
@@ -671,31 +671,36 @@ impl BatchRows {
     }
 }
 
-/// A batch's transaction, begun and committed with cached statements: rusqlite's `Transaction`
-/// prepares `BEGIN` and `COMMIT` anew each time, which cost a short stream's writer a tenth of
-/// its work. Dropped before [`commit`](Self::commit), it rolls back.
+/// A batch's transaction, begun at its first statement (a batch of chunks whose blocks are not
+/// full has none: its `write` to the journal is all it needs) and committed with cached
+/// statements: rusqlite's `Transaction` prepares `BEGIN` and `COMMIT` anew each time, which cost
+/// a short stream's writer a tenth of its work. Dropped before [`commit`](Self::commit), it rolls
+/// back.
 struct Batch<'c> {
     conn: &'c Connection,
     open: bool,
 }
 
 impl<'c> Batch<'c> {
-    fn begin(conn: &'c Connection) -> Result<Self, StoreError> {
-        conn.prepare_cached("BEGIN")?.execute([])?;
-        Ok(Self { conn, open: true })
+    fn new(conn: &'c Connection) -> Self {
+        Self { conn, open: false }
+    }
+
+    /// The connection, inside the batch's transaction (begun now if it was not).
+    fn sql(&mut self) -> Result<&'c Connection, StoreError> {
+        if !self.open {
+            self.conn.prepare_cached("BEGIN")?.execute([])?;
+            self.open = true;
+        }
+        Ok(self.conn)
     }
 
     fn commit(mut self) -> Result<(), StoreError> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        self.open = false;
+        if self.open {
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
+            self.open = false;
+        }
         Ok(())
-    }
-}
-
-impl std::ops::Deref for Batch<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        self.conn
     }
 }
 
