@@ -7,8 +7,10 @@
 //! block's two for a final status): about 13 `pwrite`s and 6 checksummed 4 KiB frames per stream,
 //! a third of what recording cost a short stream. Written in batches, neighbouring streams share
 //! those pages; made durable by the journal's one `write`, they survive a process crash as a
-//! commit with `synchronous = NORMAL` did. Readers ask the writer to write what is pending first
-//! (`SqliteStore::read`), so no reader ever misses a stream.
+//! commit with `synchronous = NORMAL` did. They are written by the writer's blocking job, never
+//! by a commit a stream waits for on its own thread (`writer::Rows`). Readers of streams' rows
+//! ask the writer to write what is pending first (`SqliteStore::read_rows`), so no reader ever
+//! misses a stream.
 
 use std::time::Instant;
 
@@ -22,8 +24,8 @@ use crate::store::{Finish, NewStream, StoreError};
 pub(super) const INGEST_ROWS: usize = 256;
 /// ...or they hold this many bytes (requests are up to the request body limit each)...
 pub(super) const INGEST_BYTES: usize = 4 * 1024 * 1024;
-/// ...or the oldest has waited this long (checked at each batch; an idle writer leaves them in
-/// the journal until the next batch, a read, or shutdown's flush).
+/// ...or the oldest has waited this long (looked at with each commit; an idle writer leaves them
+/// in the journal until its next write, a read, or shutdown's flush).
 pub(super) const INGEST_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A row for the `streams` table.
