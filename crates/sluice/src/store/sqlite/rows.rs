@@ -12,7 +12,8 @@
 //! ask the writer to write what is pending first (`SqliteStore::read_rows`), so no reader ever
 //! misses a stream.
 
-use std::time::Instant;
+// tokio's clock (the OS's outside tests): the age rule can be tested on a paused clock.
+use tokio::time::Instant;
 
 use rusqlite::{params, Connection};
 

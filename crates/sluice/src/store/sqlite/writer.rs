@@ -207,7 +207,7 @@ impl Writer {
         // What came meanwhile is a busy writer's: a blocking job takes it, and so does writing
         // the rows that wait (many streams' at once: no stream's first token waits for it).
         take(rx, &mut batch);
-        if !batch.is_empty() || log.pending.due(0, 0, Instant::now()) {
+        if !batch.is_empty() || log.pending.due(0, 0, tokio::time::Instant::now()) {
             drop(state);
             return self.hand_off(batch);
         }
@@ -248,7 +248,7 @@ impl Writer {
         let _running = Running(&self.running);
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let WriterState { rx, conn, log } = &mut *state;
-        if log.pending.due(0, 0, Instant::now()) {
+        if log.pending.due(0, 0, tokio::time::Instant::now()) {
             // Handed off by a commit on a stream's thread that left them.
             self.commit(conn, log, &mut Vec::new());
         }
@@ -610,7 +610,7 @@ impl BatchRows {
             || pending.due(
                 unwritten.len(),
                 unwritten.iter().map(|(_, r)| r.bytes()).sum(),
-                Instant::now(),
+                tokio::time::Instant::now(),
             )
     }
 
@@ -665,7 +665,7 @@ impl BatchRows {
             pending.extend(
                 first,
                 rest.into_iter().map(|(_, r)| r).collect(),
-                Instant::now(),
+                tokio::time::Instant::now(),
             );
         }
     }
