@@ -582,7 +582,11 @@ async fn waiting_rows_are_written_once_the_first_has_waited_long_enough() {
     store.begin(new_stream("old")).await.expect("begin");
     tokio::time::advance(rows::INGEST_AFTER / 2).await;
     store.begin(new_stream("younger")).await.expect("begin");
-    assert_eq!(in_db(), 0, "not yet: the first has waited half as long as it may");
+    assert_eq!(
+        in_db(),
+        0,
+        "not yet: the first has waited half as long as it may"
+    );
     tokio::time::advance(rows::INGEST_AFTER / 2).await;
     store.begin(new_stream("new")).await.expect("begin");
     for _ in 0..10_000 {
