@@ -126,6 +126,11 @@ impl Overrides {
     }
 }
 
+/// The largest request body or upstream event a config may allow: on SQLite a stream's request
+/// and each chunk are journal records, and replay takes a record of up to 64 MiB (a chunk's
+/// record holds its JSON and its text), so either may be at most a quarter of that.
+pub const MAX_RECORDED_BYTES: usize = 16 * 1024 * 1024;
+
 /// Why the configuration cannot be used. Names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -189,6 +194,21 @@ impl Config {
             key: key.to_string(),
             reason,
         };
+        // A stream's request and each chunk are journal records on SQLite (see
+        // `MAX_RECORDED_BYTES`).
+        let at_most_recorded = |key: &str, n: usize| {
+            if n > MAX_RECORDED_BYTES {
+                Err(invalid(
+                    key,
+                    format!(
+                        "must be at most {MAX_RECORDED_BYTES} (16 MiB): requests and chunks are \
+                         recorded in the store's journal, whose records are bounded"
+                    ),
+                ))
+            } else {
+                Ok(n)
+            }
+        };
         let listen = match (overrides.listen, &file.listen) {
             (Some(addr), _) => addr,
             (None, Some(text)) => text.parse().map_err(|_| {
@@ -204,7 +224,7 @@ impl Config {
         let upstream_limits = UpstreamLimits {
             max_event_bytes: match file.max_event_bytes {
                 Some(0) => return Err(invalid("max_event_bytes", "must be greater than 0".into())),
-                Some(n) => n,
+                Some(n) => at_most_recorded("max_event_bytes", n)?,
                 None => UpstreamLimits::default().max_event_bytes,
             },
             ..UpstreamLimits::default()
@@ -467,7 +487,11 @@ impl Config {
                 .clone()
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            max_body_bytes: file.max_body_bytes.unwrap_or(1 << 20).max(1),
+            max_body_bytes: at_most_recorded(
+                "max_body_bytes",
+                file.max_body_bytes.unwrap_or(1 << 20),
+            )?
+            .max(1),
             buffer_chunks: file.buffer_chunks.unwrap_or(64).max(1),
             slow_client_timeout: millis_or(file.slow_client_timeout_ms, Duration::from_secs(30)),
             keep_alive: millis_or(file.keep_alive_ms, Duration::from_secs(15)),

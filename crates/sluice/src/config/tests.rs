@@ -110,6 +110,14 @@ fn errors_name_the_file_the_key_and_the_reason() {
             &["slow_client_timeout_ms`: must be greater than 0"],
         ),
         (
+            "max_body_bytes = 16777217",
+            &["max_body_bytes`: must be at most 16777216"],
+        ),
+        (
+            "max_event_bytes = 1073741824",
+            &["max_event_bytes`: must be at most 16777216", "journal"],
+        ),
+        (
             "[[models]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\nhttp_version = \"3\"\n",
             &["models[0].http_version", "`auto`, `1.1`, `2`"],
         ),
@@ -124,6 +132,9 @@ fn errors_name_the_file_the_key_and_the_reason() {
             assert!(e.contains(part), "{text:?}: {e}");
         }
     }
+    let largest = parse("max_body_bytes = 16777216\nmax_event_bytes = 16777216")
+        .expect("the largest allowed");
+    assert_eq!(largest.max_body_bytes, MAX_RECORDED_BYTES);
     let e = parse("lisen = \"x\"").expect_err("unknown key").to_string();
     assert!(e.starts_with("config file sluice.toml: key `lisen`"), "{e}");
 }
