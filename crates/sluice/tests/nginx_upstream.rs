@@ -53,13 +53,7 @@ async fn streams_relay_and_a_client_that_leaves_is_seen_through_an_nginx_http2_u
     ))
     .await;
     for _ in 0..3 {
-        let (r, t) = run_stream(
-            &g.url,
-            &chat_body("up", true, json!({"tokens": 4}), json!(null)),
-        )
-        .await;
-        assert_eq!(r.content(), "Hello from sluice's");
-        assert_eq!(ending(&t), ("completed".into(), None));
+        four_tokens_through_up(&g.url).await;
     }
     let body = chat_body(
         "up",
@@ -87,9 +81,5 @@ async fn streams_relay_and_a_client_that_leaves_is_seen_through_an_nginx_http2_u
         ("cancelled".into(), Some("client_disconnected".into()))
     );
     // Four streams, one HTTP/2 connection to nginx.
-    let metrics = get_text(&format!("{}/metrics", g.url)).await;
-    assert!(
-        metrics.contains("sluice_upstream_connections_opened_total{version=\"2\"} 1\n"),
-        "{metrics}"
-    );
+    one_http2_upstream_connection(&g.url).await;
 }

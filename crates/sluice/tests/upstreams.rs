@@ -17,13 +17,7 @@ use sluice::upstream::sim::{self, SimDefaults};
 async fn a_stream_relays_through_an_openai_upstream() {
     let m = mock(MockOptions::default()).await;
     let g = gateway(&openai_model(&m, "upstream_model = \"the-real-name\"")).await;
-    let (r, t) = run_stream(
-        &g.url,
-        &chat_body("up", true, json!({"tokens": 4}), json!(null)),
-    )
-    .await;
-    assert_eq!(r.content(), "Hello from sluice's");
-    assert_eq!(ending(&t), ("completed".into(), None));
+    let (r, t) = four_tokens_through_up(&g.url).await;
     assert_eq!(t["usage"]["completion_tokens"], 4);
     // The upstream was asked for its own model name.
     assert_eq!(chunk_events(&r.events)[0].1["model"], "the-real-name");
@@ -163,13 +157,7 @@ async fn an_h2c_upstream_relays_and_a_client_that_leaves_resets_its_stream_at_on
     // `sluice mock-upstream` speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
     let m = mock(MockOptions::default()).await;
     let g = gateway(&openai_model(&m, "http_version = \"2\"")).await;
-    let (r, t) = run_stream(
-        &g.url,
-        &chat_body("up", true, json!({"tokens": 4}), json!(null)),
-    )
-    .await;
-    assert_eq!(r.content(), "Hello from sluice's");
-    assert_eq!(ending(&t), ("completed".into(), None));
+    four_tokens_through_up(&g.url).await;
     leave_mid_stream(&m, &g).await;
     assert_eq!((m.stats().started(), m.stats().completed()), (2, 1));
     // The next stream goes through as before, on the same connection: one HTTP/2 connection
@@ -180,11 +168,7 @@ async fn an_h2c_upstream_relays_and_a_client_that_leaves_resets_its_stream_at_on
     )
     .await;
     assert_eq!(r.content(), "Hello from");
-    let metrics = get_text(&format!("{}/metrics", g.url)).await;
-    assert!(
-        metrics.contains("sluice_upstream_connections_opened_total{version=\"2\"} 1\n"),
-        "{metrics}"
-    );
+    one_http2_upstream_connection(&g.url).await;
 }
 
 /// A client that leaves after two chunks of a slow stream: the upstream sees its request go (its

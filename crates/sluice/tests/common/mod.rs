@@ -435,6 +435,30 @@ pub async fn run_stream(url: &str, body: &Value) -> (Reader, Value) {
     (r, t)
 }
 
+/// Runs a four-token stream of model `up` (an upstream in front of the mock) and checks that it
+/// arrived whole and completed; returns it with its transcript.
+pub async fn four_tokens_through_up(url: &str) -> (Reader, Value) {
+    let (r, t) = run_stream(
+        url,
+        &chat_body("up", true, json!({"tokens": 4}), json!(null)),
+    )
+    .await;
+    assert_eq!(r.content(), "Hello from sluice's");
+    assert_eq!(ending(&t), ("completed".into(), None));
+    (r, t)
+}
+
+/// Checks that the gateway at `url` has opened exactly one HTTP/2 upstream connection
+/// (`sluice_upstream_connections_opened_total`). The metrics are the process's, shared by the
+/// tests of one binary: this holds where one test alone speaks HTTP/2.
+pub async fn one_http2_upstream_connection(url: &str) {
+    let metrics = get_text(&format!("{url}/metrics")).await;
+    assert!(
+        metrics.contains("sluice_upstream_connections_opened_total{version=\"2\"} 1\n"),
+        "{metrics}"
+    );
+}
+
 /// `(status, reason)` of a transcript.
 pub fn ending(t: &Value) -> (String, Option<String>) {
     (
