@@ -6,6 +6,8 @@
 //! - **direct**: the client talks to the upstream itself (the physical limit);
 //! - **sluice**: a `sluice serve` process (release build) with transcripts on;
 //! - **sluice, no transcripts**: the same with `record_chunks = false`;
+//! - **nginx**: nginx as a plain reverse proxy in front of the upstream, if installed: the cost of
+//!   one relay hop written in C, the floor for what any gateway process adds (see `nginx.rs`);
 //! - **peer**: another gateway (the LiteLLM proxy, started by `bench/run`), if given.
 //!
 //! Absolute times on a shared machine drift, so the report leads with differences and ratios to
@@ -32,6 +34,7 @@ mod cluster;
 mod hedge;
 mod measure;
 mod memory;
+mod nginx;
 mod report;
 mod short;
 mod tail;
@@ -125,6 +128,12 @@ struct Args {
     /// The command line to print in the report.
     #[arg(long, default_value = "bash bench/run")]
     command: String,
+    /// The nginx binary for the target "nginx (a relay hop in C)"; measured only if it exists.
+    #[arg(long, default_value = nginx::DEFAULT_BIN)]
+    nginx_bin: PathBuf,
+    /// Leave the nginx target out.
+    #[arg(long)]
+    no_nginx: bool,
     /// The HTTP version sluice speaks to the benchmark's upstream (its model's `http_version`:
     /// `auto`, which is HTTP/1.1 over plain TCP, `1.1`, or `2`, h2c).
     #[arg(long, default_value = "auto")]
@@ -351,11 +360,30 @@ async fn main() -> anyhow::Result<()> {
         base: bare.base.clone(),
         ..sluice_target.clone()
     };
+    // nginx in front of the same upstream, when installed: the floor of a relay hop.
+    let measures_nginx = !(args.only_close.is_some()
+        || args.only_memory
+        || args.only_cluster
+        || args.only_short
+        || args.only_tail
+        || args.only_hedge
+        || args.only_idle);
+    let nginx = if args.no_nginx || !measures_nginx || !args.nginx_bin.exists() {
+        None
+    } else {
+        Some(nginx::Nginx::start(&args.nginx_bin, &mock.base_url()).await?)
+    };
+    let with_nginx = |mut targets: Vec<Target>| {
+        if let Some(n) = &nginx {
+            targets.insert(1, n.target());
+        }
+        targets
+    };
     if let Some(concurrency) = args.only_throughput {
         eprintln!("sluice pid {sluice_pid}");
         let level = throughput(&sluice_target, concurrency, 10.0, plan.tokens_per_stream).await;
         println!("{}", serde_json::to_string_pretty(&level)?);
-        let targets = [direct(&mock), sluice_target.clone(), bare_target];
+        let targets = with_nginx(vec![direct(&mock), sluice_target.clone(), bare_target]);
         let mut rounds = vec![Vec::new(); targets.len()];
         for _ in 0..5 {
             for (t, r) in targets.iter().zip(&mut rounds) {
@@ -382,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(n) = args.only_ttft {
-        let targets = [direct(&mock), sluice_target.clone(), bare_target];
+        let targets = with_nginx(vec![direct(&mock), sluice_target.clone(), bare_target]);
         for t in &targets {
             ttft(t, 10)
                 .await
@@ -474,7 +502,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut targets = vec![direct(&mock), sluice_target.clone(), bare_target];
+    let mut targets = with_nginx(vec![direct(&mock), sluice_target.clone(), bare_target]);
     // The same gateway on PostgreSQL, when there is one: a second node for the cross-node
     // figures is started after the targets are measured.
     let postgres = match args.store_url.as_deref() {
@@ -572,6 +600,7 @@ async fn main() -> anyhow::Result<()> {
         &args,
         &plan,
         get("direct"),
+        get("nginx"),
         get("sluice"),
         get("sluice_no_transcripts"),
         get("peer"),
