@@ -69,8 +69,10 @@ pub(super) fn checkpointer(
 /// writer that never pauses always has new frames by the time a passive checkpoint ends: under
 /// sustained load the WAL would grow without bound (the benchmark saw 880 MB in 7 s, and the
 /// kernel zeroing fresh pages for it was 18% of the gateway's CPU). So when the WAL is past
-/// `rewind_frames` after a passive pass, the pass holds the writer's gate (the writer takes it
-/// for each batch) for a second checkpoint, which then copies the few frames written meanwhile.
+/// `rewind_frames` after a passive pass, or that pass copied every frame, the pass holds the
+/// writer's gate (the writer takes it for each batch) for a second checkpoint, which then
+/// copies the few frames written meanwhile (always: the writer may have committed between the
+/// two).
 ///
 /// Whoever writes first into a WAL whose every frame has been copied restarts it, and a restart
 /// syncs the WAL's new header to disk (`synchronous = NORMAL`): a few hundred microseconds that
@@ -102,6 +104,16 @@ impl Pass {
     /// Checkpoints and, if every frame was copied, restarts the WAL. Returns the WAL's frames
     /// (before a restart), or `None` if there was nothing new to copy.
     pub(super) fn run(&mut self, gate: &Mutex<()>) -> rusqlite::Result<Option<i64>> {
+        self.run_with(gate, || {})
+    }
+
+    /// [`run`](Self::run), calling `before_gate` between the passive checkpoint and taking the
+    /// gate: the moment the writer can still commit (a test writes there).
+    pub(super) fn run_with(
+        &mut self,
+        gate: &Mutex<()>,
+        before_gate: impl FnOnce(),
+    ) -> rusqlite::Result<Option<i64>> {
         let version = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))?;
@@ -110,18 +122,24 @@ impl Pass {
         }
         self.seen = Some(version);
         self.settled = false;
-        let (mut frames, mut copied) = self.checkpoint()?;
+        let (frames, copied) = self.checkpoint()?;
         if frames == 0 {
             self.settled = true;
-        } else if frames > self.rewind_frames || copied == frames {
-            let _writer_paused = gate.lock().unwrap_or_else(PoisonError::into_inner);
-            if copied < frames {
-                (frames, copied) = self.checkpoint()?;
-            }
-            if copied == frames {
-                self.restart()?;
-                self.settled = true;
-            }
+            return Ok(Some(frames));
+        }
+        if frames <= self.rewind_frames && copied < frames {
+            return Ok(Some(frames));
+        }
+        before_gate();
+        let _writer_paused = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        // Again under the gate, even if the first copied everything: the writer may have
+        // committed between it and the gate, and a write into a WAL not wholly copied is
+        // appended to it rather than restarting it. (Skipped when the first had copied
+        // everything, the WAL never rewound under writes that never pause.)
+        let (frames, copied) = self.checkpoint()?;
+        if copied == frames {
+            self.restart()?;
+            self.settled = true;
         }
         Ok(Some(frames))
     }

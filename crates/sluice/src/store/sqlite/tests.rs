@@ -921,29 +921,53 @@ async fn a_queue_full_of_waiting_chunks_is_emptied_for_the_next() {
     assert_eq!(transcript(&store, "f1").await.chunks.len(), last as usize);
 }
 
+/// A store whose checkpoint thread makes no pass of its own during a test, with a pass the test
+/// runs on a connection of its own, the writer's gate and the WAL's path.
+struct Passes {
+    store: crate::store::Store,
+    pass: super::checkpoint::Pass,
+    gate: Arc<Mutex<()>>,
+    wal: std::path::PathBuf,
+}
+
+impl Passes {
+    fn open(dir: &std::path::Path) -> Self {
+        let when = Checkpoints {
+            every: Duration::from_secs(3600),
+            rewind_frames: 4096,
+        };
+        let (sqlite, _) = SqliteStore::open_with(dir, when).expect("open");
+        let connection = Connection::open(sqlite.path()).expect("open");
+        Self {
+            pass: super::checkpoint::Pass::new(connection, 4096),
+            gate: sqlite.writer.gate.clone(),
+            wal: sqlite.path().with_extension("db-wal"),
+            store: crate::store::Store::from_sqlite(sqlite),
+        }
+    }
+}
+
+/// How often the WAL at `wal` has restarted: its header's checkpoint sequence number (bytes
+/// 12..16).
+fn restarts(wal: &std::path::Path) -> u32 {
+    let header = std::fs::read(wal).expect("read the WAL");
+    u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
+}
+
 /// The checkpoint thread restarts the WAL itself once every frame is copied, so the writer's
 /// next batch is appended to it instead of restarting it (a restart syncs the WAL's new header
 /// to disk: a few hundred microseconds a stream's commit would pay, on a runtime thread); and a
 /// pass with nothing new to copy does nothing.
 #[tokio::test]
 async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
-    use super::checkpoint::Pass;
     let dir = tempfile::tempdir().expect("tempdir");
-    // The thread's own passes do not come during the test: the test runs them.
-    let when = Checkpoints {
-        every: Duration::from_secs(3600),
-        rewind_frames: 4096,
-    };
-    let (sqlite, _) = SqliteStore::open_with(dir.path(), when).expect("open");
-    let wal = sqlite.path().with_extension("db-wal");
-    let gate = sqlite.writer.gate.clone();
-    let mut pass = Pass::new(Connection::open(sqlite.path()).expect("open"), 4096);
-    let store = crate::store::Store::from_sqlite(sqlite);
-    // A WAL's header counts its restarts (its checkpoint sequence number, bytes 12..16).
-    let restarts = || {
-        let header = std::fs::read(&wal).expect("read the WAL");
-        u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
-    };
+    let Passes {
+        store,
+        mut pass,
+        gate,
+        wal,
+    } = Passes::open(dir.path());
+    let restarts = || restarts(&wal);
     store.begin(new_stream("r1")).await.expect("begin");
     // A record reaches the database (and the WAL) with the rows written at a flush.
     store.flush().await.expect("flush");
@@ -972,6 +996,47 @@ async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
             .expect("get")
             .is_some());
     }
+}
+
+/// A commit that the pass's first checkpoint did not see, though that checkpoint copied every
+/// frame it saw, does not keep the WAL from restarting: the pass checkpoints again under the
+/// gate before its restart. (It did not: the restart's row was then appended to a WAL not wholly
+/// copied, which does not restart it; under writes that never pause, the writer commits during
+/// every pass's first checkpoint, and the WAL grew with everything written.)
+#[tokio::test]
+async fn a_commit_the_first_checkpoint_missed_does_not_keep_the_wal_from_restarting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Passes {
+        store,
+        mut pass,
+        gate,
+        wal,
+    } = Passes::open(dir.path());
+    let other = Connection::open(wal.with_extension("db")).expect("open");
+    let restarts = || restarts(&wal);
+    store.begin(new_stream("c1")).await.expect("begin");
+    store.flush().await.expect("flush");
+    // A writer whose transaction began before the checkpoint (as one running during it did):
+    // its commit is appended to the WAL, which it cannot restart.
+    other.execute_batch("BEGIN").expect("begin");
+    let _: i64 = other
+        .query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
+        .expect("read");
+    let before = restarts();
+    let frames = pass
+        .run_with(&gate, || {
+            other
+                .execute(
+                    "INSERT INTO wal_restarts (id, n) VALUES (1, 1)
+                     ON CONFLICT (id) DO UPDATE SET n = n + 1",
+                    [],
+                )
+                .expect("a write the first checkpoint missed");
+            other.execute_batch("COMMIT").expect("commit");
+        })
+        .expect("pass");
+    assert!(frames.is_some());
+    assert_eq!(restarts(), before + 1, "the pass did not restart the WAL");
 }
 
 /// While the checkpoint thread holds the gate, a write that would be committed on the caller's
