@@ -79,12 +79,16 @@ pub fn block(data: &[u8]) {
 }
 
 /// A journal segment: arbitrary bytes give the records before the first damaged one, never a
-/// panic, and those records re-encode to exactly the bytes they were read from.
+/// panic, and the segment's header (if it has one) and those records re-encode to exactly the
+/// bytes they were read from.
 pub fn journal(data: &[u8]) {
-    let (records, whole) = crate::store::decode_journal(data);
+    let (seal, records, whole) = crate::store::decode_journal(data);
     let mut again = Vec::new();
+    if let crate::store::JournalSeal::Salted(start) = seal {
+        crate::store::encode_journal_header(&mut again, start);
+    }
     for record in &records {
-        crate::store::encode_journal(&mut again, record);
+        crate::store::encode_journal(&mut again, seal, record);
     }
     assert!(
         data.starts_with(&again),

@@ -55,7 +55,10 @@ pub use records::{
     ChunkRecord, Finish, NewStream, StoredChunk, StreamKey, StreamState, StreamSummary, Timings,
     Transcript, TranscriptHead,
 };
-pub(crate) use sqlite::journal::{decode_all as decode_journal, encode_recorded as encode_journal};
+pub(crate) use sqlite::journal::{
+    decode_all as decode_journal, encode_header as encode_journal_header,
+    encode_recorded as encode_journal, Seal as JournalSeal,
+};
 pub use watermark::Watermark;
 pub use write::Arrival;
 
