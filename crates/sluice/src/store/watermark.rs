@@ -109,6 +109,11 @@ impl Watermark {
         self.lose(seq);
     }
 
+    /// Whether `other` is a clone of this watermark (the same stream's).
+    pub(super) fn same(&self, other: &Watermark) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub(super) fn advance(&self, seq: u64) {
         if self.0.seq.fetch_max(seq, Ordering::SeqCst) < seq {
             self.0.client.wake();

@@ -15,6 +15,7 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
         tracing::error!(error = %e.report(), writes = batch.len(), "store batch failed");
         metrics::counter!("sluice_store_write_errors_total").increment(batch.len() as u64);
     }
+    let mut burst = Burst::default();
     for op in batch.drain(..) {
         match op {
             Op::Begin(_, ack)
@@ -22,13 +23,42 @@ pub(super) fn settle(batch: &mut Vec<Op>, result: &Result<(), StoreError>) {
             | Op::Flush(ack)
             | Op::Delete { ack, .. }
             | Op::Expire { ack, .. } => {
+                // The chunks before a write are settled before it is answered.
+                burst.end();
                 // A caller that stopped waiting needs no answer.
                 let _ = ack.send(result.clone());
             }
             Op::Append { seq, watermark, .. } => match result {
-                Ok(()) => watermark.advance(seq),
+                Ok(()) => burst.add(watermark, seq),
                 Err(_) => watermark.lose(seq),
             },
+        }
+    }
+    burst.end();
+}
+
+/// One stream's chunks in a row in a batch (a relay's burst): its watermark moves once, to the
+/// last of them, so its client side is woken and its waiters looked at once per burst rather
+/// than once per chunk.
+#[derive(Default)]
+struct Burst(Option<(Watermark, u64)>);
+
+impl Burst {
+    /// Chunk `seq` of the stream that `mark` is the watermark of, committed.
+    fn add(&mut self, mark: Watermark, seq: u64) {
+        match &mut self.0 {
+            Some((same, last)) if same.same(&mark) => *last = seq.max(*last),
+            _ => {
+                self.end();
+                self.0 = Some((mark, seq));
+            }
+        }
+    }
+
+    /// Moves the burst's watermark.
+    fn end(&mut self) {
+        if let Some((mark, last)) = self.0.take() {
+            mark.advance(last);
         }
     }
 }
@@ -126,4 +156,53 @@ pub(super) enum Op {
         before: i64,
         ack: oneshot::Sender<Result<(), StoreError>>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(mark: &Watermark, seq: u64) -> Op {
+        Op::Append {
+            id: Arc::from("s"),
+            seq,
+            offset: Duration::ZERO,
+            data: Arc::from("{}"),
+            content: String::new(),
+            watermark: mark.clone(),
+            promptly: false,
+            caller_commits: true,
+        }
+    }
+
+    #[test]
+    fn every_stream_in_a_batch_reaches_its_last_chunk() {
+        let (a, b) = (Watermark::new(), Watermark::new());
+        let (ack, mut answered) = oneshot::channel();
+        let mut batch = vec![
+            append(&a, 1),
+            append(&a, 2),
+            append(&b, 1),
+            append(&a, 3),
+            Op::Flush(ack),
+            append(&b, 2),
+            append(&b, 3),
+        ];
+        settle(&mut batch, &Ok(()));
+        assert!(batch.is_empty());
+        assert_eq!((a.get(), b.get()), (3, 3));
+        assert!(a.is_stored(3) && b.is_stored(3) && a.lost().is_none());
+        assert!(matches!(answered.try_recv(), Ok(Ok(()))));
+    }
+
+    #[test]
+    fn a_failed_batch_loses_each_streams_first_chunk_in_it() {
+        let (a, b) = (Watermark::new(), Watermark::new());
+        a.advance_for_test(1);
+        let mut batch = vec![append(&a, 2), append(&a, 3), append(&b, 1)];
+        settle(&mut batch, &Err(StoreError::Closed));
+        assert_eq!((a.lost(), b.lost()), (Some(2), Some(1)));
+        assert_eq!((a.get(), b.get()), (3, 1));
+        assert!(a.is_stored(1) && !a.is_stored(2));
+    }
 }
