@@ -319,28 +319,18 @@ impl Journal {
     /// there is one.
     fn rotate(&mut self, next: u64) -> Result<(), StoreError> {
         if self.taken_len > self.len {
-            // A reused file's earlier records past this segment's end: only the last segment
-            // may end in bytes that are not its own.
-            self.file
-                .set_len(self.len)
-                .map_err(|e| StoreError::io("cannot cut a journal segment", e))?;
+            // A reused file's earlier records past this segment's end, cut so that only the
+            // last segment ends in bytes not its own. Were they left, replay would stop at them
+            // all the same (their checksums fail), after every record of this segment.
+            if let Err(e) = self.file.set_len(self.len) {
+                tracing::debug!(error = %e, "a reused journal segment was not cut to its end");
+            }
         }
         let path = segment_path(&self.dir, next);
-        let (mut file, taken_len) = match self.spares.pop() {
-            Some(spare) => {
-                std::fs::rename(&spare, &path)
-                    .map_err(|e| StoreError::io("cannot reuse a journal segment", e))?;
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| StoreError::io("cannot reuse a journal segment", e))?;
-                let taken_len = file
-                    .metadata()
-                    .map_err(|e| StoreError::io("cannot reuse a journal segment", e))?
-                    .len();
-                (file, taken_len)
-            }
-            None => (create_segment(&self.dir, next)?, 0),
+        let (mut file, taken_len) = match self.spares.pop().map(|spare| reuse(&spare, &path)) {
+            Some(Ok(reused)) => reused,
+            // A spare that cannot be taken (gone, say): a new file, as without one.
+            Some(Err(_)) | None => (create_segment(&self.dir, next)?, 0),
         };
         write_header(&mut file, next)?;
         self.unsynced.push(&file)?;
@@ -447,6 +437,15 @@ fn close(buf: &mut [u8], at: usize, seal: Seal) {
     let (len, crc) = (payload.len() as u32, seal.checksum(payload));
     buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
     buf[at + 4..at + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Renames the spare file at `spare` to `path` and opens it to be written from its start; with
+/// its size.
+fn reuse(spare: &Path, path: &Path) -> std::io::Result<(File, u64)> {
+    std::fs::rename(spare, path)?;
+    let file = OpenOptions::new().write(true).open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
 }
 
 fn create_segment(dir: &Path, start: u64) -> Result<File, StoreError> {
