@@ -30,7 +30,10 @@
 //! be) and its first position (u64). Then its records: payload length (u32), CRC-32 of the
 //! segment's first position and the payload (u32), then the payload, all little-endian. The
 //! first position in the checksum is what keeps a reused file's old records (past what this
-//! segment has written) from being read back as its own: they were sealed with another. A
+//! segment has written) from being read back as its own: they were sealed with another. The
+//! header goes out with the segment's first records (beginning a segment writes nothing, which
+//! a full disk would refuse), so a segment whose header names another position than its file's
+//! name is a reused file not yet written to, and holds none of its records. A
 //! segment without the header (written before 2026-12-01, evening) has the CRC-32 of the
 //! payload alone. A chunk's: the stream id (u16 length and bytes), seq (u64), offset in µs
 //! (i64), the chunk JSON and its text (each a u32 length and bytes). A row's (a stream's record
@@ -137,8 +140,12 @@ pub(crate) struct Journal {
     /// The segment being appended to, and its first position.
     file: File,
     start: u64,
-    /// Bytes in the current segment.
+    /// Bytes in the current segment, its header counted (positions count it) whether or not
+    /// it is on disk yet.
     len: u64,
+    /// Whether the current segment's header is on disk (it goes with the segment's first
+    /// write).
+    headed: bool,
     /// First positions of older segments still on disk, oldest first.
     older: VecDeque<u64>,
     /// Trimmed segment files kept for the next segments (see [`SPARES`]).
@@ -202,6 +209,15 @@ impl Journal {
                 })
                 .map_err(|e| StoreError::io("cannot read the journal", e))?;
             let (seal, records, whole) = decode_all(&bytes);
+            if matches!(seal, Seal::Salted(s) if s != start) {
+                // A reused file whose first write never came: its header and records are
+                // those of the segment it was before.
+                tracing::info!(
+                    segment = start,
+                    "a journal segment holds none of its own records yet"
+                );
+                continue;
+            }
             let last = i + 1 == starts.len();
             if !whole && last && seal != Seal::Plain {
                 // Normal: past its last record a reused file holds its earlier records.
@@ -231,8 +247,7 @@ impl Journal {
                 .map_err(|e| StoreError::io("cannot delete a journal segment", e))?;
         }
         remove_spares(dir)?;
-        let mut file = create_segment(dir, 0)?;
-        write_header(&mut file, 0)?;
+        let file = create_segment(dir, 0)?;
         let unsynced = Unsynced::default();
         unsynced.push(&file)?;
         Ok(Self {
@@ -240,6 +255,7 @@ impl Journal {
             file,
             start: 0,
             len: SEGMENT_HEADER as u64,
+            headed: false,
             older: VecDeque::new(),
             spares: Vec::new(),
             taken_len: 0,
@@ -281,20 +297,32 @@ impl Journal {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let written = self.file.write_all(&self.buf);
         let staged = self.buf.len() as u64;
+        // What of the segment is on disk; its header goes out with its first records (a
+        // segment is begun without a write, which a full disk would fail).
+        let on_disk = if self.headed {
+            self.len
+        } else {
+            let mut headed = Vec::with_capacity(SEGMENT_HEADER + self.buf.len());
+            encode_header(&mut headed, self.start);
+            headed.extend_from_slice(&self.buf);
+            self.buf = headed;
+            0
+        };
+        let written = self.file.write_all(&self.buf);
         self.buf.clear();
         // A burst's buffer is not kept for good.
         self.buf.shrink_to(1024 * 1024);
         if let Err(e) = written {
-            let cut = self.file.set_len(self.len);
-            let back = cut.and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
+            let cut = self.file.set_len(on_disk);
+            let back = cut.and_then(|()| self.file.seek(SeekFrom::Start(on_disk)));
             if back.is_err() {
                 // Past whatever part of them got in: the next segment's name is new.
                 self.rotate(self.start + self.len + staged)?;
             }
             return Err(StoreError::io("cannot append to the journal", e));
         }
+        self.headed = true;
         self.len += staged;
         if self.len >= SEGMENT_BYTES {
             self.rotate(self.start + self.len)?;
@@ -318,27 +346,28 @@ impl Journal {
     /// Closes the current segment and begins the next at position `next`, in a spare file if
     /// there is one.
     fn rotate(&mut self, next: u64) -> Result<(), StoreError> {
-        if self.taken_len > self.len {
+        let end = if self.headed { self.len } else { 0 };
+        if self.taken_len > end {
             // A reused file's earlier records past this segment's end, cut so that only the
             // last segment ends in bytes not its own. Were they left, replay would stop at them
             // all the same (their checksums fail), after every record of this segment.
-            if let Err(e) = self.file.set_len(self.len) {
+            if let Err(e) = self.file.set_len(end) {
                 tracing::debug!(error = %e, "a reused journal segment was not cut to its end");
             }
         }
         let path = segment_path(&self.dir, next);
-        let (mut file, taken_len) = match self.spares.pop().map(|spare| reuse(&spare, &path)) {
+        let (file, taken_len) = match self.spares.pop().map(|spare| reuse(&spare, &path)) {
             Some(Ok(reused)) => reused,
             // A spare that cannot be taken (gone, say): a new file, as without one.
             Some(Err(_)) | None => (create_segment(&self.dir, next)?, 0),
         };
-        write_header(&mut file, next)?;
         self.unsynced.push(&file)?;
         self.file = file;
         self.taken_len = taken_len;
         self.older.push_back(self.start);
         self.start = next;
         self.len = SEGMENT_HEADER as u64;
+        self.headed = false;
         Ok(())
     }
 
@@ -376,14 +405,6 @@ impl Journal {
 pub(crate) fn encode_header(buf: &mut Vec<u8>, start: u64) {
     buf.extend_from_slice(&SEGMENT_MARK);
     buf.extend_from_slice(&start.to_le_bytes());
-}
-
-/// Writes a segment's header at the start of `file` (just created, or reused: its cursor at 0).
-fn write_header(file: &mut File, start: u64) -> Result<(), StoreError> {
-    let mut header = Vec::with_capacity(SEGMENT_HEADER);
-    encode_header(&mut header, start);
-    file.write_all(&header)
-        .map_err(|e| StoreError::io("cannot begin a journal segment", e))
 }
 
 /// Deletes the spare segment files in `dir`.
@@ -711,13 +732,21 @@ mod tests {
         let first = inode(0);
         j.trim(positions[4]).expect("trim");
         assert_eq!(segments(dir.path()).expect("list").len(), 1);
-        // Records 5-8 fill the second segment; 9 begins the third, in the first one's file.
-        for seq in 6..=9 {
+        // Records 5-8 fill the second segment, and the third begins in the first one's file.
+        for seq in 6..=8 {
             write(&mut j, seq);
         }
         let starts = segments(dir.path()).expect("list");
         assert_eq!(starts.len(), 2);
         assert_eq!(inode(starts[1]), first, "the spare was not reused");
+        let replayed = |dir: &Path| {
+            let back = Journal::recover(dir).expect("recover");
+            chunks(&back).iter().map(|(_, c)| c.seq).collect::<Vec<_>>()
+        };
+        // A crash before its first write: the file holds the first segment's header and records,
+        // none of them the third's.
+        assert_eq!(replayed(dir.path()), (5..=8).collect::<Vec<_>>());
+        write(&mut j, 9);
         drop(j);
         // The file still holds records 2-4 past record 9; they are not the segment's.
         assert!(
@@ -726,11 +755,7 @@ mod tests {
                 .len()
                 > 3 << 20
         );
-        let back = Journal::recover(dir.path()).expect("recover");
-        assert_eq!(
-            chunks(&back).iter().map(|(_, c)| c.seq).collect::<Vec<_>>(),
-            (5..=9).collect::<Vec<_>>()
-        );
+        assert_eq!(replayed(dir.path()), (5..=9).collect::<Vec<_>>());
     }
 
     /// A segment written before segments had a header (records sealed over their payload alone)

@@ -229,27 +229,30 @@ async fn chunks_only_in_the_journal_survive_a_crash() {
         // Dropped with 13 chunks in a run: like a kill, nothing more is written.
         assert_eq!(journaled(dir.path()).len(), 45);
     }
-    // A chunk of a stream whose record never made it (its batch failed) is not folded.
+    // A chunk of a stream whose record never made it (its batch failed) is not folded: a
+    // segment after the others holds it.
     {
-        let other = tempfile::tempdir().expect("tempdir");
-        let mut j = journal::Journal::start(other.path()).expect("start");
-        j.stage(
-            "ghost",
-            &block::LoggedChunk {
-                seq: 1,
-                offset_us: 0,
-                data: "{}".into(),
-                content: String::new(),
-            },
-        );
-        j.write().expect("write");
-        std::fs::copy(
-            other.path().join(format!("{:020}.journal", 0)),
+        let start = 1u64 << 40;
+        let mut segment = Vec::new();
+        journal::encode_header(&mut segment, start);
+        let ghost = block::LoggedChunk {
+            seq: 1,
+            offset_us: 0,
+            data: "{}".into(),
+            content: String::new(),
+        };
+        journal::encode(&mut segment, journal::Seal::Salted(start), "ghost", &ghost);
+        std::fs::write(
             dir.path()
                 .join("journal")
-                .join(format!("{:020}.journal", 1u64 << 40)),
+                .join(format!("{start:020}.journal")),
+            &segment,
         )
-        .expect("copy");
+        .expect("write");
+        let replayed = journal::Journal::recover(&dir.path().join("journal")).expect("recover");
+        assert!(replayed
+            .iter()
+            .any(|r| matches!(r, journal::Recorded::Chunk(id, _) if id == "ghost")));
     }
     let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
     assert_eq!(recovered, 1);
