@@ -298,17 +298,15 @@ impl Journal {
             return Ok(());
         }
         let staged = self.buf.len() as u64;
-        // What of the segment is on disk; its header goes out with its first records (a
-        // segment is begun without a write, which a full disk would fail).
-        let on_disk = if self.headed {
-            self.len
-        } else {
+        let on_disk = self.on_disk();
+        if !self.headed {
+            // The segment's header goes out with its first records (a segment is begun
+            // without a write, which a full disk would fail).
             let mut headed = Vec::with_capacity(SEGMENT_HEADER + self.buf.len());
             encode_header(&mut headed, self.start);
             headed.extend_from_slice(&self.buf);
             self.buf = headed;
-            0
-        };
+        }
         let written = self.file.write_all(&self.buf);
         self.buf.clear();
         // A burst's buffer is not kept for good.
@@ -343,10 +341,20 @@ impl Journal {
         self.buf.clear();
     }
 
+    /// Bytes of the current segment on disk (none before its first write, which carries its
+    /// header).
+    fn on_disk(&self) -> u64 {
+        if self.headed {
+            self.len
+        } else {
+            0
+        }
+    }
+
     /// Closes the current segment and begins the next at position `next`, in a spare file if
     /// there is one.
     fn rotate(&mut self, next: u64) -> Result<(), StoreError> {
-        let end = if self.headed { self.len } else { 0 };
+        let end = self.on_disk();
         if self.taken_len > end {
             // A reused file's earlier records past this segment's end, cut so that only the
             // last segment ends in bytes not its own. Were they left, replay would stop at them

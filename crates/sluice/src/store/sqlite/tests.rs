@@ -958,13 +958,19 @@ impl Passes {
             store: crate::store::Store::from_sqlite(sqlite),
         }
     }
-}
 
-/// How often the WAL at `wal` has restarted: its header's checkpoint sequence number (bytes
-/// 12..16).
-fn restarts(wal: &std::path::Path) -> u32 {
-    let header = std::fs::read(wal).expect("read the WAL");
-    u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
+    /// Records stream `id`: its record reaches the database (and the WAL) with the rows
+    /// written at a flush.
+    async fn record(&self, id: &str) {
+        self.store.begin(new_stream(id)).await.expect("begin");
+        self.store.flush().await.expect("flush");
+    }
+
+    /// How often the WAL has restarted: its header's checkpoint sequence number (bytes 12..16).
+    fn restarts(&self) -> u32 {
+        let header = std::fs::read(&self.wal).expect("read the WAL");
+        u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
+    }
 }
 
 /// The checkpoint thread restarts the WAL itself once every frame is copied, so the writer's
@@ -974,36 +980,28 @@ fn restarts(wal: &std::path::Path) -> u32 {
 #[tokio::test]
 async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Passes {
-        store,
-        mut pass,
-        gate,
-        wal,
-    } = Passes::open(dir.path());
-    let restarts = || restarts(&wal);
-    store.begin(new_stream("r1")).await.expect("begin");
-    // A record reaches the database (and the WAL) with the rows written at a flush.
-    store.flush().await.expect("flush");
-    let before = restarts();
-    assert!(pass.run(&gate).expect("pass").is_some());
-    assert_eq!(restarts(), before + 1, "the pass did not restart the WAL");
-    store.begin(new_stream("r2")).await.expect("begin");
-    store.flush().await.expect("flush");
+    let mut p = Passes::open(dir.path());
+    p.record("r1").await;
+    let before = p.restarts();
+    assert!(p.pass.run(&p.gate).expect("pass").is_some());
+    assert_eq!(p.restarts(), before + 1, "the pass did not restart the WAL");
+    p.record("r2").await;
     assert_eq!(
-        restarts(),
+        p.restarts(),
         before + 1,
         "the writer's commit restarted the WAL"
     );
-    assert!(pass.run(&gate).expect("pass").is_some());
-    assert_eq!(restarts(), before + 2, "the pass did not restart the WAL");
+    assert!(p.pass.run(&p.gate).expect("pass").is_some());
+    assert_eq!(p.restarts(), before + 2, "the pass did not restart the WAL");
     assert_eq!(
-        pass.run(&gate).expect("pass"),
+        p.pass.run(&p.gate).expect("pass"),
         None,
         "nothing new, yet a pass"
     );
-    assert_eq!(restarts(), before + 2);
+    assert_eq!(p.restarts(), before + 2);
     for id in ["r1", "r2"] {
-        assert!(store
+        assert!(p
+            .store
             .get(Tenant("local"), StreamId(id))
             .await
             .expect("get")
@@ -1019,25 +1017,19 @@ async fn the_checkpoint_restarts_the_wal_so_that_a_commit_does_not() {
 #[tokio::test]
 async fn a_commit_the_first_checkpoint_missed_does_not_keep_the_wal_from_restarting() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Passes {
-        store,
-        mut pass,
-        gate,
-        wal,
-    } = Passes::open(dir.path());
-    let other = Connection::open(wal.with_extension("db")).expect("open");
-    let restarts = || restarts(&wal);
-    store.begin(new_stream("c1")).await.expect("begin");
-    store.flush().await.expect("flush");
+    let mut p = Passes::open(dir.path());
+    let other = Connection::open(p.wal.with_extension("db")).expect("open");
+    p.record("c1").await;
     // A writer whose transaction began before the checkpoint (as one running during it did):
     // its commit is appended to the WAL, which it cannot restart.
     other.execute_batch("BEGIN").expect("begin");
     let _: i64 = other
         .query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
         .expect("read");
-    let before = restarts();
-    let frames = pass
-        .run_with(&gate, || {
+    let before = p.restarts();
+    let frames = p
+        .pass
+        .run_with(&p.gate, || {
             other
                 .execute(
                     "INSERT INTO wal_restarts (id, n) VALUES (1, 1)
@@ -1049,7 +1041,7 @@ async fn a_commit_the_first_checkpoint_missed_does_not_keep_the_wal_from_restart
         })
         .expect("pass");
     assert!(frames.is_some());
-    assert_eq!(restarts(), before + 1, "the pass did not restart the WAL");
+    assert_eq!(p.restarts(), before + 1, "the pass did not restart the WAL");
 }
 
 /// While the checkpoint thread holds the gate, a write that would be committed on the caller's
