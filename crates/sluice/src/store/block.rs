@@ -8,9 +8,11 @@
 //! - each chunk is appended to the journal (`store/sqlite/journal`: a file, arrival order, one
 //!   `write` per batch). This is what makes a chunk durable before anyone sees it.
 //! - the writer keeps each stream's chunks that are in the journal but not yet in a block (its
-//!   [`Run`], at most [`BLOCK_CHUNKS`] chunks or [`BLOCK_BYTES`] bytes, so memory per stream stays
-//!   bounded) and, when a run is full or its stream ends, writes it as one `chunk_blocks` row:
-//!   one index entry per block instead of one per chunk.
+//!   [`Run`]) and, when a run is full or its stream ends, writes it as one `chunk_blocks` row:
+//!   one index entry per block instead of one per chunk. A run is full at [`BLOCK_CHUNKS`]
+//!   chunks or [`BLOCK_BYTES`] bytes; one that fills in a commit made on its stream's own thread
+//!   waits for the writer's next batch on its blocking thread (many streams' blocks in one
+//!   transaction), up to [`LEFT_FULL`] times that, so memory per stream stays bounded.
 //! - the journal's head, once every chunk in it is also in a committed block, is deleted now and
 //!   then, a segment at a time.
 //!
@@ -26,6 +28,10 @@ pub(crate) const BLOCK_CHUNKS: usize = 64;
 /// A run this large (chunk JSON and text, in bytes) is written as a block even before it has
 /// [`BLOCK_CHUNKS`] chunks.
 pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
+/// A full run left waiting by a commit on its stream's own thread (for a drain job to write with
+/// other streams' blocks) is written there after all once it holds this many times
+/// [`BLOCK_CHUNKS`] or [`BLOCK_BYTES`]: what bounds a run's memory.
+pub(crate) const LEFT_FULL: usize = 2;
 /// How many chunks are journaled between two looks at the journal's head.
 pub(crate) const LOG_CHECK_EVERY: i64 = 4096;
 /// A run whose first chunk is this many journal bytes behind the newest is written as a (short)
@@ -59,8 +65,8 @@ const LZ4_MAX_RATIO: usize = 255;
 /// a table).
 const COMPRESS_FROM: usize = 8 * 1024;
 /// The most bytes a [`DELTA`] block's chunks may take from the chunks before them, in all. A
-/// block the writer makes takes less than `2 * BLOCK_BYTES` (a run is written once it reaches
-/// `BLOCK_BYTES`, and a chunk takes at most the size of the one before it); beyond this bound a
+/// block the writer makes takes less than `LEFT_FULL * BLOCK_BYTES` (a run is written once it
+/// reaches that at most, and a chunk takes at most the size of the one before it); beyond this bound a
 /// block is damaged, and decoding it stops before it makes its reader hold more than its own
 /// size and this.
 const MAX_SHARED: usize = 64 * BLOCK_BYTES;

@@ -137,6 +137,7 @@ impl SqliteStore {
                     journal,
                     appended: 0,
                     pending: Pending::default(),
+                    full: Default::default(),
                 },
             }),
             runs: runs.clone(),

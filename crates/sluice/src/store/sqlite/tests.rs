@@ -1123,21 +1123,28 @@ fn chunk_json(seq: u64) -> Arc<str> {
     Arc::from(serde_json::json!({"choices": [{"delta": {"content": seq.to_string()}}]}).to_string())
 }
 
+/// What the writer's batches are applied with, for tests that apply them one at a time: a
+/// database under `dir` with the schema, the streams' runs, and the journal with its state.
+fn batch_writer(dir: &std::path::Path) -> (Connection, Mutex<block::Runs>, LogState) {
+    let conn = Connection::open(dir.join("sluice.db")).expect("open db");
+    conn.execute_batch(SCHEMA).expect("schema");
+    let log = LogState {
+        journal: Journal::start(&dir.join("journal")).expect("journal"),
+        appended: 0,
+        pending: super::rows::Pending::default(),
+        full: Default::default(),
+    };
+    (conn, Mutex::new(block::Runs::default()), log)
+}
+
 /// A batch committed on a stream's own thread (its record, before its first token) leaves
 /// rows that are due to a drain job's batch: no stream waits for other streams' rows.
 #[test]
 fn a_commit_on_a_streams_thread_leaves_due_rows_to_a_drain_job() {
-    use super::rows::{Pending, INGEST_ROWS};
+    use super::rows::INGEST_ROWS;
     use super::writer::{apply, Rows};
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut conn = Connection::open(dir.path().join("sluice.db")).expect("open db");
-    conn.execute_batch(SCHEMA).expect("schema");
-    let runs = Mutex::new(block::Runs::default());
-    let mut log = LogState {
-        journal: Journal::start(&dir.path().join("journal")).expect("journal"),
-        appended: 0,
-        pending: Pending::default(),
-    };
+    let (mut conn, runs, mut log) = batch_writer(dir.path());
     let streams = |conn: &Connection| -> i64 {
         conn.query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
             .expect("count")
@@ -1150,4 +1157,71 @@ fn a_commit_on_a_streams_thread_leaves_due_rows_to_a_drain_job() {
     assert_eq!((log.pending.len(), streams(&conn)), (INGEST_ROWS, 0));
     apply(&mut conn, &mut [], &runs, &mut log, Rows::WhenDue).expect("apply");
     assert_eq!((log.pending.len(), streams(&conn)), (0, INGEST_ROWS as i64));
+}
+
+/// A run that fills in a batch committed on its stream's own thread is not written there (no
+/// SQLite transaction in that chunk's way) unless it holds twice a block's worth; the next drain
+/// job's batch writes it, with other streams' blocks.
+#[test]
+fn a_run_filled_on_a_streams_thread_is_written_by_a_drain_job() {
+    use super::writer::{apply, Rows};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut conn, runs, mut log) = batch_writer(dir.path());
+    let blocks = |conn: &Connection| -> Vec<(String, i64, i64)> {
+        let mut q = conn
+            .prepare("SELECT stream_id, first_seq, last_seq FROM chunk_blocks ORDER BY stream_id, first_seq")
+            .expect("prepare");
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    let in_run = |id: &str| lock(&runs).get(id).map_or(0, |r| r.chunks.len());
+    let mut next = std::collections::HashMap::<&str, u64>::new();
+    let mut append = |conn: &mut Connection, log: &mut LogState, id: &'static str, n: u64, when| {
+        let mut batch: Vec<Op> = (0..n)
+            .map(|_| {
+                let seq = next.entry(id).or_insert(0);
+                *seq += 1;
+                Op::Append {
+                    id: Arc::from(id),
+                    seq: *seq,
+                    offset: Duration::ZERO,
+                    data: chunk_json(*seq),
+                    content: String::new(),
+                    watermark: Watermark::new(),
+                    promptly: false,
+                    caller_commits: true,
+                }
+            })
+            .collect();
+        apply(conn, &mut batch, &runs, log, when).expect("apply");
+    };
+    let full = block::BLOCK_CHUNKS as u64;
+    // "a" fills its run on its own thread, in two batches: nothing is written, it all waits.
+    append(&mut conn, &mut log, "a", full - 1, Rows::Leave);
+    append(&mut conn, &mut log, "a", 2, Rows::Leave);
+    assert_eq!(blocks(&conn), vec![]);
+    assert_eq!(in_run("a"), block::BLOCK_CHUNKS + 1);
+    // "b" goes on to twice a block's worth there: then its run is written after all.
+    append(&mut conn, &mut log, "b", 2 * full - 1, Rows::Leave);
+    assert_eq!(blocks(&conn), vec![]);
+    append(&mut conn, &mut log, "b", 1, Rows::Leave);
+    assert_eq!(blocks(&conn), vec![("b".into(), 1, 2 * full as i64)]);
+    assert_eq!(in_run("b"), 0);
+    // A drain job's batch (here one with a chunk of "c" alone) writes the run "a" left full.
+    append(&mut conn, &mut log, "c", 1, Rows::WhenDue);
+    assert_eq!(
+        blocks(&conn),
+        vec![
+            ("a".into(), 1, full as i64 + 1),
+            ("b".into(), 1, 2 * full as i64)
+        ]
+    );
+    assert_eq!((in_run("a"), in_run("c")), (0, 1));
+    assert!(log.full.is_empty());
+    // A drain job writes a run as soon as it is full.
+    append(&mut conn, &mut log, "c", full - 1, Rows::WhenDue);
+    assert_eq!(blocks(&conn).len(), 3);
+    assert_eq!(in_run("c"), 0);
 }

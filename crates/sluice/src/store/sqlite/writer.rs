@@ -1,7 +1,8 @@
 //! The group-commit writer: writes arrive over a bounded channel and are committed in batches on
 //! the one write connection (by the task whose write found the writer idle, or by one blocking
 //! job while writes keep coming); chunks go to the journal and are written to the database in
-//! per-stream blocks as their runs fill.
+//! per-stream blocks as their runs fill (by the blocking job, many at once, when a commit on a
+//! stream's own thread filled them: see `RunChange::must_write`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
@@ -388,6 +389,10 @@ pub(super) struct LogState {
     pub(super) appended: i64,
     /// Records and final statuses journaled and not yet written into `streams`.
     pub(super) pending: Pending,
+    /// Streams whose runs filled in a batch committed on a stream's own thread
+    /// ([`Rows::Leave`]) and were left for a drain job's batch to write as blocks (see
+    /// [`RunChange::must_write`]).
+    pub(super) full: ByStream<()>,
 }
 
 /// What a batch does to one stream's run; applied to the shared runs once committed.
@@ -422,10 +427,32 @@ impl RunChange {
             .chain(self.staged.chunks.iter())
     }
 
-    fn is_full(&self) -> bool {
+    /// The run's chunks and bytes as they now stand.
+    fn size(&self) -> (usize, usize) {
         let (n, bytes) = if self.written { (0, 0) } else { self.base };
-        n + self.staged.chunks.len() >= block::BLOCK_CHUNKS
-            || bytes + self.staged.bytes >= block::BLOCK_BYTES
+        (n + self.staged.chunks.len(), bytes + self.staged.bytes)
+    }
+
+    fn is_full(&self) -> bool {
+        let (n, bytes) = self.size();
+        n >= block::BLOCK_CHUNKS || bytes >= block::BLOCK_BYTES
+    }
+
+    /// Whether a full run is written as a block by this batch: always by a drain job's
+    /// ([`Rows::WhenDue`]), which writes many streams' blocks in one transaction; by a batch on
+    /// a stream's own thread ([`Rows::Leave`]) only once the run holds twice a block's worth
+    /// ([`block::LEFT_FULL`]). Otherwise a stream's chunk would wait for a SQLite transaction
+    /// (its locks, its WAL writes) whenever its run filled, every 64th chunk of a lone stream;
+    /// the chunks are durable in the journal already and readers find them in the run.
+    fn must_write(&self, when: Rows) -> bool {
+        let (n, bytes) = self.size();
+        match when {
+            Rows::WhenDue => self.is_full(),
+            Rows::Leave => {
+                n >= block::LEFT_FULL * block::BLOCK_CHUNKS
+                    || bytes >= block::LEFT_FULL * block::BLOCK_BYTES
+            }
+        }
     }
 
     /// Writes the run as it now stands as one block.
@@ -503,7 +530,7 @@ fn apply_staged(
                     .entry(id.clone())
                     .or_insert_with(|| RunChange::based_on(&lock(runs), id));
                 change.staged.push(position, chunk);
-                if change.is_full() {
+                if change.must_write(when) {
                     change.write(tx.sql()?, runs, id)?;
                 }
             }
@@ -539,6 +566,18 @@ fn apply_staged(
     if when == Rows::WhenDue && rows.due(&log.pending) {
         rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
     }
+    if when == Rows::WhenDue {
+        // The runs batches on streams' own threads left full, all in this transaction. (A run
+        // written since, or gone with its stream, is not written again.)
+        for id in log.full.keys() {
+            let change = changes
+                .entry(id.clone())
+                .or_insert_with(|| RunChange::based_on(&lock(runs), id));
+            if !change.written && change.is_full() {
+                change.write(tx.sql()?, runs, id)?;
+            }
+        }
+    }
     let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
         log.appended = 0;
         let runs_from = trim_log(tx.sql()?, runs, &mut changes, log.journal.position())?;
@@ -565,6 +604,19 @@ fn apply_staged(
         }
     }
     rows.settle(&mut log.pending);
+    if when == Rows::WhenDue {
+        log.full.clear();
+    }
+    // What a batch on a stream's own thread left full waits for a drain job (see
+    // `RunChange::must_write`); a run written since (twice full, or with its final status) no
+    // longer does.
+    for (id, change) in &changes {
+        if change.is_full() {
+            log.full.insert(id.clone(), ());
+        } else if change.written {
+            log.full.remove(id);
+        }
+    }
     let mut runs = lock(runs);
     for (id, change) in changes {
         if change.written {
