@@ -1225,3 +1225,40 @@ fn a_run_filled_on_a_streams_thread_is_written_by_a_drain_job() {
     assert_eq!(blocks(&conn).len(), 3);
     assert_eq!(in_run("c"), 0);
 }
+
+/// A relay's bursts, committed on its own thread, leave full runs to the writer's job (up to
+/// twice a block): a reader sees every chunk in order at every point all the same, and so does
+/// the store opened again after the process is gone with such a run in memory.
+#[tokio::test]
+async fn a_run_left_full_by_a_relay_is_read_whole_and_survives_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chunks = 3 * block::BLOCK_CHUNKS as u64 + 7;
+    {
+        let (store, _) = crate::store::Store::open(dir.path()).expect("open");
+        store.begin(new_stream("r")).await.expect("begin");
+        let id: Arc<str> = Arc::from("r");
+        let mark = Watermark::new();
+        for seq in 1..=chunks {
+            append_relayed(&store, &id, &mark, seq).await;
+            if seq % 5 == 0 || seq == chunks {
+                store.commit_waiting(if seq % 5 == 0 { 5 } else { (seq % 5) as usize });
+                let reached =
+                    tokio::time::timeout(Duration::from_secs(10), mark.reached(seq)).await;
+                assert!(reached.is_ok(), "chunk {seq} was never committed");
+                let t = transcript(&store, "r").await;
+                let seqs: Vec<u64> = t.chunks.iter().map(|c| c.seq).collect();
+                assert_eq!(
+                    seqs,
+                    (1..=seq).collect::<Vec<_>>(),
+                    "read after chunk {seq}"
+                );
+            }
+        }
+        // Dropped with the stream open: like a kill, nothing more is written.
+    }
+    let (store, recovered) = crate::store::Store::open(dir.path()).expect("reopen");
+    assert_eq!(recovered, 1);
+    let t = transcript(&store, "r").await;
+    let seqs: Vec<u64> = t.chunks.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, (1..=chunks).collect::<Vec<_>>());
+}
