@@ -607,18 +607,16 @@ fn apply_staged(
     if when == Rows::WhenDue {
         log.full.clear();
     }
-    // What a batch on a stream's own thread left full waits for a drain job (see
-    // `RunChange::must_write`); a run written since (twice full, or with its final status) no
-    // longer does.
-    for (id, change) in &changes {
+    let mut runs = lock(runs);
+    for (id, change) in changes {
+        // What a batch on a stream's own thread left full waits for a drain job (see
+        // `RunChange::must_write`); a run written since (twice full, or with its final status)
+        // no longer does.
         if change.is_full() {
             log.full.insert(id.clone(), ());
         } else if change.written {
-            log.full.remove(id);
+            log.full.remove(&id);
         }
-    }
-    let mut runs = lock(runs);
-    for (id, change) in changes {
         if change.written {
             runs.remove(&id);
         }
