@@ -10,9 +10,10 @@
 //! - the writer keeps each stream's chunks that are in the journal but not yet in a block (its
 //!   [`Run`]) and, when a run is full or its stream ends, writes it as one `chunk_blocks` row:
 //!   one index entry per block instead of one per chunk. A run is full at [`BLOCK_CHUNKS`]
-//!   chunks or [`BLOCK_BYTES`] bytes; one that fills in a commit made on its stream's own thread
-//!   waits for the writer's next batch on its blocking thread (many streams' blocks in one
-//!   transaction), up to [`LEFT_FULL`] times that, so memory per stream stays bounded.
+//!   chunks or [`BLOCK_BYTES`] bytes, and is written by the writer's fold (many streams' blocks
+//!   in one transaction, which no commit waits for), which a run at [`LEFT_FULL`] times that
+//!   starts; a commit writes one itself only at [`HARD_FULL`] times, so memory per stream stays
+//!   bounded.
 //! - the journal's head, once every chunk in it is also in a committed block, is deleted now and
 //!   then, a segment at a time.
 //!
@@ -28,10 +29,13 @@ pub(crate) const BLOCK_CHUNKS: usize = 64;
 /// A run this large (chunk JSON and text, in bytes) is written as a block even before it has
 /// [`BLOCK_CHUNKS`] chunks.
 pub(crate) const BLOCK_BYTES: usize = 16 * 1024;
-/// A full run left waiting by a commit on its stream's own thread (for a drain job to write with
-/// other streams' blocks) is written there after all once it holds this many times
-/// [`BLOCK_CHUNKS`] or [`BLOCK_BYTES`]: what bounds a run's memory.
+/// A full run is left to the writer's fold, which writes it with other streams' blocks in a
+/// transaction no commit waits for, when it runs for other work (rows due, a flush); a run that
+/// holds this many times [`BLOCK_CHUNKS`] or [`BLOCK_BYTES`] starts it.
 pub(crate) const LEFT_FULL: usize = 2;
+/// ...and any commit waits for the connection to write a run that holds this many times
+/// [`BLOCK_CHUNKS`] or [`BLOCK_BYTES`]: what bounds a run's memory.
+pub(crate) const HARD_FULL: usize = 4;
 /// How many chunks are journaled between two looks at the journal's head.
 pub(crate) const LOG_CHECK_EVERY: i64 = 4096;
 /// A run whose first chunk is this many journal bytes behind the newest is written as a (short)
@@ -65,7 +69,7 @@ const LZ4_MAX_RATIO: usize = 255;
 /// a table).
 const COMPRESS_FROM: usize = 8 * 1024;
 /// The most bytes a [`DELTA`] block's chunks may take from the chunks before them, in all. A
-/// block the writer makes takes less than `LEFT_FULL * BLOCK_BYTES` (a run is written once it
+/// block the writer makes takes less than `HARD_FULL * BLOCK_BYTES` (a run is written once it
 /// reaches that at most, and a chunk takes at most the size of the one before it); beyond this bound a
 /// block is damaged, and decoding it stops before it makes its reader hold more than its own
 /// size and this.
@@ -120,9 +124,24 @@ impl Run {
         self.chunks.extend(later.chunks);
     }
 
+    /// Forgets its chunks up to `seq` (written in a block meanwhile); later ones stay. Its
+    /// `first_log` stays as it was: the journal then keeps a little more than it must, never
+    /// less, until the run is written whole.
+    pub fn drop_through(&mut self, seq: u64) {
+        let written = self.chunks.iter().take_while(|c| c.seq <= seq).count();
+        let bytes: usize = self.chunks[..written].iter().map(LoggedChunk::bytes).sum();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.chunks.drain(..written);
+    }
+
     /// Whether it should be written as a block now.
     pub fn is_full(&self) -> bool {
-        self.chunks.len() >= BLOCK_CHUNKS || self.bytes >= BLOCK_BYTES
+        self.holds(1)
+    }
+
+    /// Whether it holds `times` blocks' worth.
+    pub fn holds(&self, times: usize) -> bool {
+        self.chunks.len() >= times * BLOCK_CHUNKS || self.bytes >= times * BLOCK_BYTES
     }
 
     /// The last chunk's seq (0 if empty).

@@ -6,7 +6,7 @@
 //! | `schema` | the tables, and folding what a crash left in the journal (or an earlier layout) into blocks |
 //! | `journal` | the journal: checksummed records (chunks, streams' records and final statuses) appended to segment files, read back at open |
 //! | `rows` | a stream's record and final status as journal records and `streams` rows, and those waiting to be written there |
-//! | `writer` | the group-commit writer: the one write connection, batches, the journal and its runs |
+//! | `writer` | the group-commit writer: batches, the journal and its runs, and the fold that writes them into SQLite on the one write connection |
 //! | `read` | reads on their own connection: lists, states, chunk pages, transcripts |
 //! | `checkpoint` | the thread that copies the WAL into the database, keeps it bounded, restarts it so that no commit syncs, and syncs the journal |
 
@@ -26,9 +26,8 @@ use crate::store::StoreError;
 use crate::store::write::{Op, WRITE_QUEUE};
 use checkpoint::{checkpointer, Checkpoints, StopOnDrop, WAL_SIZE_LIMIT};
 use journal::Journal;
-use rows::Pending;
 use schema::{add_columns, fold_log, SCHEMA};
-use writer::{LogState, Writer, WriterState};
+use writer::{Db, LogState, Writer, WriterState};
 
 mod checkpoint;
 pub(super) mod journal;
@@ -132,19 +131,20 @@ impl SqliteStore {
             running: AtomicBool::new(false),
             state: Mutex::new(WriterState {
                 rx,
-                conn: write,
-                log: LogState {
-                    journal,
-                    appended: 0,
-                    pending: Pending::default(),
-                    full: Default::default(),
-                },
+                log: LogState::new(journal),
             }),
+            db: Mutex::new(Db {
+                conn: write,
+                held: Vec::new(),
+            }),
+            folding: AtomicBool::new(false),
+            fold_in_state: AtomicBool::new(false),
             runs: runs.clone(),
             gate: writer_gate,
             runtime,
             write_seconds: metrics::histogram!("sluice_store_write_seconds"),
             pending_rows: AtomicUsize::new(0),
+            held_rows: AtomicUsize::new(0),
             last_commit: AtomicU64::new(0),
             epoch: Instant::now(),
         });
@@ -184,7 +184,11 @@ impl SqliteStore {
     /// Has the rows that wait to be written into `streams` written (see `rows`), so that a read
     /// that follows sees every stream whose record or final status was acked.
     pub(crate) async fn write_pending(&self) -> Result<(), StoreError> {
-        if self.writer.pending_rows.load(Ordering::Acquire) == 0 {
+        // In this order: the fold moves rows from the first count to its own, and then (if
+        // its pass fails) to the second.
+        if self.writer.pending_rows.load(Ordering::Acquire) == 0
+            && self.writer.held_rows.load(Ordering::Acquire) == 0
+        {
             return Ok(());
         }
         let (ack, done) = tokio::sync::oneshot::channel();

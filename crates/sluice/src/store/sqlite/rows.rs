@@ -7,10 +7,10 @@
 //! block's two for a final status): about 13 `pwrite`s and 6 checksummed 4 KiB frames per stream,
 //! a third of what recording cost a short stream. Written in batches, neighbouring streams share
 //! those pages; made durable by the journal's one `write`, they survive a process crash as a
-//! commit with `synchronous = NORMAL` did. They are written by the writer's blocking job, never
-//! by a commit a stream waits for on its own thread (`writer::Rows`). Readers of streams' rows
-//! ask the writer to write what is pending first (`SqliteStore::read_rows`), so no reader ever
-//! misses a stream.
+//! commit with `synchronous = NORMAL` did. They are written by the writer's fold, a job of its
+//! own, never by a commit a stream waits for (`writer::Writer::fold`). Readers of streams' rows
+//! ask the writer to write what is pending first (`SqliteStore::read_rows`: a flush, which the
+//! fold does after the rows before it), so no reader ever misses a stream.
 
 // tokio's clock (the OS's outside tests): the age rule can be tested on a paused clock.
 use tokio::time::Instant;
@@ -294,13 +294,15 @@ impl Pending {
                 .is_some_and(|t| now.saturating_duration_since(t) >= INGEST_AFTER)
     }
 
-    /// The rows, oldest first.
-    pub(super) fn rows(&self) -> &[Row] {
-        &self.rows
+    /// Takes them all, oldest first, for the writer's fold to write.
+    pub(super) fn take(&mut self) -> Vec<Row> {
+        let rows = std::mem::take(&mut self.rows);
+        self.clear();
+        rows
     }
 
     /// Forgets them (they are written and committed).
-    pub(super) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.rows.clear();
         self.rows.shrink_to(INGEST_ROWS);
         self.first_log = None;
@@ -344,15 +346,16 @@ mod tests {
         assert!(p.due(1, INGEST_BYTES, soon), "enough bytes");
         p.extend(200, vec![begin("d", INGEST_BYTES)], soon);
         assert!(p.due(0, 0, soon));
-        assert_eq!(p.rows().len(), 4);
-        p.clear();
-        assert_eq!((p.len(), p.first_log()), (0, None));
+        assert_eq!(p.len(), 4);
+        let taken = p.take();
+        assert_eq!((taken.len(), p.len(), p.first_log()), (4, 0, None));
+        assert_eq!(taken[3], begin("d", INGEST_BYTES), "oldest first");
         let later = t0 + 10 * INGEST_AFTER;
         assert!(!p.due(1, 10, later));
         p.extend(300, vec![begin("e", 10)], later);
         assert!(
             !p.due(0, 0, later),
-            "the age counts from the first row after a clear"
+            "the age counts from the first row after a take"
         );
     }
 }

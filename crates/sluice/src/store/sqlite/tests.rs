@@ -445,20 +445,31 @@ async fn the_journal_stays_short_and_a_quiet_stream_does_not_pin_it() {
         append_padded(&store, &busy, seq, &busy_mark, pad).await;
     }
     busy_mark.reached(total).await;
-    let on_disk = journal_on_disk(dir.path());
     let written = total * (pad as u64 + 100);
     let bound = block::LOG_SPAN as u64
         + journal::SEGMENT_BYTES
         + block::LOG_CHECK_EVERY as u64 * (pad as u64 + 100);
+    let quiet_blocks = || {
+        count(
+            &store,
+            "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
+        )
+    };
+    // The fold writes blocks and trims the journal in the background: what it has done by the
+    // time it has caught up.
+    let mut on_disk = journal_on_disk(dir.path());
+    for _ in 0..10_000 {
+        if on_disk <= bound && on_disk < written / 2 && quiet_blocks() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        on_disk = journal_on_disk(dir.path());
+    }
     assert!(
         on_disk <= bound && on_disk < written / 2,
         "{on_disk} journal bytes on disk after {written} written"
     );
-    let quiet_blocks = count(
-        &store,
-        "SELECT COUNT(*) FROM chunk_blocks WHERE stream_id = 'quiet'",
-    );
-    assert_eq!(quiet_blocks, 1, "the quiet run was written as a block");
+    assert_eq!(quiet_blocks(), 1, "the quiet run was written as a block");
     let t = transcript(&store, "quiet").await;
     assert_eq!(t.content, expected_text("quiet", 1));
     append_chunk(&store, &quiet, 2, &quiet_mark).await;
@@ -665,10 +676,18 @@ async fn a_journal_of_rows_alone_stays_short() {
             .await
             .expect("finish");
     }
-    let on_disk = journal_on_disk(dir.path());
     let written = (streams * request.len()) as u64;
     // Trimmed down to what the rows that still wait need (how many wait at the trim depends on
-    // when the blocking job got to them): without the trim, all of it stays.
+    // when the fold got to them), by the fold, in the background: without the trim, all of it
+    // stays.
+    let mut on_disk = journal_on_disk(dir.path());
+    for _ in 0..10_000 {
+        if on_disk < written / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        on_disk = journal_on_disk(dir.path());
+    }
     assert!(
         on_disk < written / 2,
         "{on_disk} journal bytes on disk after {written} written"
@@ -1044,47 +1063,49 @@ async fn a_commit_the_first_checkpoint_missed_does_not_keep_the_wal_from_restart
     assert_eq!(p.restarts(), before + 1, "the pass did not restart the WAL");
 }
 
-/// While the checkpoint thread holds the gate, a write that would be committed on the caller's
-/// thread goes to a blocking job instead: the caller (a runtime thread) does not wait behind a
-/// checkpoint, and the write is committed once the gate is free.
+/// A stream's writes are committed (journaled and acked) while the checkpoint thread holds the
+/// gate, and while the fold holds the connection for a transaction: no commit waits for SQLite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(
     clippy::await_holding_lock,
-    reason = "the test is the checkpoint thread holding the gate while writes come"
+    reason = "the test is the checkpoint thread and the fold holding their locks while writes come"
 )]
-async fn a_write_is_not_committed_on_the_runtime_behind_a_checkpoint() {
+async fn a_stream_is_committed_while_sqlite_is_busy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sqlite, _) = SqliteStore::open(dir.path()).expect("open");
     let writer = sqlite.writer.clone();
     let store = crate::store::Store::from_sqlite(sqlite);
-    store.begin(new_stream("g1")).await.expect("begin");
-    let id: Arc<str> = Arc::from("g1");
-    let mark = Watermark::new();
     let gate = writer.gate.lock().unwrap_or_else(PoisonError::into_inner);
+    let db = writer.db.lock().unwrap_or_else(PoisonError::into_inner);
     let arrival = crate::store::Arrival {
         offset: Duration::ZERO,
         after_pause: true,
         caller_commits: false,
     };
-    // In a task of its own: an append that waited for the gate would hold up a runtime thread,
-    // not this test.
-    let append = {
+    // In a task of its own: a write that waited for either lock would hold up a runtime
+    // thread, not this test.
+    let mark = Watermark::new();
+    let stream = {
         let (store, mark) = (store.clone(), mark.clone());
         tokio::spawn(async move {
+            store.begin(new_stream("g1")).await?;
+            let id: Arc<str> = Arc::from("g1");
             store
                 .append(&id, 1, arrival, chunk_json(1), String::new(), &mark)
-                .await
+                .await?;
+            store.finish(bare_finish("g1", Ending::Completed)).await
         })
     };
-    let appended = tokio::time::timeout(Duration::from_secs(5), append).await;
-    assert!(
-        matches!(appended, Ok(Ok(Ok(())))),
-        "append waited for the gate"
-    );
-    assert!(!mark.is_stored(1), "committed while the gate was held");
+    let done = tokio::time::timeout(Duration::from_secs(10), stream).await;
+    assert!(matches!(done, Ok(Ok(Ok(())))), "a write waited for SQLite");
+    assert!(mark.is_stored(1), "the chunk is not committed");
+    drop(db);
     drop(gate);
-    let reached = tokio::time::timeout(Duration::from_secs(10), mark.reached(1)).await;
-    assert!(reached.is_ok(), "the write was never committed");
+    // And SQLite gets it all once it is free.
+    let t = tokio::time::timeout(Duration::from_secs(10), transcript(&store, "g1"))
+        .await
+        .expect("the transcript is read");
+    assert_eq!((t.status, t.chunks.len()), (Status::Completed, 1));
 }
 
 /// The writes a stream makes as it runs may be committed on a runtime thread; deleting and
@@ -1123,107 +1144,214 @@ fn chunk_json(seq: u64) -> Arc<str> {
     Arc::from(serde_json::json!({"choices": [{"delta": {"content": seq.to_string()}}]}).to_string())
 }
 
-/// What the writer's batches are applied with, for tests that apply them one at a time: a
-/// database under `dir` with the schema, the streams' runs, and the journal with its state.
-fn batch_writer(dir: &std::path::Path) -> (Connection, Mutex<block::Runs>, LogState) {
+/// What the writer's batches are applied with, for tests that apply them and the fold's passes
+/// one at a time: a database under `dir` with the schema, the checkpoint's gate, the streams'
+/// runs, and the journal with its state.
+struct BatchWriter {
+    db: Mutex<super::writer::Db>,
+    gate: Mutex<()>,
+    runs: Mutex<block::Runs>,
+    log: LogState,
+}
+
+fn batch_writer(dir: &std::path::Path) -> BatchWriter {
     let conn = Connection::open(dir.join("sluice.db")).expect("open db");
     conn.execute_batch(SCHEMA).expect("schema");
-    let log = LogState {
-        journal: Journal::start(&dir.join("journal")).expect("journal"),
-        appended: 0,
-        pending: super::rows::Pending::default(),
-        full: Default::default(),
-    };
-    (conn, Mutex::new(block::Runs::default()), log)
-}
-
-/// A batch committed on a stream's own thread (its record, before its first token) leaves
-/// rows that are due to a drain job's batch: no stream waits for other streams' rows.
-#[test]
-fn a_commit_on_a_streams_thread_leaves_due_rows_to_a_drain_job() {
-    use super::rows::INGEST_ROWS;
-    use super::writer::{apply, Rows};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut conn, runs, mut log) = batch_writer(dir.path());
-    let streams = |conn: &Connection| -> i64 {
-        conn.query_row("SELECT COUNT(*) FROM streams", [], |r| r.get(0))
-            .expect("count")
-    };
-    for i in 0..INGEST_ROWS {
-        let (ack, _answer) = tokio::sync::oneshot::channel();
-        let mut batch = [Op::Begin(new_stream(&format!("s{i}")), ack)];
-        apply(&mut conn, &mut batch, &runs, &mut log, Rows::Leave).expect("apply");
+    BatchWriter {
+        db: Mutex::new(super::writer::Db {
+            conn,
+            held: Vec::new(),
+        }),
+        gate: Mutex::new(()),
+        runs: Mutex::new(block::Runs::default()),
+        log: LogState::new(Journal::start(&dir.join("journal")).expect("journal")),
     }
-    assert_eq!((log.pending.len(), streams(&conn)), (INGEST_ROWS, 0));
-    apply(&mut conn, &mut [], &runs, &mut log, Rows::WhenDue).expect("apply");
-    assert_eq!((log.pending.len(), streams(&conn)), (0, INGEST_ROWS as i64));
 }
 
-/// A run that fills in a batch committed on its stream's own thread is not written there (no
-/// SQLite transaction in that chunk's way) unless it holds twice a block's worth; the next drain
-/// job's batch writes it, with other streams' blocks.
-#[test]
-fn a_run_filled_on_a_streams_thread_is_written_by_a_drain_job() {
-    use super::writer::{apply, Rows};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut conn, runs, mut log) = batch_writer(dir.path());
-    let blocks = |conn: &Connection| -> Vec<(String, i64, i64)> {
-        let mut q = conn
+impl BatchWriter {
+    /// Commits `batch` as a committer does.
+    fn apply(&mut self, mut batch: Vec<Op>) {
+        super::writer::apply(&self.db, &self.gate, &mut batch, &self.runs, &mut self.log)
+            .expect("apply");
+        crate::store::write::settle(&mut batch, &Ok(()));
+    }
+
+    /// One pass of the fold, as its job makes it; acks the ops it did.
+    fn fold(&mut self) -> Result<(), StoreError> {
+        let work = self.log.take_fold_work(tokio::time::Instant::now());
+        let mut db = self.db.lock().expect("db");
+        let result = super::writer::fold(&mut db, &self.runs, &work);
+        let work = match result {
+            Ok(()) => work,
+            Err(_) => work.keep_rows(&mut db),
+        };
+        drop(db);
+        let mut acks = self.log.after_fold(&self.runs, work, result.is_ok());
+        crate::store::write::settle(&mut acks, &result);
+        result
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        let db = self.db.lock().expect("db");
+        db.conn.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    /// The blocks written: each one's stream and first and last chunk.
+    fn blocks(&self) -> Vec<(String, i64, i64)> {
+        let db = self.db.lock().expect("db");
+        let mut q = db
+            .conn
             .prepare("SELECT stream_id, first_seq, last_seq FROM chunk_blocks ORDER BY stream_id, first_seq")
             .expect("prepare");
         q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .expect("query")
             .collect::<Result<_, _>>()
             .expect("rows")
-    };
-    let in_run = |id: &str| lock(&runs).get(id).map_or(0, |r| r.chunks.len());
-    let mut next = std::collections::HashMap::<&str, u64>::new();
-    let mut append = |conn: &mut Connection, log: &mut LogState, id: &'static str, n: u64, when| {
-        let mut batch: Vec<Op> = (0..n)
-            .map(|_| {
-                let seq = next.entry(id).or_insert(0);
-                *seq += 1;
-                Op::Append {
-                    id: Arc::from(id),
-                    seq: *seq,
-                    offset: Duration::ZERO,
-                    data: chunk_json(*seq),
-                    content: String::new(),
-                    watermark: Watermark::new(),
-                    promptly: false,
-                    caller_commits: true,
-                }
-            })
-            .collect();
-        apply(conn, &mut batch, &runs, log, when).expect("apply");
-    };
-    let full = block::BLOCK_CHUNKS as u64;
-    // "a" fills its run on its own thread, in two batches: nothing is written, it all waits.
-    append(&mut conn, &mut log, "a", full - 1, Rows::Leave);
-    append(&mut conn, &mut log, "a", 2, Rows::Leave);
-    assert_eq!(blocks(&conn), vec![]);
-    assert_eq!(in_run("a"), block::BLOCK_CHUNKS + 1);
-    // "b" goes on to twice a block's worth there: then its run is written after all.
-    append(&mut conn, &mut log, "b", 2 * full - 1, Rows::Leave);
-    assert_eq!(blocks(&conn), vec![]);
-    append(&mut conn, &mut log, "b", 1, Rows::Leave);
-    assert_eq!(blocks(&conn), vec![("b".into(), 1, 2 * full as i64)]);
-    assert_eq!(in_run("b"), 0);
-    // A drain job's batch (here one with a chunk of "c" alone) writes the run "a" left full.
-    append(&mut conn, &mut log, "c", 1, Rows::WhenDue);
+    }
+
+    fn in_run(&self, id: &str) -> usize {
+        lock(&self.runs).get(id).map_or(0, |r| r.chunks.len())
+    }
+}
+
+/// `n` chunks of stream `id` after those `next` counted.
+fn appends(
+    next: &mut std::collections::HashMap<&'static str, u64>,
+    id: &'static str,
+    n: u64,
+) -> Vec<Op> {
+    (0..n)
+        .map(|_| {
+            let seq = next.entry(id).or_insert(0);
+            *seq += 1;
+            Op::Append {
+                id: Arc::from(id),
+                seq: *seq,
+                offset: Duration::ZERO,
+                data: chunk_json(*seq),
+                content: String::new(),
+                watermark: Watermark::new(),
+                promptly: false,
+                caller_commits: true,
+            }
+        })
+        .collect()
+}
+
+/// No commit writes rows into `streams`: they are the fold's, many streams' at once once due,
+/// in a transaction no stream waits for.
+#[test]
+fn due_rows_are_left_to_the_fold() {
+    use super::rows::INGEST_ROWS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = batch_writer(dir.path());
+    let now = tokio::time::Instant::now();
+    for i in 0..INGEST_ROWS {
+        let (ack, _answer) = tokio::sync::oneshot::channel();
+        w.apply(vec![Op::Begin(new_stream(&format!("s{i}")), ack)]);
+    }
+    let streams = "SELECT COUNT(*) FROM streams";
+    assert_eq!((w.log.pending.len(), w.count(streams)), (INGEST_ROWS, 0));
+    assert!(w.log.fold_due(now));
+    w.fold().expect("fold");
     assert_eq!(
-        blocks(&conn),
+        (w.log.pending.len(), w.count(streams)),
+        (0, INGEST_ROWS as i64)
+    );
+    assert!(!w.log.fold_due(now));
+}
+
+/// A full run is left to the fold, which writes it with other streams' blocks; a run at twice
+/// a block's worth starts the fold. A commit writes a run itself only at four times, waiting
+/// for the connection (here for the checkpoint's gate, held by another thread for a moment).
+#[test]
+fn a_full_run_is_left_to_the_fold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = batch_writer(dir.path());
+    let mut next = std::collections::HashMap::new();
+    let now = tokio::time::Instant::now();
+    let full = block::BLOCK_CHUNKS as u64;
+    // "a" fills its run in two batches: nothing is written, and nothing starts the fold yet.
+    w.apply(appends(&mut next, "a", full - 1));
+    w.apply(appends(&mut next, "a", 2));
+    assert_eq!(w.blocks(), vec![]);
+    assert_eq!(w.in_run("a"), block::BLOCK_CHUNKS + 1);
+    assert!(!w.log.fold_due(now), "a full run waits for other work");
+    // "b" goes on to twice a block's worth: still not written by the commit, but due.
+    w.apply(appends(&mut next, "b", 2 * full));
+    assert_eq!(w.blocks(), vec![]);
+    assert_eq!(w.in_run("b"), 2 * block::BLOCK_CHUNKS);
+    assert!(w.log.fold_due(now));
+    // The fold writes every run left full, and forgets them.
+    w.fold().expect("fold");
+    assert_eq!(
+        w.blocks(),
         vec![
             ("a".into(), 1, full as i64 + 1),
             ("b".into(), 1, 2 * full as i64)
         ]
     );
-    assert_eq!((in_run("a"), in_run("c")), (0, 1));
-    assert!(log.full.is_empty());
-    // A drain job writes a run as soon as it is full.
-    append(&mut conn, &mut log, "c", full - 1, Rows::WhenDue);
-    assert_eq!(blocks(&conn).len(), 3);
-    assert_eq!(in_run("c"), 0);
+    assert_eq!(w.in_run("a") + w.in_run("b"), 0);
+    assert!(w.log.full.is_empty() && !w.log.fold_due(now));
+    // At four times a block's worth, the commit waits for the connection rather than let the
+    // run grow further.
+    let (held, holding) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let BatchWriter {
+            db,
+            gate,
+            runs,
+            log,
+            ..
+        } = &mut w;
+        let gate_ref = &*gate;
+        scope.spawn(move || {
+            let _gate = gate_ref.lock().expect("gate");
+            held.send(()).expect("send");
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        holding.recv().expect("the gate is held");
+        let mut batch = appends(&mut next, "e", 4 * full);
+        super::writer::apply(db, gate, &mut batch, runs, log).expect("apply");
+    });
+    assert_eq!(w.blocks().last(), Some(&("e".into(), 1, 4 * full as i64)));
+    assert_eq!(w.in_run("e"), 0);
+}
+
+/// A pass of the fold that fails (here SQLite refuses a row) changes nothing and acks its flush
+/// with the error; its rows stay with the connection, and the next pass writes them first.
+#[test]
+fn a_failed_fold_keeps_its_rows_for_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut w = batch_writer(dir.path());
+    let refuse =
+        "CREATE TRIGGER refuse BEFORE INSERT ON streams BEGIN SELECT RAISE(ABORT, 'refused'); END";
+    w.db.lock()
+        .expect("db")
+        .conn
+        .execute_batch(refuse)
+        .expect("trigger");
+    let flush = |w: &mut BatchWriter, id: &str| {
+        let (ack, _answer) = tokio::sync::oneshot::channel();
+        let (flush, answer) = tokio::sync::oneshot::channel();
+        w.apply(vec![Op::Begin(new_stream(id), ack), Op::Flush(flush)]);
+        answer
+    };
+    let mut answer = flush(&mut w, "x");
+    assert!(w.fold().is_err());
+    assert!(matches!(answer.try_recv(), Ok(Err(_))), "the flush is told");
+    assert_eq!(w.db.lock().expect("db").held.len(), 1);
+    assert_eq!(w.log.pending.len() + w.log.in_fold, 0);
+    w.db.lock()
+        .expect("db")
+        .conn
+        .execute_batch("DROP TRIGGER refuse")
+        .expect("drop");
+    let mut answer = flush(&mut w, "y");
+    w.fold().expect("fold");
+    assert!(matches!(answer.try_recv(), Ok(Ok(()))));
+    assert_eq!(w.count("SELECT COUNT(*) FROM streams"), 2);
+    assert!(w.db.lock().expect("db").held.is_empty());
 }
 
 /// A relay's bursts, committed on its own thread, leave full runs to the writer's job (up to

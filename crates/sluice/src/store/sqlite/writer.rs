@@ -1,11 +1,12 @@
-//! The group-commit writer: writes arrive over a bounded channel and are committed in batches on
-//! the one write connection (by the task whose write found the writer idle, or by one blocking
-//! job while writes keep coming); chunks go to the journal and are written to the database in
-//! per-stream blocks as their runs fill (by the blocking job, many at once, when a commit on a
-//! stream's own thread filled them: see `RunChange::must_write`).
+//! The group-commit writer: writes arrive over a bounded channel and are committed in batches to
+//! the chunk journal (by the task whose write found the writer idle, or by one blocking job while
+//! writes keep coming); what the journal holds is written into SQLite by a job of its own, the
+//! fold: streams' rows many at a time, chunks in per-stream blocks as their runs fill, deletions
+//! and expiry. A batch's commit never waits for SQLite, except to bound a run's memory (see
+//! `RunChange::must_write`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
@@ -21,7 +22,8 @@ use super::lock;
 use super::rows::{BeginRow, FinishRow, Pending, Row};
 use super::schema::insert_block;
 
-/// The writer: a queue of writes and, while it holds any, one committer that takes them.
+/// The writer: a queue of writes and, while it holds any, one committer that takes them; and
+/// the fold, which writes into SQLite what the committers left in the journal.
 ///
 /// Why not a writer task that hands each batch to `spawn_blocking`? Every commit then costs two
 /// extra thread hand-offs (task → blocking thread → task), and on a loaded machine those
@@ -31,20 +33,29 @@ use super::schema::insert_block;
 /// - A write that finds the writer idle and is one a stream waits on (`Op::commits_here`: its
 ///   record, its final status, a chunk after a pause, which the relay says of a first chunk)
 ///   is committed at once by the task that queued it, if the batch it finds is a light one (a
-///   journal `write` and a few rows, tens of microseconds) and the checkpoint thread does not
-///   hold the gate: no thread is woken and none has to wake the stream's client side from
-///   outside the runtime, which is what such a commit cost most of on two busy cores (see
-///   `docs/durability.md`).
+///   journal `write`, tens of microseconds): no thread is woken and none has to wake the
+///   stream's client side from outside the runtime, which is what such a commit cost most of
+///   on two busy cores (see `docs/durability.md`).
 /// - A relay's later chunks wait in the queue ([`Here::Later`]) until a running committer
 ///   takes them or their relay, about to wait (for the upstream or for room toward its
 ///   client), commits them ([`Writer::commit_waiting`]): a burst at once where it was read, a
 ///   lone chunk there if the writer has been [`QUIET`]. (Another caller's later chunk is
 ///   committed where it is appended if the writer has been quiet.)
 /// - Anything else (a busy writer's chunks among it, to be batched), and whatever arrives while
-///   a batch is being written, goes to one blocking job
-///   under `spawn_blocking` that commits batches until the queue is empty; while writes keep
-///   coming it never stops, so a busy gateway pays no hand-off at all, and deleting or expiring
-///   streams (any number of rows) never runs on the runtime's threads.
+///   a batch is being written, goes to one blocking job under `spawn_blocking` that commits
+///   batches until the queue is empty; while writes keep coming it never stops, so a busy
+///   gateway pays no hand-off at all.
+///
+/// Why a fold of its own? A batch is durable once the journal has it, and SQLite's share of
+/// the work (rows, blocks, deletions) is a transaction of its own, with its locks and WAL
+/// writes, up to milliseconds for a few hundred streams' rows. Done by the committer, it held
+/// the writer while a stream's first chunk waited behind it. The fold takes its work from the
+/// committers' state in a moment and writes it holding only the connection (and the
+/// checkpoint's gate), while committers go on journaling and acking; deleting or expiring
+/// streams (any number of rows) runs there too, never on the runtime's threads.
+///
+/// Locks are taken in the order `state`, `gate`, `db` (then `runs`, briefly). The fold takes
+/// `state` only while it holds neither of the others, or first.
 ///
 /// Either way tokio knows work is in flight (its paused test clock does not jump ahead while a
 /// batch is being written), and an idle writer holds no thread.
@@ -52,18 +63,27 @@ pub(super) struct Writer {
     pub(super) tx: mpsc::Sender<Op>,
     /// Whether a drain job is running (or about to).
     pub(super) running: AtomicBool,
-    /// What the drain job works with; only the running job locks it.
+    /// What the committers work with; only the one committing locks it (and the fold, briefly).
     pub(super) state: Mutex<WriterState>,
+    /// The write connection, and rows a failed fold holds: the fold's, and a committer's that
+    /// must write a run to bound its memory.
+    pub(super) db: Mutex<Db>,
+    /// Whether a fold job is running (or about to).
+    pub(super) folding: AtomicBool,
+    /// Whether the fold holds `state` (for a moment: see [`Writer::fold`]).
+    pub(super) fold_in_state: AtomicBool,
     pub(super) runs: Arc<Mutex<Runs>>,
-    /// Held for each batch (see `checkpointer`).
+    /// Held for each SQLite transaction (see `checkpointer`).
     pub(super) gate: Arc<Mutex<()>>,
     pub(super) runtime: tokio::runtime::Handle,
     /// `sluice_store_write_seconds`, looked up once rather than per batch (a lookup hashes the
     /// metric's name in the registry).
     pub(super) write_seconds: metrics::Histogram,
-    /// How many rows wait to be written into `streams` (see [`Pending`]); readers have them
-    /// written first.
+    /// How many rows wait to be written into `streams` (see [`Pending`]), the fold's among
+    /// them; readers have them written first.
     pub(super) pending_rows: AtomicUsize,
+    /// How many rows a failed fold holds ([`Db::held`]); readers count them too.
+    pub(super) held_rows: AtomicUsize,
     /// When the last commit ended, in nanoseconds since `epoch` (see [`QUIET`]).
     pub(super) last_commit: AtomicU64,
     /// What `last_commit` counts from.
@@ -76,16 +96,24 @@ pub(super) struct Writer {
 /// A lone slow stream (a model's tokens come tens of milliseconds apart) then pays no thread
 /// hand-off per chunk, while a busy writer, whose commits follow each other closely (many slow
 /// streams), keeps batching them on the blocking thread. It also bounds what such commits take
-/// from the runtime: at most one per `QUIET`, a journal `write` and a few rows each.
+/// from the runtime: at most one per `QUIET`, a journal `write` each.
 pub(super) const QUIET: Duration = Duration::from_micros(500);
 
 pub(super) struct WriterState {
     pub(super) rx: mpsc::Receiver<Op>,
-    pub(super) conn: Connection,
     pub(super) log: LogState,
 }
 
-/// Clears `running` if a drain job ends by unwinding, so the next write starts another.
+/// The write connection and what only those holding it touch.
+pub(super) struct Db {
+    pub(super) conn: Connection,
+    /// Rows a fold took from the journal side and could not write (its transaction failed),
+    /// oldest first: the next fold writes them before any other.
+    pub(super) held: Vec<Row>,
+}
+
+/// Clears a job's flag (`running`, `folding`) if the job ends by unwinding, so the next write
+/// starts another.
 pub(super) struct Running<'a>(&'a AtomicBool);
 
 impl Drop for Running<'_> {
@@ -94,6 +122,10 @@ impl Drop for Running<'_> {
             self.0.store(false, Ordering::SeqCst);
         }
     }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Writer {
@@ -173,46 +205,40 @@ impl Writer {
     }
 
     /// Commits what is queued on the caller's thread if it is one light batch and the writer's
-    /// state and gate are free, then stops as a drain job does; otherwise hands off.
+    /// state is free, then stops as a drain job does; otherwise hands off.
     fn commit_here(self: &Arc<Self>) {
         let _running = Running(&self.running);
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            // A job that is stopping holds it for one last write: the next job waits for it.
+            // The fold holds it for a moment (it was woken by this relay's last commit, most
+            // likely): worth waiting for, where a hand-off would wake a thread and then this
+            // stream's client side from outside the runtime.
+            Err(TryLockError::WouldBlock) if self.fold_in_state.load(Ordering::Acquire) => {
+                locked(&self.state)
+            }
+            // A job that is stopping holds it for one last write: a blocking job waits for it.
             Err(TryLockError::WouldBlock) => return self.hand_off(Vec::new()),
         };
-        let WriterState { rx, conn, log } = &mut *state;
+        let WriterState { rx, log } = &mut *state;
         let mut batch = Vec::new();
         take(rx, &mut batch);
         if batch.is_empty() {
             // Another committer took the write meanwhile.
-            return self
-                .stop(rx, conn, log, &|| {})
-                .map_or((), |b| self.hand_off(b));
+            return self.stop(rx, log, &|| {}).map_or((), |b| self.hand_off(b));
         }
         if !batch.iter().all(Op::is_light) {
             drop(state);
             return self.hand_off(batch);
         }
-        let gate = match self.gate.try_lock() {
-            Ok(gate) => gate,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                drop(state);
-                return self.hand_off(batch);
-            }
-        };
-        self.commit_gated(conn, log, &mut batch, Rows::Leave);
-        drop(gate);
-        // What came meanwhile is a busy writer's: a blocking job takes it, and so does writing
-        // the rows that wait (many streams' at once: no stream's first token waits for it).
+        self.commit(log, &mut batch);
+        // What came meanwhile is a busy writer's: a blocking job takes it.
         take(rx, &mut batch);
-        if !batch.is_empty() || log.pending.due(0, 0, tokio::time::Instant::now()) {
+        if !batch.is_empty() {
             drop(state);
             return self.hand_off(batch);
         }
-        if let Some(batch) = self.stop(rx, conn, log, &|| {}) {
+        if let Some(batch) = self.stop(rx, log, &|| {}) {
             drop(state);
             self.hand_off(batch);
         }
@@ -222,9 +248,8 @@ impl Writer {
     /// sender still saw `running`, would otherwise wait for the next write: this looks once
     /// more, and returns it (with `running` set again) if no other committer has started.
     fn stop(
-        &self,
+        self: &Arc<Self>,
         rx: &mut mpsc::Receiver<Op>,
-        conn: &mut Connection,
         log: &mut LogState,
         before_stop: &dyn Fn(),
     ) -> Option<Vec<Op>> {
@@ -235,7 +260,7 @@ impl Writer {
             // Another committer was started meanwhile: it takes over (it waits for the state's
             // lock), so this op goes first in its order, committed here.
             Ok(op) => {
-                self.commit(conn, log, &mut vec![op]);
+                self.commit(log, &mut vec![op]);
                 None
             }
             Err(_) => None,
@@ -245,53 +270,37 @@ impl Writer {
     /// Commits `batch`, then batches until the queue is empty, calling `before_stop` each time
     /// it finds the queue empty, just before it stops: the moment a write can slip in unseen
     /// by it (a test puts one there).
-    pub(super) fn drain_from(&self, mut batch: Vec<Op>, before_stop: impl Fn()) {
+    pub(super) fn drain_from(self: &Arc<Self>, mut batch: Vec<Op>, before_stop: impl Fn()) {
         let _running = Running(&self.running);
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let WriterState { rx, conn, log } = &mut *state;
-        if log.pending.due(0, 0, tokio::time::Instant::now()) {
-            // Handed off by a commit on a stream's thread that left them.
-            self.commit(conn, log, &mut Vec::new());
-        }
+        let mut state = locked(&self.state);
+        let WriterState { rx, log } = &mut *state;
         loop {
             take(rx, &mut batch);
             if batch.is_empty() {
-                match self.stop(rx, conn, log, &before_stop) {
+                match self.stop(rx, log, &before_stop) {
                     Some(op) => batch = op,
                     None => return,
                 }
             }
-            self.commit(conn, log, &mut batch);
+            self.commit(log, &mut batch);
         }
     }
 
-    /// Commits `batch` in one transaction, then acks every write in it (and empties it).
-    fn commit(&self, conn: &mut Connection, log: &mut LogState, batch: &mut Vec<Op>) {
-        // Held while the checkpoint thread rewinds the WAL (see `checkpointer`).
-        let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
-        self.commit_gated(conn, log, batch, Rows::WhenDue);
-    }
-
-    /// [`commit`](Self::commit), the gate being held by the caller.
-    fn commit_gated(
-        &self,
-        conn: &mut Connection,
-        log: &mut LogState,
-        batch: &mut Vec<Op>,
-        rows: Rows,
-    ) {
+    /// Commits `batch` to the journal, then acks every write in it (and empties it); what it
+    /// leaves SQLite to do goes to the fold.
+    fn commit(self: &Arc<Self>, log: &mut LogState, batch: &mut Vec<Op>) {
         let result = {
             let started = Instant::now();
             // A panic in a batch must not lose the batch: its acks and watermarks still have to
-            // move, or streams would wait for them forever. (The open transaction rolls back,
-            // and the runs are only changed after a commit.)
+            // move, or streams would wait for them forever. (The runs are only changed after
+            // the journal's write.)
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                apply(conn, batch, &self.runs, log, rows)
+                apply(&self.db, &self.gate, batch, &self.runs, log)
             }));
             // Before anyone is acked: a reader that learnt of a stream from its ack finds its
             // row pending (and has it written) or written.
             self.pending_rows
-                .store(log.pending.len(), Ordering::Release);
+                .store(log.pending_rows(), Ordering::Release);
             let ended = Instant::now();
             self.write_seconds
                 .record(ended.saturating_duration_since(started).as_secs_f64());
@@ -305,18 +314,113 @@ impl Writer {
             }
         };
         settle(batch, &result);
+        if log.fold_due(tokio::time::Instant::now()) {
+            self.start_fold();
+        }
+    }
+
+    /// Starts the fold unless it is running. Called holding `state`, as the fold is when it
+    /// decides to stop: no work is left behind unseen.
+    fn start_fold(self: &Arc<Self>) {
+        if !self.folding.swap(true, Ordering::SeqCst) {
+            let writer = self.clone();
+            // If the runtime is shutting down the job never runs: what it would have written is
+            // in the journal, and replayed at the next start; the acks of a deletion or expiry
+            // are dropped and their callers see `Closed`.
+            drop(self.runtime.spawn_blocking(move || writer.fold()));
+        }
+    }
+
+    /// The fold job: pass after pass while the committers' state says there is work
+    /// ([`LogState::fold_due`]), takes it (under `state`, `gate` and `db`), lets `state` go,
+    /// and writes it in one transaction; the next look at `state` settles that pass (the
+    /// journal's trim) and takes the next one's work, so a pass takes `state` once. A pass that
+    /// fails ends the job; the next commit starts another.
+    pub(super) fn fold(self: &Arc<Self>) {
+        let _folding = Running(&self.folding);
+        let mut last: Option<(FoldWork, Result<(), StoreError>)> = None;
+        loop {
+            let mut state = locked(&self.state);
+            // Said while `state` is held (and cleared if this unwinds).
+            let in_state = InState::new(&self.fold_in_state);
+            let (mut acks, result) = match last.take() {
+                Some((work, result)) => {
+                    let acks = state.log.after_fold(&self.runs, work, result.is_ok());
+                    self.pending_rows
+                        .store(state.log.pending_rows(), Ordering::Release);
+                    (acks, result)
+                }
+                None => (Vec::new(), Ok(())),
+            };
+            let due = result.is_ok() && {
+                state.log.refresh_full(&self.runs);
+                state.log.fold_due(tokio::time::Instant::now())
+            };
+            if !due {
+                self.folding.store(false, Ordering::SeqCst);
+                drop(in_state);
+                drop(state);
+                settle(&mut acks, &result);
+                return;
+            }
+            // The checkpoint thread may hold the gate for a while: committers are not kept
+            // waiting for it behind this job.
+            let gate = match self.gate.try_lock() {
+                Ok(gate) => gate,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    drop(in_state);
+                    drop(state);
+                    settle(&mut acks, &result);
+                    drop(locked(&self.gate));
+                    continue;
+                }
+            };
+            // Free: only a committer holding `state` takes it, and this job does.
+            let mut db = locked(&self.db);
+            let work = state.log.take_fold_work(tokio::time::Instant::now());
+            self.pending_rows
+                .store(state.log.pending_rows(), Ordering::Release);
+            drop(in_state);
+            drop(state);
+            settle(&mut acks, &result);
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                fold(&mut db, &self.runs, &work)
+            }))
+            .unwrap_or_else(|_| {
+                Err(StoreError::Internal(
+                    "the store's fold panicked on this pass".into(),
+                ))
+            });
+            self.write_seconds.record(started.elapsed().as_secs_f64());
+            let work = match &result {
+                Ok(()) => work,
+                // Its rows stay with the connection for the next pass, and readers count them.
+                Err(_) => work.keep_rows(&mut db),
+            };
+            self.held_rows.store(db.held.len(), Ordering::Release);
+            drop(db);
+            drop(gate);
+            last = Some((work, result));
+        }
     }
 }
 
-/// Whether a batch writes the rows that wait to be written into `streams` when they are due
-/// (see [`Pending`]). A flush, a deletion or expiry writes them whatever this says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Rows {
-    /// Yes: a drain job's batch.
-    WhenDue,
-    /// No: a batch committed on a stream's own thread, which a stream waits for (a record
-    /// before its first token); the committer hands them to a drain job instead.
-    Leave,
+/// Sets a flag while it lives (the fold's `fold_in_state`).
+struct InState<'a>(&'a AtomicBool);
+
+impl<'a> InState<'a> {
+    fn new(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for InState<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Where a write may be committed if it finds the writer idle.
@@ -326,7 +430,7 @@ enum Here {
     Yes,
     /// On the caller's thread if the writer has been quiet.
     IfQuiet,
-    /// By the blocking job (deletion, expiry).
+    /// By the blocking job, which hands it to the fold (deletion, expiry).
     No,
     /// Not yet: a stream's later chunk, left in the queue for a committer that is running to
     /// take, or for its relay to commit with the rest of its burst when it is about to wait
@@ -381,18 +485,138 @@ fn take(rx: &mut mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
 }
 
 /// The journal, and what the writer remembers about it between batches.
-#[derive(Debug)]
 pub(super) struct LogState {
     /// Where chunks, records and final statuses become durable.
     pub(super) journal: Journal,
-    /// Records (chunks and rows) appended since the journal's head was last trimmed.
+    /// Records (chunks and rows) appended since the fold last looked at the journal's head.
     pub(super) appended: i64,
     /// Records and final statuses journaled and not yet written into `streams`.
     pub(super) pending: Pending,
-    /// Streams whose runs filled in a batch committed on a stream's own thread
-    /// ([`Rows::Leave`]) and were left for a drain job's batch to write as blocks (see
+    /// Streams whose runs filled and were left for the fold to write as blocks (see
     /// [`RunChange::must_write`]).
     pub(super) full: ByStream<()>,
+    /// Whether a run left full holds twice a block's worth ([`block::LEFT_FULL`]): the fold
+    /// starts for it (one full run alone waits for other work, to be written with it).
+    pub(super) urgent: bool,
+    /// Rows the fold has taken and not yet settled: still pending to readers.
+    pub(super) in_fold: usize,
+    /// Flushes, deletions and expiry, in order, for the fold to do and then ack.
+    pub(super) to_fold: Vec<Op>,
+}
+
+impl LogState {
+    /// The state of a writer starting on `journal`.
+    pub(super) fn new(journal: Journal) -> Self {
+        Self {
+            journal,
+            appended: 0,
+            pending: Pending::default(),
+            full: ByStream::default(),
+            urgent: false,
+            in_fold: 0,
+            to_fold: Vec::new(),
+        }
+    }
+
+    /// Rows not known to be in `streams` (a reader has them written first).
+    pub(super) fn pending_rows(&self) -> usize {
+        self.pending.len() + self.in_fold
+    }
+
+    /// Whether the fold has work at `now`: an op that needs SQLite, rows due (see
+    /// [`Pending::due`]), a run left full at twice a block's worth, or the journal's head to
+    /// look at. (Runs left full at one block's worth wait for one of those.)
+    pub(super) fn fold_due(&self, now: tokio::time::Instant) -> bool {
+        !self.to_fold.is_empty()
+            || self.urgent
+            || self.appended >= block::LOG_CHECK_EVERY
+            || self.pending.due(0, 0, now)
+    }
+
+    /// Takes what a fold pass does: the rows if they are due (all of them before a flush, a
+    /// deletion or expiry, which must see them written), the runs left full, and the
+    /// journal's head if enough was appended since the last look.
+    pub(super) fn take_fold_work(&mut self, now: tokio::time::Instant) -> FoldWork {
+        let rows = if !self.to_fold.is_empty() || self.pending.due(0, 0, now) {
+            self.pending.take()
+        } else {
+            Vec::new()
+        };
+        self.in_fold = rows.len();
+        self.urgent = false;
+        let old_before = (self.appended >= block::LOG_CHECK_EVERY).then(|| {
+            self.appended = 0;
+            self.journal.position() - block::LOG_SPAN
+        });
+        FoldWork {
+            rows,
+            full: self.full.drain().map(|(id, ())| id).collect(),
+            old_before,
+            ops: std::mem::take(&mut self.to_fold),
+        }
+    }
+
+    /// Keeps in `full` only the runs that are (commits made during a fold pass counted runs
+    /// whose chunks it was writing), and whether one holds twice a block's worth.
+    pub(super) fn refresh_full(&mut self, runs: &Mutex<Runs>) {
+        if self.full.is_empty() {
+            return;
+        }
+        let runs = lock(runs);
+        self.full
+            .retain(|id, ()| runs.get(id).is_some_and(Run::is_full));
+        self.urgent = self
+            .full
+            .keys()
+            .any(|id| runs.get(id).is_some_and(|run| run.holds(block::LEFT_FULL)));
+    }
+
+    /// Settles a fold pass that succeeded (`ok`) or not, and returns its ops to be acked. After
+    /// a look at the journal's head that succeeded, the journal lets go of what is before the
+    /// first record SQLite does not hold yet (the runs' and the pending rows').
+    pub(super) fn after_fold(&mut self, runs: &Mutex<Runs>, work: FoldWork, ok: bool) -> Vec<Op> {
+        self.in_fold = 0;
+        if !ok {
+            self.full.extend(work.full.into_iter().map(|id| (id, ())));
+            return work.ops;
+        }
+        if work.old_before.is_some() {
+            let runs_from = lock(runs).values().map(|run| run.first_log).min();
+            let keep_from = [runs_from, self.pending.first_log()]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or_else(|| self.journal.position());
+            // Every chunk and row before `keep_from` is in the database now. (If the segments
+            // cannot be deleted, the next look tries again; replay would skip what they hold.)
+            if let Err(e) = self.journal.trim(keep_from) {
+                tracing::warn!(error = %e.report(), "journal segments not deleted");
+            }
+        }
+        work.ops
+    }
+}
+
+/// What one pass of the fold writes into SQLite (see [`fold`]).
+pub(super) struct FoldWork {
+    /// Streams' records and final statuses, oldest first.
+    rows: Vec<Row>,
+    /// Streams whose runs were left full.
+    full: Vec<Arc<str>>,
+    /// Runs whose first chunk is before this journal position are written whatever their
+    /// size, so that one quiet stream does not keep the journal long.
+    old_before: Option<i64>,
+    /// Flushes, deletions and expiry, done after the rows.
+    ops: Vec<Op>,
+}
+
+impl FoldWork {
+    /// After a failed pass: its rows stay with the connection, for the next pass to write
+    /// first.
+    pub(super) fn keep_rows(mut self, db: &mut Db) -> Self {
+        db.held.append(&mut self.rows);
+        self
+    }
 }
 
 /// What a batch does to one stream's run; applied to the shared runs once committed.
@@ -402,9 +626,10 @@ pub(super) struct RunChange {
     written: bool,
     /// Chunks this batch logged (after that block, if any).
     staged: Run,
-    /// The shared run's chunks and bytes when the batch first touched it (only this writer
-    /// changes the runs, and only after a batch): what [`Self::is_full`] counts, so that a
-    /// batch's chunks do not each lock and look up the shared runs.
+    /// The shared run's chunks and bytes when the batch first touched it: what
+    /// [`Self::must_write`] counts, so that a batch's chunks do not each lock and look up the
+    /// shared runs. (The fold may write part of the run meanwhile: then this counts more than
+    /// is left, and a run is written a little early.)
     base: (usize, usize),
 }
 
@@ -433,26 +658,23 @@ impl RunChange {
         (n + self.staged.chunks.len(), bytes + self.staged.bytes)
     }
 
-    fn is_full(&self) -> bool {
+    /// Whether it holds `times` blocks' worth.
+    fn holds(&self, times: usize) -> bool {
         let (n, bytes) = self.size();
-        n >= block::BLOCK_CHUNKS || bytes >= block::BLOCK_BYTES
+        n >= times * block::BLOCK_CHUNKS || bytes >= times * block::BLOCK_BYTES
     }
 
-    /// Whether a full run is written as a block by this batch: always by a drain job's
-    /// ([`Rows::WhenDue`]), which writes many streams' blocks in one transaction; by a batch on
-    /// a stream's own thread ([`Rows::Leave`]) only once the run holds twice a block's worth
-    /// ([`block::LEFT_FULL`]). Otherwise a stream's chunk would wait for a SQLite transaction
-    /// (its locks, its WAL writes) whenever its run filled, every 64th chunk of a lone stream;
-    /// the chunks are durable in the journal already and readers find them in the run.
-    fn must_write(&self, when: Rows) -> bool {
-        let (n, bytes) = self.size();
-        match when {
-            Rows::WhenDue => self.is_full(),
-            Rows::Leave => {
-                n >= block::LEFT_FULL * block::BLOCK_CHUNKS
-                    || bytes >= block::LEFT_FULL * block::BLOCK_BYTES
-            }
-        }
+    fn is_full(&self) -> bool {
+        self.holds(1)
+    }
+
+    /// Whether this commit writes the run as a block itself, waiting for the connection: only
+    /// at four times a block's worth ([`block::HARD_FULL`]), what bounds a run's memory when
+    /// the fold is behind. A full run is left to the fold, which writes many streams' blocks in
+    /// one transaction that no commit waits for; a run at twice a block's worth
+    /// ([`block::LEFT_FULL`]) starts it.
+    fn must_write(&self) -> bool {
+        self.holds(block::HARD_FULL)
     }
 
     /// Writes the run as it now stands as one block.
@@ -476,19 +698,18 @@ impl RunChange {
     }
 }
 
-/// Commits `batch`: its chunks, records and final statuses to the journal with one `write`,
-/// blocks that filled into SQLite, and the rows waiting to be written into `streams`
-/// ([`Pending`]) when they are due or the batch needs them there (a flush, a deletion, expiry).
-/// On an error nothing of the batch counts: its staged journal records are dropped and the
-/// transaction rolls back.
+/// Commits `batch`: its chunks, records and final statuses to the journal with one `write`, and
+/// a run at its bound into SQLite (see [`RunChange::must_write`]); flushes, deletions and expiry
+/// are moved out of it, to the fold, which acks them. On an error nothing of the batch counts:
+/// its staged journal records are dropped and the transaction rolls back.
 pub(super) fn apply(
-    conn: &mut Connection,
-    batch: &mut [Op],
+    db: &Mutex<Db>,
+    gate: &Mutex<()>,
+    batch: &mut Vec<Op>,
     runs: &Mutex<Runs>,
     log: &mut LogState,
-    when: Rows,
 ) -> Result<(), StoreError> {
-    let applied = apply_staged(conn, batch, runs, log, when);
+    let applied = apply_staged(db, gate, batch, runs, log);
     if applied.is_err() {
         log.journal.discard();
     }
@@ -496,20 +717,21 @@ pub(super) fn apply(
 }
 
 fn apply_staged(
-    conn: &mut Connection,
-    batch: &mut [Op],
+    db: &Mutex<Db>,
+    gate: &Mutex<()>,
+    batch: &mut Vec<Op>,
     runs: &Mutex<Runs>,
     log: &mut LogState,
-    when: Rows,
 ) -> Result<(), StoreError> {
-    let mut tx = Batch::new(conn);
+    let mut tx = Batch::new(db, gate);
     let mut changes: ByStream<RunChange> = ByStream::default();
-    // This batch's rows with their journal positions; those before `rows.written` are written
-    // into `streams` in this transaction, as are the pending ones if `rows.pending_written`.
-    let mut rows = BatchRows::default();
-    for op in batch {
-        match op {
-            Op::Begin(s, _) => rows.stage(log, Row::Begin(BeginRow::take(s))),
+    // This batch's rows with the journal position of the first.
+    let mut rows: Option<(i64, Vec<Row>)> = None;
+    let mut to_fold = false;
+    for op in batch.iter_mut() {
+        let row = match op {
+            Op::Begin(s, _) => Row::Begin(BeginRow::take(s)),
+            Op::Finish(f, _) => Row::Finish(FinishRow::of(f)),
             Op::Append {
                 id,
                 seq,
@@ -530,14 +752,202 @@ fn apply_staged(
                     .entry(id.clone())
                     .or_insert_with(|| RunChange::based_on(&lock(runs), id));
                 change.staged.push(position, chunk);
-                if change.must_write(when) {
+                if change.must_write() {
                     change.write(tx.sql()?, runs, id)?;
                 }
+                continue;
             }
-            Op::Finish(f, _) => rows.stage(log, Row::Finish(FinishRow::of(f))),
-            Op::Flush(_) => rows.write(tx.sql()?, runs, &mut changes, &log.pending)?,
+            Op::Flush(_) | Op::Delete { .. } | Op::Expire { .. } => {
+                to_fold = true;
+                continue;
+            }
+        };
+        let at = log.journal.stage_row(&row);
+        // Rows count toward the fold's look at the journal's head as chunks do: with
+        // transcripts off they are all it holds.
+        log.appended += 1;
+        rows.get_or_insert_with(|| (at, Vec::new())).1.push(row);
+    }
+    // The batch is durable before it is acked; if it cannot be, the transaction rolls back and
+    // nothing of the batch counts.
+    log.journal.write()?;
+    tx.commit()?;
+    if let Some((first, rows)) = rows {
+        log.pending.extend(first, rows, tokio::time::Instant::now());
+    }
+    if to_fold {
+        let (fold, keep): (Vec<Op>, Vec<Op>) = batch
+            .drain(..)
+            .partition(|op| matches!(op, Op::Flush(_) | Op::Delete { .. } | Op::Expire { .. }));
+        *batch = keep;
+        log.to_fold.extend(fold);
+    }
+    let mut runs = lock(runs);
+    for (id, change) in changes {
+        // A full run waits for the fold (see `RunChange::must_write`); one written here no
+        // longer does.
+        if change.is_full() {
+            log.full.insert(id.clone(), ());
+            log.urgent |= change.holds(block::LEFT_FULL);
+        } else if change.written {
+            log.full.remove(&id);
+        }
+        if change.written {
+            // Its chunks, all in the block now: the connection is still held, so the fold
+            // cannot have written any of them meanwhile.
+            runs.remove(&id);
+        }
+        if !change.staged.chunks.is_empty() {
+            runs.entry(id).or_default().append(change.staged);
+        }
+    }
+    drop(runs);
+    drop(tx);
+    Ok(())
+}
+
+/// A batch's SQLite transaction, begun at its first statement (a batch whose runs are under
+/// their bound has none: its `write` to the journal is all it needs), with the checkpoint's gate
+/// and the connection taken then and held until the batch has changed the runs; committed with
+/// cached statements: rusqlite's `Transaction` prepares `BEGIN` and `COMMIT` anew each time,
+/// which cost a short stream's writer a tenth of its work. Dropped before
+/// [`commit`](Self::commit), it rolls back.
+struct Batch<'c> {
+    db: &'c Mutex<Db>,
+    gate: &'c Mutex<()>,
+    held: Option<Held<'c>>,
+    open: bool,
+}
+
+/// The gate and the connection, as a batch holds them.
+struct Held<'c> {
+    _gate: MutexGuard<'c, ()>,
+    db: MutexGuard<'c, Db>,
+}
+
+impl<'c> Batch<'c> {
+    fn new(db: &'c Mutex<Db>, gate: &'c Mutex<()>) -> Self {
+        Self {
+            db,
+            gate,
+            held: None,
+            open: false,
+        }
+    }
+
+    /// The connection, inside the batch's transaction (begun now if it was not), once the gate
+    /// and the connection are free.
+    fn sql(&mut self) -> Result<&Connection, StoreError> {
+        let held = self.held.get_or_insert_with(|| Held {
+            _gate: locked(self.gate),
+            db: locked(self.db),
+        });
+        if !self.open {
+            held.db.conn.prepare_cached("BEGIN")?.execute([])?;
+            self.open = true;
+        }
+        Ok(&held.db.conn)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if let (true, Some(held)) = (self.open, &self.held) {
+            held.db.conn.prepare_cached("COMMIT")?.execute([])?;
+            self.open = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(Held { db, .. })) = (self.open, &self.held) {
+            // A failed COMMIT may have ended the transaction already; then this is a no-op error.
+            let _ = db.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// A fold pass's SQLite work, in one transaction: the rows a failed pass left and `work`'s
+/// (each final status with its stream's run, written as a block), the runs left full, the runs
+/// that began too far back in the journal, then deletions and expiry. Once it is committed, the
+/// chunks it wrote leave the runs (later ones, appended meanwhile, stay) and the held rows are
+/// forgotten; if it fails, it rolls back and changes nothing.
+pub(super) fn fold(db: &mut Db, runs: &Mutex<Runs>, work: &FoldWork) -> Result<(), StoreError> {
+    let Db { conn, held } = db;
+    // Each stream's last chunk written by this pass.
+    let mut written: ByStream<u64> = ByStream::default();
+    let mut tx = Tx { conn, open: false };
+    let done = fold_in(&mut tx, runs, held, work, &mut written).and_then(|()| {
+        if tx.open {
+            tx.conn.prepare_cached("COMMIT")?.execute([])?;
+        }
+        Ok(())
+    });
+    if done.is_err() {
+        // A failed COMMIT may have ended the transaction already; then this is a no-op error.
+        let _ = conn.execute_batch("ROLLBACK");
+        return done;
+    }
+    held.clear();
+    let mut runs = lock(runs);
+    for (id, last) in written {
+        if let Some(run) = runs.get_mut(&id) {
+            run.drop_through(last);
+            if run.chunks.is_empty() {
+                runs.remove(&id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fold pass's transaction, begun at its first statement (a pass may find nothing to write:
+/// the runs it was started for written by their commits meanwhile).
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl Tx<'_> {
+    fn sql(&mut self) -> Result<&Connection, StoreError> {
+        if !self.open {
+            self.conn.prepare_cached("BEGIN")?.execute([])?;
+            self.open = true;
+        }
+        Ok(self.conn)
+    }
+}
+
+fn fold_in(
+    tx: &mut Tx<'_>,
+    runs: &Mutex<Runs>,
+    held: &[Row],
+    work: &FoldWork,
+    written: &mut ByStream<u64>,
+) -> Result<(), StoreError> {
+    for row in held.iter().chain(&work.rows) {
+        if let Row::Finish(f) = row {
+            // Its chunks before its final status.
+            write_run(tx, runs, &f.id, false, written)?;
+        }
+        row.write(tx.sql()?)?;
+    }
+    for id in &work.full {
+        write_run(tx, runs, id, true, written)?;
+    }
+    if let Some(before) = work.old_before {
+        let old: Vec<Arc<str>> = lock(runs)
+            .iter()
+            .filter(|(_, run)| run.first_log < before)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in old {
+            write_run(tx, runs, &id, false, written)?;
+        }
+    }
+    for op in &work.ops {
+        match op {
             Op::Expire { before, .. } => {
-                rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
                 tx.sql()?.execute(
                     "DELETE FROM chunk_blocks WHERE stream_id IN
                         (SELECT id FROM streams WHERE created < ?1 AND status != 'streaming')",
@@ -549,254 +959,56 @@ fn apply_staged(
                 )?;
             }
             Op::Delete { tenant, id, .. } => {
-                rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
                 let gone = tx.sql()?.execute(
                     "DELETE FROM streams WHERE id = ?1 AND tenant = ?2 AND status != 'streaming'",
-                    params![&*id, &*tenant],
+                    params![id, tenant],
                 )?;
                 if gone > 0 {
-                    tx.sql()?.execute(
-                        "DELETE FROM chunk_blocks WHERE stream_id = ?1",
-                        params![&*id],
-                    )?;
+                    tx.sql()?
+                        .execute("DELETE FROM chunk_blocks WHERE stream_id = ?1", params![id])?;
                 }
             }
-        }
-    }
-    if when == Rows::WhenDue && rows.due(&log.pending) {
-        rows.write(tx.sql()?, runs, &mut changes, &log.pending)?;
-    }
-    if when == Rows::WhenDue {
-        // The runs batches on streams' own threads left full, all in this transaction. (A run
-        // written since, or gone with its stream, is not written again.)
-        for id in log.full.keys() {
-            let change = changes
-                .entry(id.clone())
-                .or_insert_with(|| RunChange::based_on(&lock(runs), id));
-            if !change.written && change.is_full() {
-                change.write(tx.sql()?, runs, id)?;
-            }
-        }
-    }
-    let keep_from = if log.appended >= block::LOG_CHECK_EVERY {
-        log.appended = 0;
-        let runs_from = trim_log(tx.sql()?, runs, &mut changes, log.journal.position())?;
-        // Rows not written into `streams` are kept in the journal too.
-        Some(
-            [Some(runs_from), rows.unwritten_from(&log.pending)]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(runs_from),
-        )
-    } else {
-        None
-    };
-    // The batch is durable before it is acked; if it cannot be, the transaction rolls back and
-    // nothing of the batch counts.
-    log.journal.write()?;
-    tx.commit()?;
-    if let Some(keep_from) = keep_from {
-        // Every chunk and row before `keep_from` is in the database now. (If the segments
-        // cannot be deleted, the next look tries again; replay would skip what they hold.)
-        if let Err(e) = log.journal.trim(keep_from) {
-            tracing::warn!(error = %e.report(), "journal segments not deleted");
-        }
-    }
-    rows.settle(&mut log.pending);
-    if when == Rows::WhenDue {
-        log.full.clear();
-    }
-    let mut runs = lock(runs);
-    for (id, change) in changes {
-        // What a batch on a stream's own thread left full waits for a drain job (see
-        // `RunChange::must_write`); a run written since (twice full, or with its final status)
-        // no longer does.
-        if change.is_full() {
-            log.full.insert(id.clone(), ());
-        } else if change.written {
-            log.full.remove(&id);
-        }
-        if change.written {
-            runs.remove(&id);
-        }
-        if !change.staged.chunks.is_empty() {
-            runs.entry(id).or_default().append(change.staged);
+            // A flush needs only the rows written, above.
+            _ => {}
         }
     }
     Ok(())
 }
 
-/// A batch's rows (streams' records and final statuses), and which of them, with the pending
-/// ones, it writes into `streams`.
-#[derive(Default)]
-struct BatchRows {
-    /// Each with its journal position.
-    rows: Vec<(i64, Row)>,
-    /// How many of `rows` are written in this transaction.
-    written: usize,
-    /// Whether the pending rows are.
-    pending_written: bool,
-}
-
-impl BatchRows {
-    /// Journals `row`.
-    fn stage(&mut self, log: &mut LogState, row: Row) {
-        let at = log.journal.stage_row(&row);
-        // Rows count toward the journal's next trim as chunks do: with transcripts off they
-        // are all it holds.
-        log.appended += 1;
-        self.rows.push((at, row));
-    }
-
-    /// Whether the rows should be written into `streams` now: those waiting are due (see
-    /// [`Pending::due`]), or the pending ones are being written already.
-    fn due(&self, pending: &Pending) -> bool {
-        let unwritten = &self.rows[self.written..];
-        if unwritten.is_empty() && (self.pending_written || pending.len() == 0) {
-            return false;
-        }
-        self.pending_written
-            || pending.due(
-                unwritten.len(),
-                unwritten.iter().map(|(_, r)| r.bytes()).sum(),
-                tokio::time::Instant::now(),
-            )
-    }
-
-    /// Writes the pending rows (unless written already) and this batch's so far into
-    /// `streams`, each final status after its stream's last chunks.
-    fn write(
-        &mut self,
-        tx: &Connection,
-        runs: &Mutex<Runs>,
-        changes: &mut ByStream<RunChange>,
-        pending: &Pending,
-    ) -> Result<(), StoreError> {
-        let earlier = if self.pending_written {
-            &[][..]
-        } else {
-            pending.rows()
-        };
-        for row in earlier
-            .iter()
-            .chain(self.rows[self.written..].iter().map(|(_, r)| r))
-        {
-            if let Row::Finish(f) = row {
-                let id: Arc<str> = Arc::from(f.id.as_str());
-                changes
-                    .entry(id.clone())
-                    .or_default()
-                    .write(tx, runs, &id)?;
-            }
-            row.write(tx)?;
-        }
-        self.pending_written = true;
-        self.written = self.rows.len();
-        Ok(())
-    }
-
-    /// The first journal position of the rows that stay unwritten.
-    fn unwritten_from(&self, pending: &Pending) -> Option<i64> {
-        let pending = (!self.pending_written)
-            .then(|| pending.first_log())
-            .flatten();
-        pending.or_else(|| self.rows.get(self.written).map(|(at, _)| *at))
-    }
-
-    /// After the commit: what was written is no longer pending, what was not now is.
-    fn settle(mut self, pending: &mut Pending) {
-        if self.pending_written {
-            pending.clear();
-        }
-        let rest = self.rows.split_off(self.written);
-        if let Some((first, _)) = rest.first() {
-            let first = *first;
-            pending.extend(
-                first,
-                rest.into_iter().map(|(_, r)| r).collect(),
-                tokio::time::Instant::now(),
-            );
-        }
-    }
-}
-
-/// A batch's transaction, begun at its first statement (a batch of chunks whose blocks are not
-/// full has none: its `write` to the journal is all it needs) and committed with cached
-/// statements: rusqlite's `Transaction` prepares `BEGIN` and `COMMIT` anew each time, which cost
-/// a short stream's writer a tenth of its work. Dropped before [`commit`](Self::commit), it rolls
-/// back.
-struct Batch<'c> {
-    conn: &'c Connection,
-    open: bool,
-}
-
-impl<'c> Batch<'c> {
-    fn new(conn: &'c Connection) -> Self {
-        Self { conn, open: false }
-    }
-
-    /// The connection, inside the batch's transaction (begun now if it was not).
-    fn sql(&mut self) -> Result<&'c Connection, StoreError> {
-        if !self.open {
-            self.conn.prepare_cached("BEGIN")?.execute([])?;
-            self.open = true;
-        }
-        Ok(self.conn)
-    }
-
-    fn commit(mut self) -> Result<(), StoreError> {
-        if self.open {
-            self.conn.prepare_cached("COMMIT")?.execute([])?;
-            self.open = false;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Batch<'_> {
-    fn drop(&mut self) {
-        if self.open {
-            // A failed COMMIT may have ended the transaction already; then this is a no-op error.
-            let _ = self.conn.execute_batch("ROLLBACK");
-        }
-    }
-}
-
-/// Writes runs that started too far back in the journal (`newest` being its end) as blocks,
-/// and returns the position before which the journal holds nothing a run needs.
-pub(super) fn trim_log(
-    tx: &Connection,
+/// Writes stream `id`'s run, past what this pass wrote of it already, as a block: whatever its
+/// size, or only if it is full (`only_full`).
+fn write_run(
+    tx: &mut Tx<'_>,
     runs: &Mutex<Runs>,
-    changes: &mut ByStream<RunChange>,
-    newest: i64,
-) -> Result<i64, StoreError> {
-    let old: Vec<Arc<str>> = lock(runs)
-        .iter()
-        .filter(|(id, run)| {
-            run.first_log < newest - block::LOG_SPAN && !changes.get(*id).is_some_and(|c| c.written)
-        })
-        .map(|(id, _)| id.clone())
-        .collect();
-    for id in old {
-        changes
-            .entry(id.clone())
-            .or_default()
-            .write(tx, runs, &id)?;
+    id: &str,
+    only_full: bool,
+    written: &mut ByStream<u64>,
+) -> Result<(), StoreError> {
+    let after = written.get(id).copied().unwrap_or(0);
+    // Copied out (a chunk's JSON is shared, its text is short), to be encoded without the runs'
+    // lock: a relay whose commit adds to its run would otherwise wait for the encoding.
+    let chunks: Vec<LoggedChunk> = match lock(runs).get(id) {
+        Some(run) => run
+            .chunks
+            .iter()
+            .filter(|c| c.seq > after)
+            .cloned()
+            .collect(),
+        None => return Ok(()),
+    };
+    let bytes: usize = chunks.iter().map(|c| c.data.len() + c.content.len()).sum();
+    if only_full && chunks.len() < block::BLOCK_CHUNKS && bytes < block::BLOCK_BYTES {
+        return Ok(());
     }
-    let still_shared = lock(runs)
-        .iter()
-        .filter(|(id, _)| !changes.get(*id).is_some_and(|c| c.written))
-        .map(|(_, run)| run.first_log)
-        .min();
-    let staged = changes
-        .values()
-        .filter(|c| !c.staged.chunks.is_empty())
-        .map(|c| c.staged.first_log)
-        .min();
-    Ok([still_shared, staged]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(newest))
+    if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
+        insert_block(
+            tx.sql()?,
+            id,
+            first.seq,
+            last.seq,
+            block::encode(chunks.iter()),
+        )?;
+        written.insert(Arc::from(id), last.seq);
+    }
+    Ok(())
 }
