@@ -89,7 +89,7 @@ pub(crate) struct LoggedChunk {
 }
 
 impl LoggedChunk {
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len() + self.content.len()
     }
 }
@@ -141,13 +141,19 @@ impl Run {
 
     /// Whether it holds `times` blocks' worth.
     pub fn holds(&self, times: usize) -> bool {
-        self.chunks.len() >= times * BLOCK_CHUNKS || self.bytes >= times * BLOCK_BYTES
+        holds(self.chunks.len(), self.bytes, times)
     }
 
     /// The last chunk's seq (0 if empty).
     pub fn last_seq(&self) -> u64 {
         self.chunks.last().map_or(0, |c| c.seq)
     }
+}
+
+/// Whether `chunks` chunks of `bytes` bytes make `times` blocks' worth ([`BLOCK_CHUNKS`] or
+/// [`BLOCK_BYTES`] each).
+pub(crate) fn holds(chunks: usize, bytes: usize, times: usize) -> bool {
+    chunks >= times * BLOCK_CHUNKS || bytes >= times * BLOCK_BYTES
 }
 
 /// Every stream's run, by stream id. Hashed with foldhash rather than the standard library's

@@ -661,7 +661,7 @@ impl RunChange {
     /// Whether it holds `times` blocks' worth.
     fn holds(&self, times: usize) -> bool {
         let (n, bytes) = self.size();
-        n >= times * block::BLOCK_CHUNKS || bytes >= times * block::BLOCK_BYTES
+        block::holds(n, bytes, times)
     }
 
     fn is_full(&self) -> bool {
@@ -806,17 +806,47 @@ fn apply_staged(
     Ok(())
 }
 
-/// A batch's SQLite transaction, begun at its first statement (a batch whose runs are under
-/// their bound has none: its `write` to the journal is all it needs), with the checkpoint's gate
-/// and the connection taken then and held until the batch has changed the runs; committed with
-/// cached statements: rusqlite's `Transaction` prepares `BEGIN` and `COMMIT` anew each time,
-/// which cost a short stream's writer a tenth of its work. Dropped before
+/// Whether a transaction begun at its first statement is open (most batches, and some fold
+/// passes, have no statement: a batch's `write` to the journal is all it needs). Begun and
+/// committed with cached statements: rusqlite's `Transaction` prepares `BEGIN` and `COMMIT` anew
+/// each time, which cost a short stream's writer a tenth of its work.
+#[derive(Default)]
+struct Open(bool);
+
+impl Open {
+    /// `conn`, inside the transaction (begun now if it was not).
+    fn begin<'c>(&mut self, conn: &'c Connection) -> Result<&'c Connection, StoreError> {
+        if !self.0 {
+            conn.prepare_cached("BEGIN")?.execute([])?;
+            self.0 = true;
+        }
+        Ok(conn)
+    }
+
+    fn commit(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.0 {
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            self.0 = false;
+        }
+        Ok(())
+    }
+
+    fn roll_back(&mut self, conn: &Connection) {
+        if std::mem::take(&mut self.0) {
+            // A failed COMMIT may have ended the transaction already; then this is a no-op error.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// A batch's SQLite transaction ([`Open`]), with the checkpoint's gate and the connection taken
+/// at its first statement and held until the batch has changed the runs. Dropped before
 /// [`commit`](Self::commit), it rolls back.
 struct Batch<'c> {
     db: &'c Mutex<Db>,
     gate: &'c Mutex<()>,
     held: Option<Held<'c>>,
-    open: bool,
+    open: Open,
 }
 
 /// The gate and the connection, as a batch holds them.
@@ -831,38 +861,32 @@ impl<'c> Batch<'c> {
             db,
             gate,
             held: None,
-            open: false,
+            open: Open::default(),
         }
     }
 
-    /// The connection, inside the batch's transaction (begun now if it was not), once the gate
-    /// and the connection are free.
+    /// The connection, inside the batch's transaction, once the gate and the connection are
+    /// free.
     fn sql(&mut self) -> Result<&Connection, StoreError> {
         let held = self.held.get_or_insert_with(|| Held {
             _gate: locked(self.gate),
             db: locked(self.db),
         });
-        if !self.open {
-            held.db.conn.prepare_cached("BEGIN")?.execute([])?;
-            self.open = true;
-        }
-        Ok(&held.db.conn)
+        self.open.begin(&held.db.conn)
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
-        if let (true, Some(held)) = (self.open, &self.held) {
-            held.db.conn.prepare_cached("COMMIT")?.execute([])?;
-            self.open = false;
+        match &self.held {
+            Some(held) => self.open.commit(&held.db.conn),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
-        if let (true, Some(Held { db, .. })) = (self.open, &self.held) {
-            // A failed COMMIT may have ended the transaction already; then this is a no-op error.
-            let _ = db.conn.execute_batch("ROLLBACK");
+        if let Some(held) = &self.held {
+            self.open.roll_back(&held.db.conn);
         }
     }
 }
@@ -876,18 +900,12 @@ pub(super) fn fold(db: &mut Db, runs: &Mutex<Runs>, work: &FoldWork) -> Result<(
     let Db { conn, held } = db;
     // Each stream's last chunk written by this pass.
     let mut written: ByStream<u64> = ByStream::default();
-    let mut tx = Tx { conn, open: false };
-    let done = fold_in(&mut tx, runs, held, work, &mut written).and_then(|()| {
-        if tx.open {
-            tx.conn.prepare_cached("COMMIT")?.execute([])?;
-        }
-        Ok(())
-    });
-    if done.is_err() {
-        // A failed COMMIT may have ended the transaction already; then this is a no-op error.
-        let _ = conn.execute_batch("ROLLBACK");
-        return done;
-    }
+    let mut tx = Tx {
+        conn,
+        open: Open::default(),
+    };
+    fold_in(&mut tx, runs, held, work, &mut written)?;
+    tx.commit()?;
     held.clear();
     let mut runs = lock(runs);
     for (id, last) in written {
@@ -901,20 +919,27 @@ pub(super) fn fold(db: &mut Db, runs: &Mutex<Runs>, work: &FoldWork) -> Result<(
     Ok(())
 }
 
-/// A fold pass's transaction, begun at its first statement (a pass may find nothing to write:
-/// the runs it was started for written by their commits meanwhile).
+/// A fold pass's transaction ([`Open`]: a pass may find nothing to write, the runs it was
+/// started for written by their commits meanwhile). Dropped before
+/// [`commit`](Self::commit), it rolls back.
 struct Tx<'c> {
     conn: &'c Connection,
-    open: bool,
+    open: Open,
 }
 
 impl Tx<'_> {
     fn sql(&mut self) -> Result<&Connection, StoreError> {
-        if !self.open {
-            self.conn.prepare_cached("BEGIN")?.execute([])?;
-            self.open = true;
-        }
-        Ok(self.conn)
+        self.open.begin(self.conn)
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.open.commit(self.conn)
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        self.open.roll_back(self.conn);
     }
 }
 
@@ -996,8 +1021,8 @@ fn write_run(
             .collect(),
         None => return Ok(()),
     };
-    let bytes: usize = chunks.iter().map(|c| c.data.len() + c.content.len()).sum();
-    if only_full && chunks.len() < block::BLOCK_CHUNKS && bytes < block::BLOCK_BYTES {
+    let bytes: usize = chunks.iter().map(LoggedChunk::bytes).sum();
+    if only_full && !block::holds(chunks.len(), bytes, 1) {
         return Ok(());
     }
     if let (Some(first), Some(last)) = (chunks.first(), chunks.last()) {
