@@ -88,6 +88,16 @@ async fn ask(g: &Gateway, model: &str, tokens: u32) -> (Reader, Value) {
     .await
 }
 
+/// Asks `model` for a streamed answer of three tokens; the response as it comes.
+async fn three_tokens_from(g: &Gateway, model: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", g.url))
+        .json(&chat_body(model, true, json!({"tokens": 3}), json!(null)))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn attempts(t: &Value) -> Vec<(String, String)> {
     t["attempts"]
         .as_array()
@@ -157,20 +167,14 @@ async fn retries_stay_inside_the_deadline() {
     );
     let g = gateway(&config).await;
     let started = tokio::time::Instant::now();
-    let response = client()
-        .post(format!("{}/v1/chat/completions", g.url))
-        .json(&chat_body("r", true, json!({"tokens": 3}), json!(null)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 502);
-    assert!(
-        started.elapsed() <= Duration::from_millis(1000),
-        "{:?}",
-        started.elapsed()
-    );
+    let response = three_tokens_from(&g, "r").await;
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    let elapsed = started.elapsed();
     let id = g.newest(1).await[0].id.clone();
     let t = final_transcript(&g.url, &id).await;
+    assert_eq!(status, 502, "after {elapsed:?}: {body} {t}");
+    assert!(elapsed <= Duration::from_millis(1000), "{elapsed:?}");
     let tried = t["attempts"].as_array().unwrap();
     // Backoffs of 50-100, 100-200, 200-400, 400-800 ms: at most five tries fit in a second.
     assert!((3..=5).contains(&tried.len()), "{}", t["attempts"]);
@@ -178,6 +182,31 @@ async fn retries_stay_inside_the_deadline() {
         .iter()
         .all(|a| a["started_ms"].as_f64().unwrap() < 1000.0 && a["outcome"] == "failed"));
     assert_eq!(ending(&t), ("failed".into(), Some("upstream_error".into())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_still_waiting_at_the_deadline_is_a_timeout() {
+    let config = format!(
+        "{SIMS}{}",
+        route(
+            "r",
+            "fallback",
+            &["broken", "slow"],
+            "retries = 0\ntotal_timeout_ms = 150"
+        )
+    );
+    let g = gateway(&config).await;
+    let response = three_tokens_from(&g, "r").await;
+    assert_eq!(response.status(), 504);
+    let id = g.newest(1).await[0].id.clone();
+    let t = final_transcript(&g.url, &id).await;
+    assert_eq!(t["status"], "timed_out");
+    assert_eq!(
+        attempts(&t),
+        pairs(&[("broken", "failed"), ("slow", "cancelled")]),
+        "the attempt still waiting was stopped with the stream"
+    );
+    assert_eq!(t["attempts"][1]["ended_ms"].as_f64(), Some(150.0));
 }
 
 #[tokio::test(start_paused = true)]

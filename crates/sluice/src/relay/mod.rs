@@ -223,7 +223,7 @@ async fn record(ctx: &RelayContext, req: StreamRequest) -> Result<(Frames, Begun
     // goes through alone.
     let (tx, rx) = queue::bounded_in_bytes(ctx.buffer_chunks, ctx.buffer_bytes, Frame::bytes);
     let progress = Progress {
-        attempts: upstream.is_route().then(Attempts::default),
+        attempts: upstream.is_route().then(|| Attempts::since(started)),
         ..Progress::default()
     };
     let begun = Begun {

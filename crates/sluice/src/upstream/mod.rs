@@ -276,7 +276,8 @@ pub enum Upstream {
 
 impl Upstream {
     /// Opens the stream (lazily: nothing happens until it is polled). A route notes each of its
-    /// attempts in `attempts` (its own list if given none); the others leave it alone.
+    /// attempts in `attempts` (its own list, timed from now, if given none); the others leave it
+    /// alone.
     pub fn open(
         &self,
         request: UpstreamRequest,
@@ -286,7 +287,10 @@ impl Upstream {
             Upstream::OpenAi(client) => client.open(request),
             Upstream::Sim(defaults) => sim::open(*defaults, request),
             Upstream::Route(r) => {
-                route::open(r.clone(), request, attempts.cloned().unwrap_or_default())
+                let attempts = attempts
+                    .cloned()
+                    .unwrap_or_else(|| route::Attempts::since(tokio::time::Instant::now()));
+                route::open(r.clone(), request, attempts)
             }
         }
     }

@@ -110,6 +110,16 @@ impl Retry {
     }
 }
 
+/// tokio's timers fire on whole milliseconds, a sleep's end rounded up to the next.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// Whether a wait that ends at `end` ends before `deadline`, each rounded up to the tick its
+/// timer fires on: a backoff ending in the deadline's last tick would wake with the stream's own
+/// timer (set to the same deadline), which is checked first and would cut the route short.
+fn ends_before(end: Instant, deadline: Instant) -> bool {
+    end + TIMER_TICK <= deadline
+}
+
 /// A number in [0.5, 1): jitter that still waits at least half the backoff.
 fn jitter() -> f64 {
     let mut b = [0u8; 2];
@@ -213,17 +223,23 @@ struct AttemptsInner {
     list: Mutex<Vec<Attempt>>,
 }
 
-impl Default for Attempts {
-    fn default() -> Self {
+impl Attempts {
+    /// The attempts of a stream that started at `started` (its request's arrival): their times
+    /// and the route's deadline count from there, the moment the relay's own timers count from,
+    /// so the route's deadline never falls after the stream's.
+    pub fn since(started: Instant) -> Self {
         Self(Arc::new(AttemptsInner {
-            started: Instant::now(),
+            started,
             route: Mutex::new(String::new()),
             list: Mutex::new(Vec::new()),
         }))
     }
-}
 
-impl Attempts {
+    /// The route's deadline: `total` after the stream's start.
+    fn deadline(&self, total: Duration) -> Instant {
+        self.0.started + total
+    }
+
     fn ms(&self) -> f64 {
         (self.0.started.elapsed().as_secs_f64() * 1e6).round() / 1e3
     }
@@ -366,7 +382,7 @@ fn timed_out_detail(limit: Duration) -> String {
 
 fn fallback(route: Arc<Route>, request: UpstreamRequest, attempts: Attempts) -> ChunkStream {
     Box::pin(stream! {
-        let deadline = Instant::now() + route.total;
+        let deadline = attempts.deadline(route.total);
         // The text that has gone out: a continuing target picks up from it.
         let mut partial = String::new();
         'targets: for target in &route.targets {
@@ -429,7 +445,7 @@ fn fallback(route: Arc<Route>, request: UpstreamRequest, attempts: Attempts) -> 
                 };
                 if error.is_retryable() && tries <= route.retry.retries {
                     let wait = route.retry.wait(tries, retry_after);
-                    if Instant::now() + wait < deadline {
+                    if ends_before(Instant::now() + wait, deadline) {
                         tokio::time::sleep(wait).await;
                         continue;
                     }
@@ -453,7 +469,7 @@ fn first_of(
     stagger: Duration,
 ) -> ChunkStream {
     Box::pin(stream! {
-        let deadline = Instant::now() + route.total;
+        let deadline = attempts.deadline(route.total);
         let mut waiting: VecDeque<usize> = VecDeque::new();
         for (i, target) in route.targets.iter().enumerate() {
             if target.breaker.is_open() {
@@ -553,7 +569,7 @@ type Tagged = std::pin::Pin<
 
 fn gather(route: Arc<Route>, request: UpstreamRequest, attempts: Attempts) -> ChunkStream {
     Box::pin(stream! {
-        let deadline = Instant::now() + route.total;
+        let deadline = attempts.deadline(route.total);
         let n = route.targets.len();
         let mut index_of_attempt = vec![None; n];
         let mut merged: SelectAll<Tagged> = SelectAll::new();
@@ -725,6 +741,78 @@ mod tests {
         assert!(!b.is_open(), "half open: one attempt goes through");
         b.failed();
         assert!(b.is_open(), "and its failure opens it again");
+    }
+
+    #[test]
+    fn a_backoff_ending_in_the_deadlines_last_tick_is_not_waited() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert!(ends_before(deadline - Duration::from_millis(2), deadline));
+        assert!(ends_before(deadline - TIMER_TICK, deadline));
+        assert!(
+            !ends_before(deadline - Duration::from_micros(400), deadline),
+            "its timer would fire on the deadline's tick, with the stream's"
+        );
+        assert!(!ends_before(deadline, deadline));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_counts_from_the_streams_start_not_from_the_routes_first_poll() {
+        let broken = Target {
+            name: "broken".into(),
+            upstream: Upstream::Sim(crate::upstream::sim::SimDefaults {
+                http_status: Some(503),
+                ..Default::default()
+            }),
+            upstream_model: None,
+            first_token: Duration::from_secs(1),
+            can_continue: false,
+            breaker: Arc::new(Breaker::new("broken", 1_000, Duration::ZERO)),
+        };
+        let route = Arc::new(Route {
+            name: "r".into(),
+            strategy: Strategy::Fallback,
+            targets: vec![broken],
+            total: Duration::from_secs(1),
+            hedge_after: Duration::ZERO,
+            retry: Retry {
+                retries: 50,
+                backoff: Duration::from_millis(20),
+            },
+        });
+        let started = Instant::now();
+        // The stream's record took most of the deadline before the route was first polled.
+        tokio::time::advance(Duration::from_millis(900)).await;
+        let attempts = Attempts::since(started);
+        let mut stream = open(
+            route,
+            UpstreamRequest {
+                body: serde_json::Map::new(),
+            },
+            attempts.clone(),
+        );
+        let mut last = None;
+        while let Some(item) = stream.next().await {
+            last = Some(item);
+        }
+        assert!(
+            matches!(last, Some(Err(UpstreamError::Exhausted(_)))),
+            "{last:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the route gave up within its deadline from the stream's start: {:?}",
+            started.elapsed()
+        );
+        let tried = attempts.finish().unwrap_or_default();
+        let tried = tried.as_array().map(Vec::as_slice).unwrap_or_default();
+        assert!(tried.len() >= 2, "it retried in the time left: {tried:?}");
+        assert!(
+            tried.iter().all(|a| {
+                let at = a["started_ms"].as_f64().unwrap_or(0.0);
+                (900.0..1000.0).contains(&at)
+            }),
+            "attempts are timed from the stream's start: {tried:?}"
+        );
     }
 
     #[test]
