@@ -15,16 +15,17 @@
 //!   sent a sane one, else a new one), and every request gets one access log line when its
 //!   response body ends: method, path, status, request id, stream id, tenant and duration. Never
 //!   a key, a query string or a prompt.
+//! - **Body pieces.** A response body reaches hyper in pieces of at most [`WRITE_PIECE`] bytes,
+//!   which bounds what each connection's write buffer keeps (see `server.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 
 use super::{ApiError, STREAM_ID_HEADER};
 
@@ -161,25 +162,69 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// Writes the access log line when dropped: when the response body has ended (or the client
 /// left), so the duration covers the whole stream.
+///
+/// It lives as long as its response, idle streams' included, so its text (path, request id,
+/// stream id) is one allocation rather than three.
 struct AccessLog {
     method: Method,
-    path: String,
+    /// The path, then the request id, then the stream id (empty when none).
+    text: Box<str>,
+    path_end: u32,
+    id_end: u32,
     status: u16,
-    request_id: String,
-    stream: Option<String>,
     tenant: Option<Arc<str>>,
     started: Instant,
 }
 
+impl AccessLog {
+    fn new(
+        method: Method,
+        path: &str,
+        status: u16,
+        request_id: &str,
+        stream: Option<&str>,
+        tenant: Option<Arc<str>>,
+        started: Instant,
+    ) -> Self {
+        let stream = stream.unwrap_or("");
+        let mut text = String::with_capacity(path.len() + request_id.len() + stream.len());
+        text.push_str(path);
+        let path_end = u32::try_from(text.len()).unwrap_or(0);
+        text.push_str(request_id);
+        let id_end = u32::try_from(text.len()).unwrap_or(0);
+        text.push_str(stream);
+        Self {
+            method,
+            text: text.into_boxed_str(),
+            path_end,
+            id_end,
+            status,
+            tenant,
+            started,
+        }
+    }
+
+    /// Part `from..to` of the text (`None`: to its end); empty if the bounds are not its own.
+    fn part(&self, from: u32, to: Option<u32>) -> &str {
+        let from = from as usize;
+        let got = match to {
+            Some(to) => self.text.get(from..to as usize),
+            None => self.text.get(from..),
+        };
+        got.unwrap_or("")
+    }
+}
+
 impl Drop for AccessLog {
     fn drop(&mut self) {
+        let stream = self.part(self.id_end, None);
         tracing::info!(
             target: "sluice::access",
             method = %self.method,
-            path = %self.path,
+            path = %self.part(0, Some(self.path_end)),
             status = self.status,
-            request_id = %self.request_id,
-            stream = self.stream.as_deref().unwrap_or("-"),
+            request_id = %self.part(self.path_end, Some(self.id_end)),
+            stream = if stream.is_empty() { "-" } else { stream },
             tenant = self.tenant.as_deref().unwrap_or("-"),
             duration_ms = (self.started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
             "request"
@@ -227,29 +272,107 @@ pub async fn edge(State(policy): State<EdgePolicy>, request: Request, next: Next
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
-    let log = AccessLog {
+    let log = AccessLog::new(
         method,
-        path,
-        status: response.status().as_u16(),
-        request_id: id,
-        stream: response
+        &path,
+        response.status().as_u16(),
+        &id,
+        response
             .headers()
             .get(STREAM_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        tenant: response
+            .and_then(|v| v.to_str().ok()),
+        response
             .extensions()
             .get::<TenantName>()
             .map(|t| t.0.clone()),
         started,
-    };
+    );
     let (parts, body) = response.into_parts();
-    // The closure owns the log line; it is written when the body is dropped.
-    let body = body.map_frame(move |frame| {
-        let _ = &log;
-        frame
-    });
-    Response::from_parts(parts, Body::new(body))
+    Response::from_parts(
+        parts,
+        Body::new(Outgoing {
+            inner: body,
+            rest: None,
+            _log: log,
+        }),
+    )
+}
+
+/// The most bytes of a response body handed to hyper at once.
+///
+/// hyper copies each piece of a body into the connection's write buffer (`server.rs` says
+/// why), and that buffer keeps the largest size it has been for the connection's life: cut to
+/// this, no body grows it past twice its 8 KB, where one transcript page (~256 KB) or one
+/// coalesced write of a stream (64 KB) would.
+pub const WRITE_PIECE: usize = 8 * 1024;
+
+/// A response body as hyper is given it: data in pieces of at most [`WRITE_PIECE`] bytes (a
+/// larger frame is cut without copying), and the request's access log line, written when the
+/// body is dropped (when the response has ended, or the client has left).
+struct Outgoing {
+    inner: Body,
+    /// What is left of the frame being cut (boxed: rare, and the body lives as long as its
+    /// stream).
+    rest: Option<Box<Bytes>>,
+    _log: AccessLog,
+}
+
+impl http_body::Body for Outgoing {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(rest) = &mut this.rest {
+            let piece = next_piece(rest);
+            if rest.is_empty() {
+                this.rest = None;
+            }
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+        }
+        let frame = match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        Poll::Ready(Some(Ok(match frame.into_data() {
+            Ok(mut data) => {
+                let piece = next_piece(&mut data);
+                if !data.is_empty() {
+                    this.rest = Some(Box::new(data));
+                }
+                http_body::Frame::data(piece)
+            }
+            Err(frame) => frame,
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let inner = self.inner.size_hint();
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
+    }
+}
+
+/// The first [`WRITE_PIECE`] bytes of `data`, which keeps the rest (no copy).
+fn next_piece(data: &mut Bytes) -> Bytes {
+    if data.len() > WRITE_PIECE {
+        data.split_to(WRITE_PIECE)
+    } else {
+        std::mem::take(data)
+    }
 }
 
 #[cfg(test)]
@@ -323,5 +446,64 @@ mod tests {
         assert_ne!(request_id(&headers(&[("x-request-id", &long)])), long);
         assert_ne!(request_id(&headers(&[("x-request-id", "a b")])), "a b");
         assert_eq!(request_id(&headers(&[])).len(), 32);
+    }
+
+    fn quiet_log() -> AccessLog {
+        AccessLog::new(Method::GET, "/", 200, "r", None, None, Instant::now())
+    }
+
+    #[test]
+    fn an_access_log_keeps_its_parts_in_one_text() {
+        let log = AccessLog::new(
+            Method::POST,
+            "/v1/chat/completions",
+            200,
+            "req-1",
+            Some("0193-abc"),
+            None,
+            Instant::now(),
+        );
+        assert_eq!(log.part(0, Some(log.path_end)), "/v1/chat/completions");
+        assert_eq!(log.part(log.path_end, Some(log.id_end)), "req-1");
+        assert_eq!(log.part(log.id_end, None), "0193-abc");
+        let none = AccessLog::new(Method::GET, "/", 404, "r", None, None, Instant::now());
+        assert_eq!(none.part(none.id_end, None), "", "no stream");
+    }
+
+    #[tokio::test]
+    async fn a_body_goes_to_hyper_in_pieces_of_at_most_a_write_piece() {
+        use http_body::Body as _;
+        use http_body_util::BodyExt;
+        let big: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(big.clone()))),
+            Ok(http_body::Frame::data(Bytes::from_static(b"tail"))),
+        ]);
+        let inner = Body::new(http_body_util::StreamBody::new(frames));
+        let mut body = Outgoing {
+            inner,
+            rest: None,
+            _log: quiet_log(),
+        };
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            pieces.push(frame.expect("a frame").into_data().expect("data"));
+        }
+        let sizes: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [8192, 8192, 20_000 - 2 * 8192, 4], "cut, in order");
+        let whole: Vec<u8> = pieces.concat();
+        assert_eq!(&whole[..20_000], &big[..], "nothing lost or reordered");
+        assert_eq!(&whole[20_000..], b"tail");
+
+        // A body of known length keeps it (hyper sends it as Content-Length), part cut or not.
+        let mut sized = Outgoing {
+            inner: Body::from(Bytes::from(big)),
+            rest: None,
+            _log: quiet_log(),
+        };
+        assert_eq!(sized.size_hint().exact(), Some(20_000));
+        let first = sized.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().map(|d| d.len()).ok(), Some(8192));
+        assert_eq!(sized.size_hint().exact(), Some(20_000 - 8192));
     }
 }
